@@ -1,0 +1,42 @@
+# voltpool: two commands on a fresh machine, `make demo` and `make test`.
+# Each creates .venv if missing and installs what it needs (runtime, or runtime + test tools).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP    := $(VENV)/.test-installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml $(RUNTIME_STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(RUNTIME_STAMP)
+	$(BIN)/voltpool demo $(DEMO_ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(TEST_STAMP)
+	$(BIN)/mypy
+
+unit: $(TEST_STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck unit
+
+bench: $(RUNTIME_STAMP)
+	$(BIN)/python benchmarks/optimiser.py
+
+clean:
+	rm -rf $(VENV) var runs .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Planning: the problem built from the fleet state, the planners, and the plan they give."""

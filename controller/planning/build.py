@@ -1,0 +1,244 @@
+"""From fleet state and "now" to a `PlanningProblem`: horizon, availability, overrides, limits."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from controller.domain import SLOT, ChargePoint, Series, Vehicle, slot_floor
+from controller.planning.plan import Plan, Setpoint
+from controller.planning.problem import FloatArray, PlanningProblem, Schedule
+from controller.settings import PlanningSettings
+from controller.state import FleetState
+
+DEFAULT_TARGET_SOC = 0.8
+
+
+def slot_starts(now: datetime, horizon_slots: int) -> list[datetime]:
+    """Start of each slot of the horizon: `now`, then the following 15-minute boundaries."""
+    first = slot_floor(now)
+    return [now] + [first + SLOT * k for k in range(1, horizon_slots)]
+
+
+def slot_lengths_h(now: datetime, horizon_slots: int) -> FloatArray:
+    """(T,) slot lengths in hours; the first is what is left of the current slot."""
+    dt = np.full(horizon_slots, 0.25)
+    dt[0] = (slot_floor(now) + SLOT - now).total_seconds() / 3600.0
+    return dt
+
+
+def _series_values(
+    series: Series | None, starts: list[datetime], default: float
+) -> tuple[FloatArray, int | None]:
+    values = np.full(len(starts), default, dtype=float)
+    first_missing: int | None = None
+    for t, at in enumerate(starts):
+        value = series.value_at(at) if series is not None else None
+        if value is None:
+            first_missing = t if first_missing is None else first_missing
+        else:
+            values[t] = value
+    return values, first_missing
+
+
+def _slots_until(starts: list[datetime], when: datetime) -> int:
+    """How many slots end at or before `when` (the car is there for all of them)."""
+    count = 0
+    for t, start in enumerate(starts):
+        end = starts[t + 1] if t + 1 < len(starts) else slot_floor(start) + SLOT
+        if end <= when:
+            count = t + 1
+        else:
+            break
+    return count
+
+
+def _default_departure(now: datetime, settings: PlanningSettings) -> datetime:
+    candidate = now.replace(
+        hour=settings.default_departure_hour_utc, minute=0, second=0, microsecond=0
+    )
+    if candidate <= now + timedelta(hours=1):
+        candidate += timedelta(days=1)
+    return candidate
+
+
+def _connector_limit_kw(vehicle: Vehicle, charger: ChargePoint | None) -> float:
+    limit = vehicle.max_charge_kw
+    if charger is not None:
+        limit = min(limit, charger.max_power_kw)
+        connector = charger.connector(vehicle.connector_id or 0)
+        if connector is not None:
+            limit = min(limit, connector.max_power_kw)
+    return limit
+
+
+def build_problem(
+    state: FleetState, now: datetime, settings: PlanningSettings
+) -> tuple[PlanningProblem, list[datetime]]:
+    """The planning problem for the plugged-in fleet over the horizon that starts at `now`.
+
+    Returns the problem and the start of each of its slots.
+    """
+    horizon = settings.horizon_slots
+    starts = slot_starts(now, horizon)
+    dt_h = slot_lengths_h(now, horizon)
+    vehicles = sorted(
+        (v for v in state.vehicles.values() if v.plugged_in), key=lambda v: v.vehicle_id
+    )
+    n = len(vehicles)
+    capacity_kw = state.site.capacity_kw if state.site is not None else 0.0
+    safe_kw = state.site.safe_limit_kw if state.site is not None else 0.0
+
+    prices, price_missing = _series_values(state.prices, starts, settings.default_price_eur_per_kwh)
+    headroom_fresh = (
+        state.headroom is not None
+        and (now - state.headroom.received_at).total_seconds() <= settings.headroom_stale_s
+    )
+    # Past the series' end (or when it is stale) the planner may only count on the safe limit.
+    headroom, _ = _series_values(state.headroom if headroom_fresh else None, starts, safe_kw)
+    headroom = np.clip(headroom, 0.0, capacity_kw)
+
+    upper = np.zeros((n, horizon))
+    lower = np.zeros((n, horizon))
+    departure_slot = np.zeros(n, dtype=np.int64)
+    target = np.zeros(n)
+    v2g = np.zeros(n, dtype=bool)
+    min_kw = np.zeros(n)
+    overrides = state.active_overrides(now) + [
+        o for o in state.overrides.values() if o.created_at > now
+    ]
+    for i, vehicle in enumerate(vehicles):
+        charger = state.chargers.get(vehicle.charger_id or "")
+        departure = vehicle.departure
+        if departure is None or departure <= now:
+            departure = _default_departure(now, settings)
+        departure_slot[i] = _slots_until(starts, departure)
+        wanted = vehicle.target_kwh
+        if wanted is None:
+            wanted = DEFAULT_TARGET_SOC * vehicle.capacity_kwh
+        target[i] = max(wanted, 0.0)
+        upper[i, : departure_slot[i]] = _connector_limit_kw(vehicle, charger)
+        if charger is not None:
+            min_kw[i] = min(charger.min_power_kw, upper[i].max(initial=0.0))
+        v2g[i] = (
+            vehicle.v2g_allowed
+            and vehicle.max_discharge_kw > 0
+            and charger is not None
+            and charger.v2g_mode != "none"
+        )
+
+    index = {v.vehicle_id: i for i, v in enumerate(vehicles)}
+    for override in overrides:
+        window = np.array(
+            [override.created_at <= at < override.expires_at for at in starts], dtype=bool
+        )
+        if override.kind == "cap_site" and override.limit_kw is not None:
+            headroom = np.where(window, np.minimum(headroom, override.limit_kw), headroom)
+            continue
+        rows = _rows_for(override.kind, override.target_id, vehicles, index)
+        for i in rows:
+            if override.kind in ("pause_vehicle", "pause_charger"):
+                upper[i, window] = 0.0
+                lower[i, window] = 0.0
+            elif override.kind == "force_charge":
+                lower[i, window] = upper[i, window]
+            elif override.kind == "pin_charger" and override.limit_kw is not None:
+                share = override.limit_kw / max(1, len(rows))
+                pinned = np.minimum(upper[i, window], share)
+                upper[i, window] = pinned
+                lower[i, window] = pinned
+            elif override.kind == "set_v2g" and override.enabled is not None:
+                if window.any():
+                    v2g[i] = bool(override.enabled) and vehicles[i].max_discharge_kw > 0
+
+    def column(name: str) -> FloatArray:
+        return np.array([getattr(v, name) for v in vehicles], dtype=float)
+
+    capacity = column("capacity_kwh")
+    problem = PlanningProblem(
+        start=now,
+        dt_h=dt_h,
+        vehicle_ids=tuple(v.vehicle_id for v in vehicles),
+        charger_ids=tuple(v.charger_id for v in vehicles),
+        energy_kwh=np.minimum(column("energy_kwh"), capacity),
+        capacity_kwh=capacity,
+        target_kwh=np.minimum(target, capacity),
+        departure_slot=departure_slot,
+        upper_kw=upper,
+        lower_kw=np.minimum(lower, upper),
+        min_kw=min_kw,
+        eta_ch=column("charge_efficiency"),
+        eta_dis=column("discharge_efficiency"),
+        v2g=v2g,
+        max_discharge_kw=np.where(v2g, column("max_discharge_kw"), 0.0),
+        floor_kwh=column("soc_floor") * capacity,
+        price_eur_per_kwh=prices,
+        export_price_eur_per_kwh=prices.copy(),
+        headroom_kw=headroom,
+        export_limit_kw=state.site.export_limit_kw if state.site is not None else 0.0,
+        degradation_eur_per_kwh=settings.degradation_eur_per_kwh,
+        demand_charge_eur_per_kw=settings.demand_charge_eur_per_kw,
+        price_forecast_from=_first_forecast(state.prices, starts, price_missing),
+    )
+    return problem, starts
+
+
+def _first_forecast(
+    series: Series | None, starts: list[datetime], missing: int | None
+) -> int | None:
+    if series is None:
+        return 0
+    candidates = [t for t in (missing,) if t is not None]
+    if series.forecast_from is not None:
+        forecast_start = series.start + SLOT * series.forecast_from
+        for t, at in enumerate(starts):
+            if at >= forecast_start:
+                candidates.append(t)
+                break
+    return min(candidates) if candidates else None
+
+
+def _rows_for(
+    kind: str, target_id: str, vehicles: list[Vehicle], index: dict[str, int]
+) -> list[int]:
+    if kind in ("pause_charger", "pin_charger"):
+        return [i for i, v in enumerate(vehicles) if v.charger_id == target_id]
+    row = index.get(target_id)
+    return [] if row is None else [row]
+
+
+def make_plan(
+    state: FleetState,
+    problem: PlanningProblem,
+    starts: list[datetime],
+    schedule: Schedule,
+    *,
+    fallback: bool = False,
+    note: str = "",
+) -> Plan:
+    """Wrap a schedule into a `Plan` with one setpoint per plugged-in connector."""
+    setpoints = []
+    for i, vehicle_id in enumerate(schedule.vehicle_ids):
+        vehicle = state.vehicles[vehicle_id]
+        if vehicle.charger_id is None or vehicle.connector_id is None:
+            continue
+        net = schedule.charge_kw[i] - schedule.discharge_kw[i]
+        setpoints.append(
+            Setpoint(
+                charger_id=vehicle.charger_id,
+                connector_id=vehicle.connector_id,
+                vehicle_id=vehicle_id,
+                kw=tuple(float(x) for x in net),
+            )
+        )
+    return Plan(
+        made_at=problem.start,
+        schedule=schedule,
+        setpoints=tuple(setpoints),
+        slot_starts=tuple(starts),
+        headroom_kw=tuple(float(x) for x in problem.headroom_kw),
+        price_eur_per_kwh=tuple(float(x) for x in problem.price_eur_per_kwh),
+        fallback=fallback,
+        note=note,
+    )

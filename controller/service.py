@@ -1,0 +1,270 @@
+"""The controller's service loop: admit events, log them, apply them, re-plan, publish.
+
+Flow of one event:
+
+1. `submit()` checks it can enter (timestamp not from the future, command not yet expired) and
+   appends it to the durable event log; a refusal is counted and, for a command, answered.
+2. The consumer takes log entries (first any left unsettled by a crashed predecessor), applies
+   each to the fleet state with the pure reducer, and commits the changes with the entry's
+   settlement atomically and once per event id.
+3. An applied event marks the plan dirty. Planning waits out the coalescing window, so a burst
+   of events gives one plan, runs the planner off the event loop, and publishes the plan.
+   Planning also runs at every slot boundary, when time alone changes the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from datetime import datetime, timedelta
+
+from controller import failpoints
+from controller.domain import SLOT, slot_floor
+from controller.errors import InvalidEvent, RefusalCode, Refused
+from controller.events import Event, check_timely, is_command
+from controller.planning.build import build_problem, make_plan
+from controller.planning.plan import Plan
+from controller.planning.planner import StatePlanner
+from controller.planning.share import share_by_need
+from controller.ports import Clock, CommandResults, FleetStore, LogEntry, Planner, PlanSink
+from controller.settings import PlanningSettings, Settings
+from controller.state import FleetState, apply_event
+
+log = logging.getLogger(__name__)
+
+TAKE_BATCH = 256
+
+
+class ControllerService:
+    """The asyncio service that keeps the fleet state and the plan current."""
+
+    def __init__(
+        self,
+        *,
+        store: FleetStore,
+        clock: Clock,
+        planner: Planner,
+        sink: PlanSink,
+        settings: Settings,
+        results: CommandResults | None = None,
+        plan_timeout_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._clock = clock
+        self._planner = planner
+        self._sink = sink
+        self._results = results
+        self._plan_timeout_s = plan_timeout_s
+        self._state = FleetState()
+        self._wake = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._dirty_since: datetime | None = None
+        self._drained = asyncio.Event()
+        self._planned = asyncio.Event()
+        self._planning = False
+        self._received: deque[float] = deque()  # perf_counter of events awaiting a plan
+        self._started = False
+        self.counters: dict[str, int] = {}
+        self.latencies_s: deque[float] = deque(maxlen=10_000)
+        self.last_plan: Plan | None = None
+
+    # --- public API -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> FleetState:
+        """The fleet state as of the last applied event."""
+        return self._state
+
+    @property
+    def plans_made(self) -> int:
+        """How many plans have been published."""
+        return self.counters.get("plans", 0)
+
+    async def start(self) -> None:
+        """Load the committed state; call once before `run`."""
+        self._state = await self._store.load()
+        self._started = True
+        self._wake.set()  # settle whatever a previous process left in the log
+
+    async def submit(self, event: Event) -> None:
+        """Admit an event into the durable log, or refuse it.
+
+        Raises:
+            Refused: the event is from the future or an already expired command. The refusal
+                is counted and a command's result is published before raising.
+        """
+        now = self._clock.now()
+        try:
+            check_timely(event, now, timedelta(seconds=self.settings.max_event_ahead_s))
+            expires_at = getattr(event, "expires_at", None)
+            if expires_at is not None and expires_at <= now:
+                raise Refused(
+                    RefusalCode.EXPIRED,
+                    f"{event.event_id}: expired at {expires_at.isoformat()}, before it arrived",
+                )
+        except Refused as refusal:
+            await self._refused(event, refusal.reason)
+            raise
+        await self._store.append(event)
+        self._received.append(time.perf_counter())
+        self._count("events_received")
+        self._drained.clear()
+        self._wake.set()
+
+    async def reject_invalid(self, source: str, error: InvalidEvent | ValueError) -> None:
+        """Count (and log) a payload that could not even be built into an event."""
+        self._count("payloads_rejected")
+        self._count(f"payloads_rejected_{source}")
+        await self._store.count("payloads_rejected")
+        log.warning("dropped invalid payload from %s: %s", source, error)
+
+    async def run(self) -> None:
+        """Consume the event log and plan, until cancelled."""
+        if not self._started:
+            await self.start()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._consume_forever())
+            tasks.create_task(self._plan_forever())
+
+    async def settled(self) -> None:
+        """Wait until every submitted event is applied and the plan reflects them.
+
+        For tests and scenarios on a `SimClock`: advance the clock past the coalescing window
+        first, or the plan will not be due.
+        """
+        await self._drained.wait()
+        while self._dirty.is_set() or self._planning:
+            self._planned.clear()
+            await self._planned.wait()
+
+    # --- consuming the log ------------------------------------------------------------------
+
+    async def _consume_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                entries = await self._store.take(TAKE_BATCH)
+                if not entries:
+                    break
+                for entry in entries:
+                    await self._apply(entry)
+            if not self._wake.is_set():
+                self._drained.set()
+
+    async def _apply(self, entry: LogEntry) -> None:
+        event = entry.event
+        if event is None:
+            self._count("events_undecodable")
+            await self._store.reject(entry, "undecodable log entry")
+            return
+        failpoints.hit("after_take")
+        try:
+            outcome = apply_event(self._state, event)
+        except Refused as refusal:
+            await self._store.reject(entry, refusal.reason)
+            await self._refused(event, refusal.reason, stored=True)
+            return
+        applied = await self._store.commit(entry, event.event_id, outcome.changes)
+        if not applied:
+            self._count("events_duplicate")
+            await self._store.count("events_duplicate")
+            return
+        self._state = outcome.state
+        self._count("events_applied")
+        await self._store.count("events_applied")
+        if is_command(event) and self._results is not None:
+            await self._results.command_result(event.event_id, True, "accepted")
+        self._mark_dirty()
+
+    async def _refused(self, event: Event, reason: str, *, stored: bool = False) -> None:
+        kind = "events_stale" if reason and "older than what is stored" in reason else None
+        self._count("events_refused")
+        await self._store.count("events_refused")
+        if kind:
+            self._count(kind)
+            await self._store.count(kind)
+        log.info("refused %s %s: %s", event.kind, event.event_id, reason)
+        if is_command(event) and self._results is not None:
+            await self._results.command_result(event.event_id, False, reason)
+
+    def _count(self, name: str, by: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + by
+
+    def _mark_dirty(self) -> None:
+        if not self._dirty.is_set():
+            self._dirty_since = self._clock.now()
+            self._dirty.set()
+
+    # --- planning ---------------------------------------------------------------------------
+
+    async def _plan_forever(self) -> None:
+        await self._drained.wait()
+        await self._plan_once()  # a plan for the state as loaded, before any new event
+        while True:
+            boundary = slot_floor(self._clock.now()) + SLOT
+            dirty = asyncio.create_task(self._dirty.wait())
+            tick = asyncio.create_task(self._clock.sleep_until(boundary))
+            try:
+                await asyncio.wait({dirty, tick}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (dirty, tick):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if self._dirty.is_set() and self._dirty_since is not None:
+                window = timedelta(seconds=self.settings.coalesce_window_s)
+                await self._clock.sleep_until(self._dirty_since + window)
+            await self._plan_once()
+
+    async def _plan_once(self) -> None:
+        self._planning = True
+        self._dirty.clear()
+        self._dirty_since = None
+        pending = len(self._received)
+        state, now = self._state, self._clock.now()
+        started = time.perf_counter()
+        try:
+            plan = await asyncio.wait_for(
+                asyncio.to_thread(self._planner, state, now), timeout=self._plan_timeout_s
+            )
+        except Exception as exc:  # the plan must go out whatever went wrong in the planner
+            log.exception("planning failed at %s; publishing the proportional share", now)
+            self._count("plans_failed")
+            await self._store.count("plans_failed")
+            plan = _fallback_plan(self._planner, state, now, exc)
+        solve_s = time.perf_counter() - started
+        self.last_plan = plan
+        try:
+            await self._store.save_plan(plan)
+            await self._sink.publish(plan, state)
+        finally:
+            self._planning = False
+            self._count("plans")
+            await self._store.count("plans")
+            self.counters["last_solve_ms"] = round(solve_s * 1000)
+            done = time.perf_counter()
+            for _ in range(min(pending, len(self._received))):
+                self.latencies_s.append(done - self._received.popleft())
+            self._planned.set()
+        log.debug(
+            "plan at %s: %d setpoints, %.1f kW now, solve %.3f s",
+            now.isoformat(),
+            len(plan.setpoints),
+            plan.total_first_slot_kw,
+            solve_s,
+        )
+
+
+def _fallback_plan(planner: Planner, state: FleetState, now: datetime, exc: Exception) -> Plan:
+    """The proportional share for the same problem, built without the failed solver."""
+    settings = planner.settings if isinstance(planner, StatePlanner) else PlanningSettings()
+    problem, starts = build_problem(state, now, settings)
+    schedule = share_by_need(problem)
+    return make_plan(
+        state, problem, starts, schedule, fallback=True, note=f"{type(exc).__name__}: {exc}"
+    )

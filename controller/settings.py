@@ -1,0 +1,47 @@
+"""One settings object, read once from the environment by the entry point and passed down."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PlanningSettings(BaseModel):
+    """What the planner assumes where the fleet state says nothing, and its tuning."""
+
+    model_config = ConfigDict(frozen=True)
+
+    horizon_slots: int = Field(default=96, ge=1, le=4 * 24 * 7)
+    # Used only until the first head-room/price series arrives, or past their end.
+    default_price_eur_per_kwh: float = Field(default=0.15)
+    headroom_quantile: float = Field(default=0.95, gt=0.0, lt=1.0)
+    degradation_eur_per_kwh: float = Field(default=0.05, ge=0.0)
+    demand_charge_eur_per_kw: float = Field(default=0.0, ge=0.0)
+    # Cars without a departure are planned as leaving at this hour of the next morning (UTC).
+    default_departure_hour_utc: int = Field(default=7, ge=0, le=23)
+    # A head-room series older than this is not trusted: plan on the safe site limit instead.
+    headroom_stale_s: float = Field(default=3600.0, gt=0.0)
+
+
+class Settings(BaseSettings):
+    """Everything voltpool reads from its environment (prefix `VOLTPOOL_`, nested with `__`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VOLTPOOL_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    site: str = Field(default="site-1", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # None means "start the embedded server"; the names follow the usual conventions, unprefixed.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    mqtt_url: str | None = Field(default=None, validation_alias="MQTT_URL")
+    data_dir: str = Field(default="var")
+    coalesce_window_s: float = Field(default=0.2, gt=0.0, le=60.0)
+    max_event_ahead_s: float = Field(default=300.0, ge=0.0)
+    site_capacity_kw: float = Field(default=1000.0, gt=0.0)
+    mqtt_prefix: str = Field(default="voltpool", min_length=1)
+    ocpp_host: str = Field(default="127.0.0.1")
+    ocpp_port: int = Field(default=9000, ge=0, le=65535)
+    http_port: int = Field(default=0, ge=0, le=65535)
+    # Fault injection for crash tests: the name of a point at which the process kills itself.
+    failpoint: str | None = Field(default=None)
+    planning: PlanningSettings = Field(default_factory=PlanningSettings)

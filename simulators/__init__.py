@@ -1,0 +1,4 @@
+"""Simulated chargers, fleet, households and prices that drive the controller in tests and demos.
+
+Production code never imports this package.
+"""
