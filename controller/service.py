@@ -130,6 +130,10 @@ class ControllerService:
             tasks.create_task(self._consume_forever())
             tasks.create_task(self._plan_forever())
 
+    async def applied(self) -> None:
+        """Wait until every submitted event has been applied (or refused)."""
+        await self._drained.wait()
+
     async def settled(self) -> None:
         """Wait until every submitted event is applied and the plan reflects them.
 
@@ -137,7 +141,7 @@ class ControllerService:
         first, or the plan will not be due.
         """
         await self._drained.wait()
-        while self._dirty.is_set() or self._planning:
+        while self._dirty.is_set() or self._planning or self.plans_made == 0:
             self._planned.clear()
             await self._planned.wait()
 

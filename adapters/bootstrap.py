@@ -1,0 +1,149 @@
+"""The composition root: start servers and adapters, wire them into the service, shut down in order.
+
+Only this module (and the CLI that calls it) knows which adapter implements which port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.embedded import MqttEndpoint, RedisEndpoint, mqtt_endpoint, redis_endpoint
+from adapters.mqtt import MqttLink, MqttPlanPublisher
+from adapters.redis_store import RedisFleetStore
+from controller import failpoints
+from controller.clock import WallClock
+from controller.planning.plan import Plan
+from controller.planning.planner import SolveFn, StatePlanner
+from controller.planning.share import share_by_need
+from controller.ports import Clock, PlanSink
+from controller.service import ControllerService
+from controller.settings import Settings
+from controller.state import FleetState
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 10.0
+
+
+class FanOutSink:
+    """A `PlanSink` that hands each plan to several sinks in order (dispatch first)."""
+
+    def __init__(self, sinks: Sequence[PlanSink]) -> None:
+        self._sinks = list(sinks)
+
+    def add(self, sink: PlanSink) -> None:
+        """Add a sink after the existing ones."""
+        self._sinks.append(sink)
+
+    async def publish(self, plan: Plan, state: FleetState) -> None:
+        """Publish to every sink; one failing sink does not keep the plan from the others."""
+        for sink in self._sinks:
+            try:
+                await sink.publish(plan, state)
+            except Exception:
+                log.exception("plan sink %s failed", type(sink).__name__)
+
+
+@dataclass
+class Runtime:
+    """What a running voltpool consists of, for the CLI, the demo and tests."""
+
+    settings: Settings
+    redis: RedisEndpoint
+    mqtt: MqttEndpoint
+    store: RedisFleetStore
+    service: ControllerService
+    link: MqttLink
+    sink: FanOutSink
+    extra_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def default_solver() -> SolveFn:
+    """The optimiser's fast exact path when it is installed, else the proportional share."""
+    try:
+        optimiser = importlib.import_module("controller.optimiser")
+    except ImportError:  # the optimiser package is not part of this build
+        return share_by_need
+    solve: SolveFn = optimiser.solve
+    return solve
+
+
+async def run(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    solver: SolveFn | None = None,
+    on_ready: Callable[[Runtime], Awaitable[None]] | None = None,
+) -> None:
+    """Start everything, run until cancelled, then stop in reverse order."""
+    failpoints.arm(settings.failpoint)
+    async with AsyncExitStack() as stack:
+        redis_ep = await stack.enter_async_context(
+            redis_endpoint(settings.redis_url, Path(settings.data_dir))
+        )
+        redis = redis_ep.client()
+        stack.push_async_callback(redis.aclose)
+        store = RedisFleetStore(redis, settings.site)
+        durability = await store.durability()
+        if durability.get("appendonly") != "yes":
+            log.warning(
+                "redis runs without an append-only file (appendonly=%s): a crash of the server "
+                "loses recent writes",
+                durability.get("appendonly"),
+            )
+        mqtt_ep = await stack.enter_async_context(mqtt_endpoint(settings.mqtt_url))
+        sink = FanOutSink([])
+        planner = StatePlanner(settings.planning, solve=solver or default_solver())
+        link = MqttLink(mqtt_ep, settings.mqtt_prefix, client_id=f"voltpool-{settings.site}")
+        service = ControllerService(
+            store=store,
+            clock=clock or WallClock(),
+            planner=planner,
+            sink=sink,
+            settings=settings,
+            results=link,
+        )
+        link.attach(service.submit, service.reject_invalid)
+        sink.add(MqttPlanPublisher(link))
+        await service.start()
+        runtime = Runtime(settings, redis_ep, mqtt_ep, store, service, link, sink)
+        log.info(
+            "voltpool site %r up: %d vehicles, %d chargers loaded",
+            settings.site,
+            len(service.state.vehicles),
+            len(service.state.chargers),
+        )
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(service.run())
+            tasks.create_task(link.run())
+            tasks.create_task(_publish_status(runtime))
+            if on_ready is not None:
+                await link.connected.wait()
+                await on_ready(runtime)
+
+
+async def _publish_status(runtime: Runtime) -> None:
+    """Keep the retained status topic current (online, counters, last plan)."""
+    while True:
+        service = runtime.service
+        plan = service.last_plan
+        await runtime.link.publish(
+            runtime.link.topics.status,
+            {
+                "state": "online",
+                "site": runtime.settings.site,
+                "counters": dict(service.counters),
+                "vehicles": len(service.state.vehicles),
+                "plugged_in": sum(1 for v in service.state.vehicles.values() if v.plugged_in),
+                "last_plan_at": plan.made_at.isoformat() if plan else None,
+                "fallback": plan.fallback if plan else None,
+            },
+            retain=True,
+        )
+        await asyncio.sleep(STATUS_INTERVAL_S)
