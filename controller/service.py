@@ -65,6 +65,7 @@ class ControllerService:
         self._dirty_since: datetime | None = None
         self._drained = asyncio.Event()
         self._planned = asyncio.Event()
+        self._counted = asyncio.Event()
         self._planning = False
         self._received: deque[float] = deque()  # perf_counter of events awaiting a plan
         self._started = False
@@ -129,6 +130,12 @@ class ControllerService:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume_forever())
             tasks.create_task(self._plan_forever())
+
+    async def counted(self, name: str, at_least: int) -> None:
+        """Wait until the counter `name` reaches `at_least` (for tests and scenario drivers)."""
+        while self.counters.get(name, 0) < at_least:
+            self._counted.clear()
+            await self._counted.wait()
 
     async def applied(self) -> None:
         """Wait until every submitted event has been applied (or refused)."""
@@ -198,6 +205,7 @@ class ControllerService:
 
     def _count(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
+        self._counted.set()
 
     def _mark_dirty(self) -> None:
         if not self._dirty.is_set():

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints its figures and ratios against a baseline run alongside."""
