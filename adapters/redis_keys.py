@@ -71,3 +71,19 @@ def charger_connections(site: str) -> str:
 def charger_profiles(site: str) -> str:
     """Hash: charge point id -> JSON of the last charging profiles it accepted."""
     return f"{_prefix(site)}:cp_profiles"
+
+
+def transaction_seq(site: str) -> str:
+    """String (INCR): the last OCPP transaction id the central system handed out."""
+    return f"{_prefix(site)}:tx_seq"
+
+
+def ocpp_transactions(site: str) -> str:
+    """Hash: the central system's transaction book, three kinds of field.
+
+    `start:{charger}:{connector}:{timestamp}:{meterStart}` -> transaction id (a replayed
+    StartTransaction gets the same id); `tx:{id}` -> JSON of the transaction (charger,
+    connector, idTag, vehicle, stopped); `conn:{charger}:{connector}` -> the connector's latest
+    transaction id.
+    """
+    return f"{_prefix(site)}:ocpp_tx"

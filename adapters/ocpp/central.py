@@ -1,0 +1,906 @@
+"""The OCPP 1.6-J central system: a WebSocket server on the `ocpp` library.
+
+`ws[s]://HOST:PORT/ocpp/{charge_point_id}`, subprotocol `ocpp1.6` (a handshake offering none of
+ours is refused with HTTP 400). Security profile 1 (HTTP Basic auth, user = charge point id,
+password checked against a bcrypt hash) and profile 2 (the same over TLS when a certificate is
+configured); unknown ids and wrong passwords get HTTP 401 at the handshake.
+
+Every inbound frame passes `adapters.ocpp.frames.FrameChecker` before the library's router sees
+it, so each bad input gets the OCPP-J 1.6 answer. Each CALL a charge point sends becomes typed
+events handed to the `EventSink`. Connection state (online/offline) goes to Redis
+(`redis_keys.charger_connections`) and into the sink as `ChargerConnected` /
+`ChargerDisconnected`. The CS->CP calls (SetChargingProfile, GetCompositeSchedule, ...) are
+methods here; the lease dispatcher uses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import decimal
+import http
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+from ocpp.exceptions import OCPPError, PropertyConstraintViolationError
+from ocpp.routing import after, on
+from ocpp.v16 import ChargePoint as LibraryChargePoint
+from ocpp.v16 import call, call_result, datatypes
+from ocpp.v16.enums import Action
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, InvalidHeader
+from websockets.headers import build_www_authenticate_basic, parse_authorization_basic
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from adapters import redis_keys as keys
+from adapters.ocpp.config import OcppConfig
+from adapters.ocpp.credentials import CredentialStore, valid_charger_id
+from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
+from adapters.ocpp.frames import FrameChecker, Verdict
+from adapters.ocpp.ports import ChargerListener, ChargerLookup, EventSink, VehicleForTag
+from adapters.ocpp.transactions import BookedTransaction, TransactionBook
+from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
+from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
+from controller.errors import InvalidEvent, Refused
+from controller.events import (
+    ChargerConnected,
+    ChargerDisconnected,
+    ConnectorStatusChanged,
+    Event,
+    TransactionStarted,
+    TransactionStopped,
+    VehiclePluggedIn,
+    VehicleUnplugged,
+)
+from controller.ports import Clock
+
+log = logging.getLogger(__name__)
+
+SUBPROTOCOL = Subprotocol("ocpp1.6")
+VOLTPOOL_VENDOR = "org.voltpool"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _on(action: str) -> Callable[[F], F]:
+    """The library's `@on` (typed): the frame checker has validated the payload already."""
+    return cast(Callable[[F], F], on(action, skip_schema_validation=True))
+
+
+def _after(action: str) -> Callable[[F], F]:
+    """The library's `@after` (typed)."""
+    return cast(Callable[[F], F], after(action))
+
+
+def _floats(value: Any) -> Any:
+    """The library parses some responses with Decimal; voltpool works in floats."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return value
+
+
+class GuardedConnection:
+    """The connection the library reads from: only checked frames come out of `recv`."""
+
+    def __init__(
+        self, websocket: ServerConnection, checker: FrameChecker, session: ChargerSession
+    ) -> None:
+        self._ws = websocket
+        self._checker = checker
+        self._session = session
+
+    async def recv(self) -> str:
+        """The next frame the library may route; bad frames are answered or dropped here."""
+        while True:
+            raw = await self._ws.recv()
+            verdict = self._checker.check(raw)
+            if verdict.kind in ("call", "result", "error"):
+                return verdict.text
+            if verdict.kind == "reply":
+                await self._ws.send(verdict.text)
+            self._session.bad_frame(verdict)
+
+    async def send(self, message: str) -> None:
+        """Send a frame as it is."""
+        await self._ws.send(message)
+
+
+class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
+    """One connected charge point: the library's router with voltpool's handlers."""
+
+    def __init__(
+        self,
+        charger_id: ChargerId,
+        websocket: ServerConnection,
+        central: CentralSystem,
+        session_id: str,
+    ) -> None:
+        self.central = central
+        self.session_id = session_id
+        self.websocket = websocket
+        self.checker = FrameChecker(
+            now=central.clock.now,
+            max_ahead_s=central.config.max_event_ahead_s,
+            connectors=lambda: central.connector_ids(charger_id),
+            id_window=central.config.id_window,
+        )
+        self.closed = asyncio.Event()
+        self.boot_status: str | None = None
+        self._last_log = float("-inf")
+        self._suppressed = 0
+        super().__init__(
+            charger_id,
+            GuardedConnection(websocket, self.checker, self),
+            response_timeout=central.config.call_timeout_s,
+        )
+
+    # -- bookkeeping --
+
+    def bad_frame(self, verdict: Verdict) -> None:
+        """Count a rejected frame; log at most one line per period per charge point."""
+        self.central.metrics[f"frames_{verdict.kind}"] += 1
+        if verdict.code:
+            self.central.metrics[f"callerror_{verdict.code}"] += 1
+        now = time.monotonic()
+        if now - self._last_log >= self.central.config.log_every_s:
+            log.warning(
+                "%s: bad frame (%s%s): %s%s",
+                self.id,
+                verdict.kind,
+                f" {verdict.code}" if verdict.code else "",
+                verdict.reason,
+                f" (+{self._suppressed} not logged)" if self._suppressed else "",
+            )
+            self._last_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+
+    async def request(self, payload: Any) -> Any:
+        """Send a CALL and wait for its answer, or raise why there is none.
+
+        Raises:
+            ChargerUnreachable: the connection closed before an answer came.
+            CallTimedOut: no answer within the configured timeout.
+            CallFailed: the charge point answered with a CALLERROR.
+        """
+        action = type(payload).__name__
+        unique_id = str(uuid.uuid4())
+        self.checker.sent_call(unique_id)
+        calling = asyncio.ensure_future(self.call(payload, suppress=False, unique_id=unique_id))
+        closing = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait({calling, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not calling.done():
+            calling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await calling
+            self.checker.forget_call(unique_id)
+            raise ChargerUnreachable(f"{self.id}: connection closed during {action}")
+        try:
+            return _floats(calling.result())
+        except TimeoutError as exc:
+            self.checker.forget_call(unique_id)
+            self.central.metrics["calls_timed_out"] += 1
+            raise CallTimedOut(f"{self.id}: no answer to {action} in time") from exc
+        except OCPPError as exc:
+            self.central.metrics["calls_failed"] += 1
+            raise CallFailed(self.id, action, exc.code, str(exc.description)) from exc
+        except ConnectionClosed as exc:
+            self.checker.forget_call(unique_id)
+            raise ChargerUnreachable(f"{self.id}: connection closed during {action}") from exc
+
+    async def _emit(self, event: Event) -> None:
+        """Hand an event to the sink; a refusal is counted (the fact still happened)."""
+        try:
+            await self.central.sink.submit(event)
+        except Refused as refusal:
+            self.central.metrics["events_refused"] += 1
+            log.info("%s: %s %s refused: %s", self.id, event.kind, event.event_id, refusal.reason)
+        except InvalidEvent as exc:
+            raise PropertyConstraintViolationError(description=str(exc)[:200]) from exc
+        else:
+            self.central.metrics["events_submitted"] += 1
+
+    def _now_iso(self) -> str:
+        return iso(self.central.clock.now())
+
+    # -- handlers (the frame checker has validated every payload already) --
+
+    @_on(Action.boot_notification)
+    async def on_boot_notification(
+        self, charge_point_vendor: str, charge_point_model: str, **_: Any
+    ) -> call_result.BootNotification:
+        """Accept known charge points; unknown ones get the configured status."""
+        known = await self.central.is_known(self.id)
+        status = "Accepted" if known else self.central.config.unknown_boot_status
+        self.boot_status = status
+        if status == "Accepted":
+            self.checker.boot_accepted = True
+        await self.central.record_connection(self, online=True)
+        log.info("%s: boot %s (%s %s)", self.id, status, charge_point_vendor, charge_point_model)
+        interval = (
+            self.central.config.heartbeat_interval_s
+            if status == "Accepted"
+            else self.central.config.pending_retry_s
+        )
+        return call_result.BootNotification(
+            current_time=self._now_iso(), interval=interval, status=status
+        )
+
+    @_after(Action.boot_notification)
+    async def after_boot_notification(self, **_: Any) -> None:
+        """Once the answer is out: bring the charge point to the current plan."""
+        if self.boot_status == "Accepted":
+            await self.central.notify_ready(self, rebooted=True)
+
+    @_on(Action.heartbeat)
+    async def on_heartbeat(self, **_: Any) -> call_result.Heartbeat:
+        """The central system's time."""
+        return call_result.Heartbeat(current_time=self._now_iso())
+
+    @_on(Action.status_notification)
+    async def on_status_notification(
+        self,
+        connector_id: int,
+        error_code: str,
+        status: str,
+        timestamp: str | None = None,
+        **_: Any,
+    ) -> call_result.StatusNotification:
+        """A connector's status; `Available` after a car's session means it left."""
+        at = _at(timestamp, self.central.clock.now())
+        await self._emit(
+            ConnectorStatusChanged(
+                event_id=event_id(self.id, "st", connector_id, status, iso(at)),
+                at=at,
+                charger_id=self.id,
+                connector_id=connector_id,
+                status=ConnectorStatus(status),
+                error_code=error_code,
+            )
+        )
+        if status == "Available" and connector_id > 0:
+            latest = await self.central.transactions.latest_on(self.id, connector_id)
+            if latest is not None:
+                await self._unplugged(latest[0], latest[1], at)
+        return call_result.StatusNotification()
+
+    async def _unplugged(
+        self, transaction_id: TransactionId, record: BookedTransaction, at: Any
+    ) -> None:
+        if record.vehicle_id is None or record.unplugged:
+            return
+        await self._emit(
+            VehicleUnplugged(
+                event_id=event_id(self.id, "unplug", transaction_id),
+                at=at,
+                vehicle_id=record.vehicle_id,
+            )
+        )
+        await self.central.transactions.update(transaction_id, unplugged=True)
+
+    @_on(Action.authorize)
+    async def on_authorize(self, id_tag: str, **_: Any) -> call_result.Authorize:
+        """Accept idTags that belong to a vehicle (or any, when so configured)."""
+        return call_result.Authorize(
+            id_tag_info=datatypes.IdTagInfo(status=self.central.authorize(id_tag))
+        )
+
+    @_on(Action.start_transaction)
+    async def on_start_transaction(
+        self, connector_id: int, id_tag: str, meter_start: int, timestamp: str, **_: Any
+    ) -> call_result.StartTransaction:
+        """Hand out a transaction id (the same one for a replay) and report the start."""
+        at = _at(timestamp, self.central.clock.now())
+        vehicle_id = self.central.vehicle_for_tag(id_tag)
+        transaction_id, new = await self.central.transactions.start(
+            BookedTransaction(
+                charger_id=self.id,
+                connector_id=connector_id,
+                id_tag=id_tag,
+                started_at=iso(at),
+                meter_start_wh=meter_start,
+                vehicle_id=vehicle_id,
+            )
+        )
+        if not new:
+            self.central.metrics["transactions_replayed"] += 1
+        if vehicle_id is not None:
+            await self._emit(
+                VehiclePluggedIn(
+                    event_id=event_id(self.id, "plug", transaction_id),
+                    at=at,
+                    vehicle_id=vehicle_id,
+                    charger_id=self.id,
+                    connector_id=connector_id,
+                )
+            )
+        await self._emit(
+            TransactionStarted(
+                event_id=event_id(self.id, "tx", transaction_id, "start"),
+                at=at,
+                transaction_id=transaction_id,
+                charger_id=self.id,
+                connector_id=connector_id,
+                id_tag=id_tag,
+                meter_start_wh=float(meter_start),
+                vehicle_id=vehicle_id,
+            )
+        )
+        self.central.open_transaction(self.id, connector_id, transaction_id)
+        return call_result.StartTransaction(
+            transaction_id=transaction_id,
+            id_tag_info=datatypes.IdTagInfo(status=self.central.authorize(id_tag)),
+        )
+
+    @_on(Action.stop_transaction)
+    async def on_stop_transaction(
+        self,
+        meter_stop: int,
+        timestamp: str,
+        transaction_id: int,
+        reason: str | None = None,
+        id_tag: str | None = None,
+        transaction_data: list[dict[str, Any]] | None = None,
+        **_: Any,
+    ) -> call_result.StopTransaction:
+        """Report the stop (and the samples it carries); an unknown id is accepted and counted."""
+        at = _at(timestamp, self.central.clock.now())
+        record = await self.central.transactions.update(transaction_id, stopped=True)
+        if record is None:
+            self.central.metrics["stops_of_unknown_transactions"] += 1
+            log.warning("%s: StopTransaction for unknown transaction %s", self.id, transaction_id)
+        else:
+            self.central.close_transaction(self.id, record.connector_id, transaction_id)
+            for sample in meter_events(
+                self.id, record.connector_id, transaction_id, transaction_data or []
+            ):
+                await self._emit(sample)
+        await self._emit(
+            TransactionStopped(
+                event_id=event_id(self.id, "tx", transaction_id, "stop"),
+                at=at,
+                transaction_id=transaction_id,
+                meter_stop_wh=float(meter_stop),
+                reason=reason or "Local",
+            )
+        )
+        if record is not None and reason == "EVDisconnected":
+            await self._unplugged(transaction_id, record, at)
+        info = datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
+        return call_result.StopTransaction(id_tag_info=info)
+
+    @_on(Action.meter_values)
+    async def on_meter_values(
+        self,
+        connector_id: int,
+        meter_value: list[dict[str, Any]],
+        transaction_id: int | None = None,
+        **_: Any,
+    ) -> call_result.MeterValues:
+        """One `MeterSampled` per sample time."""
+        for sample in meter_events(self.id, connector_id, transaction_id, meter_value):
+            await self._emit(sample)
+        return call_result.MeterValues()
+
+    @_on(Action.data_transfer)
+    async def on_data_transfer(
+        self, vendor_id: str, message_id: str | None = None, **_: Any
+    ) -> call_result.DataTransfer:
+        """voltpool takes no vendor data from charge points."""
+        status = "UnknownMessageId" if vendor_id == VOLTPOOL_VENDOR else "UnknownVendorId"
+        return call_result.DataTransfer(status=status)
+
+    @_on(Action.diagnostics_status_notification)
+    async def on_diagnostics_status_notification(
+        self, status: str, **_: Any
+    ) -> call_result.DiagnosticsStatusNotification:
+        """Logged and counted."""
+        self.central.metrics[f"diagnostics_{status}"] += 1
+        log.info("%s: diagnostics %s", self.id, status)
+        return call_result.DiagnosticsStatusNotification()
+
+    @_on(Action.firmware_status_notification)
+    async def on_firmware_status_notification(
+        self, status: str, **_: Any
+    ) -> call_result.FirmwareStatusNotification:
+        """Logged and counted."""
+        self.central.metrics[f"firmware_{status}"] += 1
+        log.info("%s: firmware %s", self.id, status)
+        return call_result.FirmwareStatusNotification()
+
+
+def _at(text: str | None, now: Any) -> Any:
+    return timestamp(text) if text else now
+
+
+class CentralSystem:
+    """The OCPP 1.6-J server for one site.
+
+    Args:
+        redis: text-mode client (credentials, connection state, transaction book).
+        sink: where translated events go (the controller service's `submit`).
+        clock: the time stamped on events without a timestamp and sent in replies.
+        chargers: the fleet's configuration of a charge point, if known (connector ids).
+        vehicle_for_tag: the vehicle an idTag belongs to.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        site: str,
+        sink: EventSink,
+        clock: Clock,
+        config: OcppConfig | None = None,
+        chargers: ChargerLookup | None = None,
+        vehicle_for_tag: VehicleForTag | None = None,
+        credentials: CredentialStore | None = None,
+    ) -> None:
+        self.config = config or OcppConfig()
+        self.redis = redis
+        self.site = site
+        self.sink = sink
+        self.clock = clock
+        self.chargers: ChargerLookup = chargers or (lambda _cid: None)
+        self.vehicle_for_tag: VehicleForTag = vehicle_for_tag or (lambda _tag: None)
+        self.credentials = credentials or CredentialStore(
+            redis, site, rounds=self.config.bcrypt_rounds
+        )
+        self.transactions = TransactionBook(redis, site)
+        self.metrics: Counter[str] = Counter()
+        self._sessions: dict[ChargerId, ChargerSession] = {}
+        self._listeners: list[ChargerListener] = []
+        self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Listen; `port` holds the bound port (useful with port 0)."""
+        cfg = self.config
+        self._server = await serve(
+            self._serve_connection,
+            cfg.host,
+            cfg.port,
+            process_request=self._check_handshake,
+            subprotocols=[SUBPROTOCOL],
+            max_size=cfg.max_frame_bytes,
+            ssl=cfg.ssl_context,
+            ping_interval=cfg.ping_interval_s,
+            ping_timeout=cfg.ping_timeout_s,
+            open_timeout=cfg.open_timeout_s,
+            compression=None,  # deflate state costs ~100 KiB per connection; chargers rarely use it
+        )
+        self.port = next(iter(self._server.sockets)).getsockname()[1]
+        log.info(
+            "OCPP central system on %s://%s:%s%s/", cfg.scheme, cfg.host, self.port, cfg.path_prefix
+        )
+
+    async def stop(self) -> None:
+        """Close every connection and stop listening."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def __aenter__(self) -> CentralSystem:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def url(self, charger_id: ChargerId = "") -> str:
+        """The URL a charge point connects to."""
+        host = self.config.host
+        return f"{self.config.scheme}://{host}:{self.port}{self.config.path_prefix}/{charger_id}"
+
+    def add_listener(self, listener: ChargerListener) -> None:
+        """Tell `listener` when charge points become ready and when they leave."""
+        self._listeners.append(listener)
+
+    # -- what other parts ask --
+
+    def online(self) -> list[ChargerId]:
+        """The charge points connected now."""
+        return sorted(self._sessions)
+
+    def is_online(self, charger_id: ChargerId) -> bool:
+        """Whether the charge point is connected now."""
+        return charger_id in self._sessions
+
+    def session(self, charger_id: ChargerId) -> ChargerSession:
+        """The live session of a charge point.
+
+        Raises:
+            ChargerUnreachable: it is not connected.
+        """
+        session = self._sessions.get(charger_id)
+        if session is None:
+            raise ChargerUnreachable(f"charge point {charger_id!r} is not connected")
+        return session
+
+    def connector_ids(self, charger_id: ChargerId) -> frozenset[int] | None:
+        """The connector ids the fleet configured for a charge point, if it knows them."""
+        charger = self.chargers(charger_id)
+        if charger is None or not charger.connectors:
+            return None
+        return frozenset(c.connector_id for c in charger.connectors)
+
+    async def is_known(self, charger_id: ChargerId) -> bool:
+        """A charge point with credentials, or one the fleet configuration names."""
+        if self.chargers(charger_id) is not None:
+            return True
+        return await self.credentials.known(charger_id)
+
+    def authorize(self, id_tag: str | None) -> str:
+        """`Accepted` for an idTag of a vehicle (or any idTag, if so configured)."""
+        if id_tag is not None and self.vehicle_for_tag(id_tag) is not None:
+            return "Accepted"
+        return "Accepted" if self.config.accept_unknown_id_tags else "Invalid"
+
+    def open_transaction(
+        self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId
+    ) -> None:
+        """Remember the running transaction of a connector (for TxProfiles)."""
+        self._open[(charger_id, connector_id)] = transaction_id
+
+    def close_transaction(
+        self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId
+    ) -> None:
+        """Forget a connector's transaction once it stopped."""
+        if self._open.get((charger_id, connector_id)) == transaction_id:
+            del self._open[(charger_id, connector_id)]
+
+    def active_transactions(self, charger_id: ChargerId) -> dict[ConnectorId, TransactionId]:
+        """The running transactions of a charge point, per connector."""
+        return {c: tx for (cid, c), tx in self._open.items() if cid == charger_id}
+
+    # -- handshake --
+
+    def _charger_id_of(self, path: str) -> str | None:
+        prefix = self.config.path_prefix + "/"
+        path = urlsplit(path).path
+        if not path.startswith(prefix):
+            return None
+        charger_id = unquote(path[len(prefix) :])
+        return charger_id if valid_charger_id(charger_id) else None
+
+    async def _check_handshake(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        charger_id = self._charger_id_of(request.path)
+        if charger_id is None:
+            self.metrics["handshakes_refused_path"] += 1
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "No such charge point path\n")
+        if not self.config.require_auth:
+            return None
+        refusal = await self._authenticate(charger_id, request.headers)
+        if refusal is None:
+            return None
+        self.metrics["handshakes_refused_auth"] += 1
+        log.warning("security: refused %s at the handshake: %s", charger_id, refusal)
+        response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "Invalid credentials\n")
+        response.headers["WWW-Authenticate"] = build_www_authenticate_basic("voltpool")
+        return response
+
+    async def _authenticate(self, charger_id: str, headers: Headers) -> str | None:
+        """None when the Basic credentials are this charge point's; else why not."""
+        try:
+            header = headers["Authorization"]
+        except KeyError:
+            return "no credentials"
+        try:
+            user, password = parse_authorization_basic(header)
+        except InvalidHeader:
+            return "malformed Authorization header"
+        if user != charger_id:
+            return "user is not the charge point id"
+        try:
+            ok = await self.credentials.verify(charger_id, password)
+        except RedisError:
+            return "credential store unavailable"
+        return None if ok else "unknown charge point or wrong password"
+
+    # -- connections --
+
+    async def _serve_connection(self, websocket: ServerConnection) -> None:
+        charger_id = self._charger_id_of(websocket.request.path if websocket.request else "")
+        if charger_id is None or websocket.subprotocol != SUBPROTOCOL:
+            await websocket.close(1002, "ocpp1.6 subprotocol required")
+            return
+        session = ChargerSession(charger_id, websocket, self, uuid.uuid4().hex[:12])
+        previous = self._sessions.get(charger_id)
+        self._sessions[charger_id] = session
+        self.metrics["connections"] += 1
+        if previous is not None:
+            # S-08/S-10: the newest authenticated connection wins; the old one is closed.
+            self.metrics["connections_replaced"] += 1
+            previous.closed.set()
+            await previous.websocket.close(1000, "replaced by a newer connection")
+        accepted_before = await self._accepted_before(charger_id)
+        if accepted_before:
+            session.checker.boot_accepted = True
+        await self.record_connection(session, online=True)
+        await self._submit_quietly(
+            ChargerConnected(
+                event_id=event_id(charger_id, "up", session.session_id),
+                at=self.clock.now(),
+                charger_id=charger_id,
+            )
+        )
+        if accepted_before:
+            self._spawn(self.notify_ready(session, rebooted=False))
+        try:
+            await session.start()
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+            sent = exc.sent.code if exc.sent is not None else None
+            if 1009 in (code, sent):
+                self.metrics["frames_oversized"] += 1
+                log.warning(
+                    "%s: closed for a frame over %d bytes", charger_id, self.config.max_frame_bytes
+                )
+        finally:
+            session.closed.set()
+            if self._sessions.get(charger_id) is session:
+                del self._sessions[charger_id]
+                await self._went_offline(session)
+
+    async def _went_offline(self, session: ChargerSession) -> None:
+        with contextlib.suppress(RedisError):
+            await self.record_connection(session, online=False)
+        await self._submit_quietly(
+            ChargerDisconnected(
+                event_id=event_id(session.id, "down", session.session_id),
+                at=self.clock.now(),
+                charger_id=session.id,
+            )
+        )
+        for listener in self._listeners:
+            try:
+                await listener.charger_gone(session.id)
+            except Exception:
+                log.exception("%s: listener failed on disconnect", session.id)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def notify_ready(self, session: ChargerSession, *, rebooted: bool) -> None:
+        """Tell the listeners that a charge point takes commands (if still connected)."""
+        if self._sessions.get(session.id) is not session:
+            return
+        if not self._open_loaded(session.id):
+            await self._load_open(session.id)
+        for listener in self._listeners:
+            try:
+                await listener.charger_ready(session.id, rebooted=rebooted)
+            except Exception:
+                log.exception("%s: listener failed on ready", session.id)
+
+    def _open_loaded(self, charger_id: ChargerId) -> bool:
+        return any(cid == charger_id for cid, _ in self._open)
+
+    async def _load_open(self, charger_id: ChargerId) -> None:
+        connector_ids = sorted(self.connector_ids(charger_id) or {1})
+        with contextlib.suppress(RedisError):
+            for connector_id, tx in (
+                await self.transactions.open_on(charger_id, connector_ids)
+            ).items():
+                self._open[(charger_id, connector_id)] = tx
+
+    async def _submit_quietly(self, event: Event) -> None:
+        try:
+            await self.sink.submit(event)
+        except (Refused, InvalidEvent) as exc:
+            self.metrics["events_refused"] += 1
+            log.info("%s refused: %s", event.event_id, exc)
+        except Exception:
+            self.metrics["events_lost"] += 1
+            log.exception("could not submit %s", event.event_id)
+
+    async def _accepted_before(self, charger_id: ChargerId) -> bool:
+        try:
+            raw = await self.redis.hget(keys.charger_connections(self.site), charger_id)
+        except RedisError:
+            return False
+        if not raw:
+            return False
+        return bool(json.loads(raw).get("accepted", False))
+
+    async def record_connection(self, session: ChargerSession, *, online: bool) -> None:
+        """Write the charge point's connection state to Redis."""
+        key = keys.charger_connections(self.site)
+        accepted = session.boot_status == "Accepted" or session.checker.boot_accepted
+        state = {
+            "online": online,
+            "since": iso(self.clock.now()),
+            "node": self.config.node,
+            "session": session.session_id,
+            "accepted": accepted,
+            "boot_status": session.boot_status,
+        }
+        await self.redis.hset(key, session.id, json.dumps(state))
+
+    async def connection_state(self, charger_id: ChargerId) -> dict[str, Any] | None:
+        """What Redis holds about a charge point's connection."""
+        raw = await self.redis.hget(keys.charger_connections(self.site), charger_id)
+        return json.loads(raw) if raw else None
+
+    async def remember_profile(
+        self, charger_id: ChargerId, slot: str, profile: Mapping[str, Any] | None
+    ) -> None:
+        """Keep the last accepted profile of a slot (`default`, `max`, `tx:{connector}`)."""
+        key = keys.charger_profiles(self.site)
+        raw = await self.redis.hget(key, charger_id)
+        profiles = json.loads(raw) if raw else {}
+        if profile is None:
+            profiles.pop(slot, None)
+        else:
+            profiles[slot] = profile
+        await self.redis.hset(key, charger_id, json.dumps(profiles))
+
+    async def profiles(self, charger_id: ChargerId) -> dict[str, Any]:
+        """The last accepted profiles of a charge point, by slot."""
+        raw = await self.redis.hget(keys.charger_profiles(self.site), charger_id)
+        return json.loads(raw) if raw else {}
+
+    # -- CS -> CP calls --
+
+    async def set_charging_profile(
+        self, charger_id: ChargerId, connector_id: ConnectorId, profile: Mapping[str, Any]
+    ) -> str:
+        """SetChargingProfile; returns the charge point's status (Accepted, Rejected, ...)."""
+        result = await self.session(charger_id).request(
+            call.SetChargingProfile(connector_id=connector_id, cs_charging_profiles=dict(profile))
+        )
+        return str(result.status)
+
+    async def clear_charging_profile(
+        self,
+        charger_id: ChargerId,
+        *,
+        profile_id: int | None = None,
+        connector_id: ConnectorId | None = None,
+        purpose: str | None = None,
+        stack_level: int | None = None,
+    ) -> str:
+        """ClearChargingProfile with the given filters; returns Accepted or Unknown."""
+        result = await self.session(charger_id).request(
+            call.ClearChargingProfile(
+                id=profile_id,
+                connector_id=connector_id,
+                charging_profile_purpose=purpose,
+                stack_level=stack_level,
+            )
+        )
+        return str(result.status)
+
+    async def get_composite_schedule(
+        self,
+        charger_id: ChargerId,
+        connector_id: ConnectorId,
+        duration_s: int,
+        unit: str | None = None,
+    ) -> dict[str, Any]:
+        """GetCompositeSchedule; the answer as a camelCase dict (status, chargingSchedule...)."""
+        result = await self.session(charger_id).request(
+            call.GetCompositeSchedule(
+                connector_id=connector_id,
+                duration=duration_s,
+                charging_rate_unit=unit,
+            )
+        )
+        answer: dict[str, Any] = {"status": str(result.status)}
+        if result.connector_id is not None:
+            answer["connectorId"] = result.connector_id
+        if result.schedule_start is not None:
+            answer["scheduleStart"] = result.schedule_start
+        if result.charging_schedule is not None:
+            answer["chargingSchedule"] = _camel(result.charging_schedule)
+        return answer
+
+    async def remote_start_transaction(
+        self,
+        charger_id: ChargerId,
+        id_tag: str,
+        connector_id: ConnectorId | None = None,
+        profile: Mapping[str, Any] | None = None,
+    ) -> str:
+        """RemoteStartTransaction; returns Accepted or Rejected."""
+        result = await self.session(charger_id).request(
+            call.RemoteStartTransaction(
+                id_tag=id_tag,
+                connector_id=connector_id,
+                charging_profile=dict(profile) if profile is not None else None,
+            )
+        )
+        return str(result.status)
+
+    async def remote_stop_transaction(
+        self, charger_id: ChargerId, transaction_id: TransactionId
+    ) -> str:
+        """RemoteStopTransaction; returns Accepted or Rejected."""
+        result = await self.session(charger_id).request(
+            call.RemoteStopTransaction(transaction_id=transaction_id)
+        )
+        return str(result.status)
+
+    async def trigger_message(
+        self, charger_id: ChargerId, requested: str, connector_id: ConnectorId | None = None
+    ) -> str:
+        """TriggerMessage; returns Accepted, Rejected or NotImplemented."""
+        result = await self.session(charger_id).request(
+            call.TriggerMessage(requested_message=requested, connector_id=connector_id)
+        )
+        return str(result.status)
+
+    async def change_configuration(self, charger_id: ChargerId, key: str, value: str) -> str:
+        """ChangeConfiguration; returns Accepted, Rejected, RebootRequired or NotSupported."""
+        result = await self.session(charger_id).request(
+            call.ChangeConfiguration(key=key, value=value)
+        )
+        return str(result.status)
+
+    async def get_configuration(
+        self, charger_id: ChargerId, keys_wanted: Sequence[str] | None = None
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """GetConfiguration; returns (known keys as camelCase dicts, unknown key names)."""
+        result = await self.session(charger_id).request(
+            call.GetConfiguration(key=list(keys_wanted) if keys_wanted else None)
+        )
+        known = [_camel(k) for k in (result.configuration_key or [])]
+        return known, list(result.unknown_key or [])
+
+    async def data_transfer(
+        self, charger_id: ChargerId, vendor_id: str, message_id: str | None, data: str | None
+    ) -> tuple[str, str | None]:
+        """DataTransfer; returns (status, data)."""
+        result = await self.session(charger_id).request(
+            call.DataTransfer(vendor_id=vendor_id, message_id=message_id, data=data)
+        )
+        return str(result.status), result.data
+
+
+def _camel(value: Any) -> Any:
+    """snake_case keys (as the library hands answers over) back to OCPP's camelCase; floats
+    for the Decimals the library parses some answers into."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            head, *rest = str(key).split("_")
+            out[head + "".join(p[:1].upper() + p[1:] for p in rest)] = _camel(item)
+        return out
+    if isinstance(value, list):
+        return [_camel(v) for v in value]
+    return value
