@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -217,13 +217,13 @@ class RedisFleetStore:
     async def count(self, name: str, by: int = 1) -> None:
         """Add to a counter in the site's counters hash."""
         try:
-            await self._redis.hincrby(keys.counters(self._site), name, by)
+            await cast(Awaitable[int], self._redis.hincrby(keys.counters(self._site), name, by))
         except RedisError as exc:
             raise StoreUnavailable(f"redis unreachable counting {name}") from exc
 
     async def counters(self) -> dict[str, int]:
         """Every counter of the site."""
-        raw = await self._redis.hgetall(keys.counters(self._site))
+        raw = await cast(Awaitable[dict[Any, Any]], self._redis.hgetall(keys.counters(self._site)))
         return {_text(k): int(v) for k, v in raw.items()}
 
     async def save_plan(self, plan: Plan) -> None:

@@ -80,7 +80,7 @@ async def test_malformed_payloads_are_counted_and_dropped_and_the_next_one_appli
     events = small_site(clock.now(), cars=1)
     await _publish(wired.endpoint, [encode_event(e) for e in events])  # type: ignore[arg-type]
     await _applied(wired, len(events))
-    bad = [
+    bad: list[str | bytes] = [
         b"not json",
         json.dumps({"kind": "teleport", "event_id": "x"}),
         json.dumps({"kind": "soc_reported", "event_id": "x", "at": clock.now().isoformat()}),
