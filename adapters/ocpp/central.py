@@ -43,6 +43,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from adapters import redis_keys as keys
+from adapters.ocpp.aio import redis_call, stop_task
 from adapters.ocpp.config import OcppConfig
 from adapters.ocpp.credentials import CredentialStore, valid_charger_id
 from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
@@ -504,10 +505,7 @@ class CentralSystem:
             await self._server.wait_closed()
             self._server = None
         for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
 
     async def __aenter__(self) -> CentralSystem:
         await self.start()
@@ -729,7 +727,7 @@ class CentralSystem:
 
     async def _accepted_before(self, charger_id: ChargerId) -> bool:
         try:
-            raw = await self.redis.hget(keys.charger_connections(self.site), charger_id)
+            raw = await redis_call(self.redis.hget(keys.charger_connections(self.site), charger_id))
         except RedisError:
             return False
         if not raw:
@@ -748,11 +746,11 @@ class CentralSystem:
             "accepted": accepted,
             "boot_status": session.boot_status,
         }
-        await self.redis.hset(key, session.id, json.dumps(state))
+        await redis_call(self.redis.hset(key, session.id, json.dumps(state)))
 
     async def connection_state(self, charger_id: ChargerId) -> dict[str, Any] | None:
         """What Redis holds about a charge point's connection."""
-        raw = await self.redis.hget(keys.charger_connections(self.site), charger_id)
+        raw = await redis_call(self.redis.hget(keys.charger_connections(self.site), charger_id))
         return json.loads(raw) if raw else None
 
     async def remember_profile(
@@ -760,17 +758,17 @@ class CentralSystem:
     ) -> None:
         """Keep the last accepted profile of a slot (`default`, `max`, `tx:{connector}`)."""
         key = keys.charger_profiles(self.site)
-        raw = await self.redis.hget(key, charger_id)
+        raw = await redis_call(self.redis.hget(key, charger_id))
         profiles = json.loads(raw) if raw else {}
         if profile is None:
             profiles.pop(slot, None)
         else:
             profiles[slot] = profile
-        await self.redis.hset(key, charger_id, json.dumps(profiles))
+        await redis_call(self.redis.hset(key, charger_id, json.dumps(profiles)))
 
     async def profiles(self, charger_id: ChargerId) -> dict[str, Any]:
         """The last accepted profiles of a charge point, by slot."""
-        raw = await self.redis.hget(keys.charger_profiles(self.site), charger_id)
+        raw = await redis_call(self.redis.hget(keys.charger_profiles(self.site), charger_id))
         return json.loads(raw) if raw else {}
 
     # -- CS -> CP calls --

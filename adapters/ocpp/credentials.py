@@ -19,6 +19,7 @@ import bcrypt
 from redis.asyncio import Redis
 
 from adapters import redis_keys as keys
+from adapters.ocpp.aio import redis_call
 from adapters.ocpp.errors import BadCredential
 
 # SEC-01: charge point ids are printable, without / ( ) < > = : and at most 48 characters.
@@ -67,23 +68,23 @@ class CredentialStore:
         hashed = await asyncio.to_thread(
             bcrypt.hashpw, password.encode(), bcrypt.gensalt(self._rounds)
         )
-        await self._redis.hset(self._key, charger_id, hashed.decode())
+        await redis_call(self._redis.hset(self._key, charger_id, hashed.decode()))
         self._verified.pop(charger_id, None)
 
     async def remove(self, charger_id: str) -> None:
         """Forget a charge point's password: it can no longer connect."""
-        await self._redis.hdel(self._key, charger_id)
+        await redis_call(self._redis.hdel(self._key, charger_id))
         self._verified.pop(charger_id, None)
 
     async def known(self, charger_id: str) -> bool:
         """Whether the charge point has a password."""
-        return bool(await self._redis.hexists(self._key, charger_id))
+        return bool(await redis_call(self._redis.hexists(self._key, charger_id)))
 
     async def verify(self, charger_id: str, password: str) -> bool:
         """Whether `password` is the charge point's password (False for unknown ids)."""
         if not valid_charger_id(charger_id) or len(password) > 256:
             return False
-        stored = _text(await self._redis.hget(self._key, charger_id))
+        stored = _text(await redis_call(self._redis.hget(self._key, charger_id)))
         if stored is None:
             return False
         tag = hmac.new(self._pepper, password.encode(), hashlib.sha256).digest()

@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from adapters import redis_keys as keys
+from adapters.ocpp.aio import redis_call
 from controller.domain import ChargerId, ConnectorId, TransactionId, VehicleId
 
 # KEYS: book hash, id counter. ARGV: start field, record JSON, connector field.
@@ -71,7 +72,7 @@ class TransactionBook:
 
     async def get(self, transaction_id: TransactionId) -> BookedTransaction | None:
         """The record of a transaction, or None if this book never handed out that id."""
-        raw = _text(await self._redis.hget(self._book, f"tx:{transaction_id}"))
+        raw = _text(await redis_call(self._redis.hget(self._book, f"tx:{transaction_id}")))
         return BookedTransaction(**json.loads(raw)) if raw else None
 
     async def update(
@@ -90,14 +91,18 @@ class TransactionBook:
             stopped=record.stopped if stopped is None else stopped,
             unplugged=record.unplugged if unplugged is None else unplugged,
         )
-        await self._redis.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(updated)))
+        await redis_call(
+            self._redis.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(updated)))
+        )
         return updated
 
     async def latest_on(
         self, charger_id: ChargerId, connector_id: ConnectorId
     ) -> tuple[TransactionId, BookedTransaction] | None:
         """The latest transaction on a connector (running or stopped), if any."""
-        raw_id = _text(await self._redis.hget(self._book, f"conn:{charger_id}:{connector_id}"))
+        raw_id = _text(
+            await redis_call(self._redis.hget(self._book, f"conn:{charger_id}:{connector_id}"))
+        )
         if raw_id is None:
             return None
         record = await self.get(int(raw_id))

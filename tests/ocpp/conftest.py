@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 
+from adapters.ocpp.aio import stop_task
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import OcppConfig
 from controller.clock import SimClock
@@ -193,3 +194,54 @@ async def harness(redis: Redis, clock: SimClock) -> AsyncIterator[Harness]:
     state = fleet([charger(f"CP-{i}") for i in (1, 2, 3)], vehicles=[vehicle])
     async with running_central(redis, clock, state, tags={"TAG-1": "ev-1"}) as h:
         yield h
+
+
+def absolute_profile(
+    profile_id: int,
+    purpose: str,
+    periods: Sequence[tuple[int, float]],
+    *,
+    start: str = "2024-03-04T16:00:00Z",
+    unit: str = "W",
+    stack: int = 0,
+    duration_s: int | None = None,
+    transaction_id: int | None = None,
+) -> dict[str, Any]:
+    """A `csChargingProfiles` object of kind Absolute."""
+    schedule: dict[str, Any] = {
+        "startSchedule": start,
+        "chargingRateUnit": unit,
+        "chargingSchedulePeriod": [{"startPeriod": s, "limit": lim} for s, lim in periods],
+    }
+    if duration_s is not None:
+        schedule["duration"] = duration_s
+    profile: dict[str, Any] = {
+        "chargingProfileId": profile_id,
+        "stackLevel": stack,
+        "chargingProfilePurpose": purpose,
+        "chargingProfileKind": "Absolute",
+        "chargingSchedule": schedule,
+    }
+    if transaction_id is not None:
+        profile["transactionId"] = transaction_id
+    return profile
+
+
+@asynccontextmanager
+async def simulated(
+    harness: Harness,
+    charger_id: str,
+    *,
+    faults: Any = None,
+    **spec: Any,
+) -> AsyncIterator[Any]:
+    """A simulated charger connected (and booted) to the harness's central system."""
+    from simulators.chargepoints.chargepoint import ChargerSpec, SimChargePoint
+
+    sim = SimChargePoint(ChargerSpec(charger_id=charger_id, **spec), harness.clock, faults=faults)
+    task = asyncio.ensure_future(sim.run(harness.central.url(), harness.password))
+    try:
+        await asyncio.wait_for(sim.wait_online(), RECV_TIMEOUT_S)
+        yield sim
+    finally:
+        await stop_task(task)

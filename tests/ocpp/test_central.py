@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters import redis_keys as keys
+from adapters.ocpp.aio import redis_call
 from adapters.ocpp.config import OcppConfig
 from controller.clock import SimClock
 from controller.errors import StoreUnavailable
@@ -193,10 +194,10 @@ async def test_connection_state_goes_to_redis_and_into_events(harness: Harness) 
     """Online while connected, offline after; ChargerConnected then ChargerDisconnected."""
     key = keys.charger_connections(SITE)
     async with harness.connect("CP-3"):
-        online = json.loads(str(await harness.redis.hget(key, "CP-3")))
+        online = json.loads(str(await redis_call(harness.redis.hget(key, "CP-3"))))
         assert harness.central.is_online("CP-3")
     await harness.recorder.wait_for(lambda: bool(harness.recorder.of("charger_disconnected")))
-    offline = json.loads(str(await harness.redis.hget(key, "CP-3")))
+    offline = json.loads(str(await redis_call(harness.redis.hget(key, "CP-3"))))
     assert (online["online"], online["accepted"], offline["online"]) == (True, True, False)
     assert [e.kind for e in harness.recorder.events] == [
         "charger_connected",

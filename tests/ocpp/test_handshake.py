@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
+from adapters.ocpp.aio import redis_call
 from adapters.ocpp.config import OcppConfig
 from adapters.ocpp.credentials import CredentialStore
 from adapters.ocpp.errors import BadCredential
@@ -135,7 +136,7 @@ async def test_passwords_are_stored_as_bcrypt_hashes(redis: Redis) -> None:
     """SEC-02/SEC-09: Redis holds a bcrypt hash, never the password."""
     store = CredentialStore(redis, SITE, rounds=4)
     await store.set_password("CP-7", "s3cret-s3cret-s3cret")
-    stored = await redis.hget(f"vp:{{{SITE}}}:cp_credentials", "CP-7")
+    stored = await redis_call(redis.hget(f"vp:{{{SITE}}}:cp_credentials", "CP-7"))
     assert isinstance(stored, str)
     assert stored.startswith("$2b$04$")
     assert "s3cret" not in stored
