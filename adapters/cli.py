@@ -126,10 +126,18 @@ def _print_status(report: dict[str, Any]) -> None:
 def schema(
     out: Annotated[Path, typer.Option(help="Where to write the JSON schema.")] = SCHEMA_PATH,
 ) -> None:
-    """Write the JSON schema of every event and command (the MQTT payloads)."""
+    """Write the JSON schemas: every event and command, and each MQTT topic's payload."""
+    from adapters.mqtt_payloads import schemas
+
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(event_schema(), indent=2, sort_keys=True) + "\n")
     console.print(f"wrote {out}")
+    topics = out.parent / "mqtt"
+    topics.mkdir(exist_ok=True)
+    for name, topic_schema in schemas().items():
+        path = topics / f"{name}.json"
+        path.write_text(json.dumps(topic_schema, indent=2, sort_keys=True) + "\n")
+        console.print(f"wrote {path}")
 
 
 @app.command()

@@ -10,7 +10,15 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from controller.domain import ChargePoint, Override, Series, Site, Transaction, Vehicle
+from controller.domain import (
+    ChargePoint,
+    Override,
+    Series,
+    Site,
+    SiteLoad,
+    Transaction,
+    Vehicle,
+)
 from controller.errors import InvalidEvent
 from controller.events import Event
 from controller.state import Record, RecordKind
@@ -24,6 +32,7 @@ RECORD_TYPES: dict[RecordKind, type[Any]] = {
     "transaction": Transaction,
     "prices": Series,
     "headroom": Series,
+    "site_load": SiteLoad,
     "override": Override,
 }
 _RECORD_ADAPTERS: dict[RecordKind, TypeAdapter[Any]] = {

@@ -2,7 +2,11 @@
 
 Topics under a configurable prefix:
 
-- `{prefix}/events` (in, QoS 1): any typed event or operator command as JSON (docs/schemas/).
+- `{prefix}/vehicle/{id}/soc`, `{prefix}/vehicle/{id}/departure`, `{prefix}/price`,
+  `{prefix}/site/headroom`, `{prefix}/site/load`, `{prefix}/operator/command` (in, QoS 1):
+  telemetry and commands, schemas in `adapters.mqtt_payloads` and `docs/schemas/mqtt/`.
+- `{prefix}/events` (in, QoS 1): any typed event or operator command as JSON
+  (`docs/schemas/events.json`), for integrations and simulators.
 - `{prefix}/schedule` (out, retained): the latest plan's summary.
 - `{prefix}/status` (out, retained): `online` with counters; the last will says `offline`.
 - `{prefix}/operator/result/{command_id}` (out): the outcome of an operator command.
@@ -26,6 +30,7 @@ import aiomqtt
 
 from adapters.codec import decode_event
 from adapters.embedded import MqttEndpoint
+from adapters.mqtt_payloads import command_id_of, event_for
 from adapters.redis_store import plan_summary
 from controller.errors import InvalidEvent, Refused, StoreUnavailable
 from controller.events import Event
@@ -45,6 +50,24 @@ class Topics:
         self.events = f"{self.prefix}/events"
         self.schedule = f"{self.prefix}/schedule"
         self.status = f"{self.prefix}/status"
+        self.command = f"{self.prefix}/operator/command"
+        self.inputs = (
+            self.events,
+            f"{self.prefix}/vehicle/+/soc",
+            f"{self.prefix}/vehicle/+/departure",
+            f"{self.prefix}/price",
+            f"{self.prefix}/site/headroom",
+            f"{self.prefix}/site/load",
+            self.command,
+        )
+
+    def vehicle(self, vehicle_id: str, what: str) -> str:
+        """`{prefix}/vehicle/{vehicle_id}/{what}` (what: soc, departure)."""
+        return f"{self.prefix}/vehicle/{vehicle_id}/{what}"
+
+    def tail(self, topic: str) -> list[str]:
+        """The levels of `topic` below the prefix."""
+        return topic[len(self.prefix) + 1 :].split("/")
 
     def command_result(self, command_id: str) -> str:
         """Where the result of one operator command goes."""
@@ -115,7 +138,8 @@ class MqttLink:
             clean_session=True,
         ) as client:
             self._client = client
-            await client.subscribe(self.topics.events, qos=1)
+            for topic in self.topics.inputs:
+                await client.subscribe(topic, qos=1)
             for topic, payload in list(self._retained.items()):
                 await client.publish(topic, payload, qos=1, retain=True)
             self.connections += 1
@@ -134,10 +158,17 @@ class MqttLink:
         if not isinstance(payload, bytes | str):
             await self._reject("mqtt", ValueError(f"payload of type {type(payload).__name__}"))
             return
+        topic = str(message.topic)
         try:
-            event = decode_event(payload)
+            if topic == self.topics.events:
+                event = decode_event(payload)
+            else:
+                event = event_for(self.topics.tail(topic), payload)
         except InvalidEvent as exc:
             await self._reject("mqtt", exc)
+            command_id = command_id_of(payload) if topic == self.topics.command else None
+            if command_id is not None:
+                await self.command_result(command_id, False, f"invalid command: {exc}")
             return
         try:
             await self._submit(event)

@@ -12,7 +12,7 @@ RECORD_TABLES = {
     "transaction": "transactions",
     "override": "overrides",
 }
-SINGLE_RECORDS = ("site", "prices", "headroom")
+SINGLE_RECORDS = ("site", "prices", "headroom", "site_load")
 
 EVENTS_GROUP = "controller"
 
@@ -42,7 +42,7 @@ def table(site: str, kind: str) -> str:
 
 
 def single(site: str, kind: str) -> str:
-    """String: a record the site has one of (site, prices, headroom), as JSON."""
+    """String: a record the site has one of (site, prices, headroom, site_load), as JSON."""
     if kind not in SINGLE_RECORDS:
         raise KeyError(kind)
     return f"{_prefix(site)}:{kind}"

@@ -309,6 +309,18 @@ class Site:
         require_range("safe_limit_kw", self.safe_limit_kw, ctx, low=0.0, high=self.capacity_kw)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteLoad:
+    """The households' load behind the grid connection, as last measured (chargers excluded)."""
+
+    load_kw: float
+    at: datetime
+
+    def __post_init__(self) -> None:
+        require_range("load_kw", self.load_kw, "site load", low=-100_000.0, high=100_000.0)
+        require_aware("at", self.at, "site load")
+
+
 OverrideKind: TypeAlias = Literal[
     "force_charge",
     "pause_vehicle",

@@ -133,12 +133,17 @@ class DepartureSet:
     vehicle_id: VehicleId
     departure: datetime
     target_kwh: float | None = None
+    target_soc: float | None = None  # fraction; converted with the car's capacity
 
     def __post_init__(self) -> None:
         _common(self.event_id, self.at)
         require_aware("departure", self.departure, self.event_id)
         if self.target_kwh is not None:
             require_range("target_kwh", self.target_kwh, self.event_id, low=0.0)
+        if self.target_soc is not None:
+            require_range("target_soc", self.target_soc, self.event_id, low=0.0, high=1.0)
+        if self.target_kwh is not None and self.target_soc is not None:
+            raise InvalidEvent(f"{self.event_id}: give target_kwh or target_soc, not both")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +217,20 @@ class HeadroomUpdated:
     def __post_init__(self) -> None:
         _common(self.event_id, self.at)
         _check_series(self.event_id, self.start, self.headroom_kw, "headroom_kw")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteLoadReported:
+    """The households' load behind the connection was measured (chargers excluded), in kW."""
+
+    kind: Literal["site_load_reported"] = "site_load_reported"
+    event_id: str
+    at: datetime
+    load_kw: float
+
+    def __post_init__(self) -> None:
+        _common(self.event_id, self.at)
+        require_range("load_kw", self.load_kw, self.event_id, low=-100_000.0, high=100_000.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -448,6 +467,7 @@ Fact: TypeAlias = (
     | MeterSampled
     | PriceUpdated
     | HeadroomUpdated
+    | SiteLoadReported
     | ChargerConnected
     | ChargerDisconnected
     | ConnectorStatusChanged

@@ -20,6 +20,7 @@ from controller.domain import (
     OverrideId,
     Series,
     Site,
+    SiteLoad,
     Transaction,
     TransactionId,
     Vehicle,
@@ -45,6 +46,7 @@ from controller.events import (
     Resume,
     SetV2g,
     SiteConfigured,
+    SiteLoadReported,
     SocReported,
     TransactionStarted,
     TransactionStopped,
@@ -54,9 +56,9 @@ from controller.events import (
 )
 
 RecordKind: TypeAlias = Literal[
-    "site", "vehicle", "charger", "transaction", "prices", "headroom", "override"
+    "site", "vehicle", "charger", "transaction", "prices", "headroom", "site_load", "override"
 ]
-Record: TypeAlias = Site | Vehicle | ChargePoint | Transaction | Series | Override
+Record: TypeAlias = Site | Vehicle | ChargePoint | Transaction | Series | SiteLoad | Override
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +83,12 @@ class FleetState:
     transactions: Mapping[TransactionId, Transaction] = field(default_factory=dict)
     prices: Series | None = None
     headroom: Series | None = None
+    site_load: SiteLoad | None = None
     overrides: Mapping[OverrideId, Override] = field(default_factory=dict)
 
     def with_changes(self, changes: tuple[Change, ...]) -> FleetState:
         """A new state with `changes` written into it."""
-        site, prices, headroom = self.site, self.prices, self.headroom
+        site, prices, headroom, load = self.site, self.prices, self.headroom, self.site_load
         tables: dict[str, dict[object, object]] = {}
 
         def table(name: str) -> dict[object, object]:
@@ -100,6 +103,9 @@ class FleetState:
             elif change.kind == "prices":
                 assert change.record is None or isinstance(change.record, Series)
                 prices = change.record
+            elif change.kind == "site_load":
+                assert change.record is None or isinstance(change.record, SiteLoad)
+                load = change.record
             elif change.kind == "headroom":
                 assert change.record is None or isinstance(change.record, Series)
                 headroom = change.record
@@ -117,6 +123,7 @@ class FleetState:
             transactions=tables.get("transactions", self.transactions),  # type: ignore[arg-type]
             prices=prices,
             headroom=headroom,
+            site_load=load,
             overrides=tables.get("overrides", self.overrides),  # type: ignore[arg-type]
         )
 
@@ -249,6 +256,8 @@ def _changes_for(state: FleetState, event: Event) -> tuple[Change, ...]:
                     f"after {event.at.isoformat()}",
                 )
             target = vehicle.target_kwh if event.target_kwh is None else event.target_kwh
+            if isinstance(event, DepartureSet) and event.target_soc is not None:
+                target = event.target_soc * vehicle.capacity_kwh
             if target is not None and target > vehicle.capacity_kwh:
                 raise Refused(
                     RefusalCode.OUT_OF_RANGE,
@@ -273,6 +282,10 @@ def _changes_for(state: FleetState, event: Event) -> tuple[Change, ...]:
                 raise _stale("head-room series", at, state.headroom.received_at)
             series = Series(start=event.start, values=event.headroom_kw, received_at=at)
             return (Change("headroom", "headroom", series),)
+        case SiteLoadReported(at=at, load_kw=load_kw):
+            if state.site_load is not None and at < state.site_load.at:
+                raise _stale("site load", at, state.site_load.at)
+            return (Change("site_load", "site_load", SiteLoad(load_kw=load_kw, at=at)),)
         case ChargerConnected(charger_id=cid, at=at) | ChargerDisconnected(charger_id=cid, at=at):
             charger = _charger(state, cid)
             online = isinstance(event, ChargerConnected)

@@ -97,6 +97,10 @@ def build_problem(
     )
     # Past the series' end (or when it is stale) the planner may only count on the safe limit.
     headroom, _ = _series_values(state.headroom if headroom_fresh else None, starts, safe_kw)
+    load = state.site_load
+    if load is not None and (now - load.at).total_seconds() <= settings.site_load_fresh_s:
+        # What the households draw now is the best forecast of the current slot.
+        headroom[0] = capacity_kw - load.load_kw
     headroom = np.clip(headroom, 0.0, capacity_kw)
 
     upper = np.zeros((n, horizon))
