@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from adapters.embedded import MqttEndpoint, embedded_broker
+from adapters.embedded import MqttEndpoint, embedded_broker, free_port
 from adapters.mqtt import MqttLink, MqttPlanPublisher
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
@@ -28,9 +31,60 @@ class Wired:
     endpoint: MqttEndpoint
 
 
-@pytest.fixture
-async def wired(redis: Redis, clock: SimClock) -> AsyncIterator[Wired]:
-    async with embedded_broker() as endpoint:
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+)
+
+
+@contextlib.asynccontextmanager
+async def mosquitto_broker(workdir: Path) -> AsyncIterator[MqttEndpoint]:
+    """A real Mosquitto on a free loopback port, for as long as the context lasts."""
+    assert MOSQUITTO is not None
+    port = free_port()
+    config = workdir / "mosquitto.conf"
+    config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    process = await asyncio.create_subprocess_exec(
+        MOSQUITTO,
+        "-c",
+        str(config),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            while True:  # until the broker accepts connections
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    await asyncio.sleep(0.02)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                break
+        yield MqttEndpoint("127.0.0.1", port)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def broker(kind: str, workdir: Path) -> AsyncIterator[MqttEndpoint]:
+    """The embedded amqtt broker, or Mosquitto where its binary is installed."""
+    if kind == "mosquitto":
+        if MOSQUITTO is None:
+            pytest.skip("mosquitto is not installed (Debian package mosquitto): amqtt only")
+        async with mosquitto_broker(workdir) as endpoint:
+            yield endpoint
+    else:
+        async with embedded_broker() as endpoint:
+            yield endpoint
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+async def wired(
+    request: pytest.FixtureRequest, redis: Redis, clock: SimClock, tmp_path: Path
+) -> AsyncIterator[Wired]:
+    async with broker(request.param, tmp_path) as endpoint:
         link = MqttLink(endpoint, PREFIX)
         service = ControllerService(
             store=RedisFleetStore(redis, "depot"),
