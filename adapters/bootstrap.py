@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from adapters.embedded import MqttEndpoint, RedisEndpoint, mqtt_endpoint, redis_endpoint
 from adapters.mqtt import MqttLink, MqttPlanPublisher
+from adapters.ocpp.central import CentralSystem
+from adapters.ocpp.config import LeaseConfig, OcppConfig
+from adapters.ocpp.dispatcher import LeaseDispatcher
 from adapters.redis_store import RedisFleetStore
 from controller import failpoints
 from controller.clock import WallClock
@@ -61,6 +65,8 @@ class Runtime:
     service: ControllerService
     link: MqttLink
     sink: FanOutSink
+    central: CentralSystem
+    dispatcher: LeaseDispatcher
     extra_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -70,8 +76,8 @@ def default_solver() -> SolveFn:
         optimiser = importlib.import_module("controller.optimiser")
     except ImportError:  # the optimiser package is not part of this build
         return share_by_need
-    solve: SolveFn = optimiser.solve
-    return solve
+    solve: SolveFn | None = getattr(optimiser, "solve", None)
+    return share_by_need if solve is None else solve
 
 
 async def run(
@@ -101,18 +107,39 @@ async def run(
         sink = FanOutSink([])
         planner = StatePlanner(settings.planning, solve=solver or default_solver())
         link = MqttLink(mqtt_ep, settings.mqtt_prefix, client_id=f"voltpool-{settings.site}")
+        service_clock = clock or WallClock()
         service = ControllerService(
             store=store,
-            clock=clock or WallClock(),
+            clock=service_clock,
             planner=planner,
             sink=sink,
             settings=settings,
             results=link,
         )
         link.attach(service.submit, service.reject_invalid)
-        sink.add(MqttPlanPublisher(link))
         await service.start()
-        runtime = Runtime(settings, redis_ep, mqtt_ep, store, service, link, sink)
+        central = CentralSystem(
+            redis=redis,
+            site=settings.site,
+            sink=service,
+            clock=service_clock,
+            config=ocpp_config(settings),
+            chargers=lambda charger_id: service.state.chargers.get(charger_id),
+            vehicle_for_tag=lambda tag: tag if tag in service.state.vehicles else None,
+        )
+        dispatcher = LeaseDispatcher(
+            central,
+            service_clock,
+            LeaseConfig(deadband_kw=settings.deadband_kw, lease_window_s=settings.lease_window_s),
+            state=lambda: service.state,
+        )
+        sink.add(dispatcher)  # chargers first: operators read the schedule after it is sent
+        sink.add(MqttPlanPublisher(link))
+        await stack.enter_async_context(central)
+        stack.push_async_callback(dispatcher.close)
+        runtime = Runtime(
+            settings, redis_ep, mqtt_ep, store, service, link, sink, central, dispatcher
+        )
         log.info(
             "voltpool site %r up: %d vehicles, %d chargers loaded",
             settings.site,
@@ -126,6 +153,23 @@ async def run(
             if on_ready is not None:
                 await link.connected.wait()
                 await on_ready(runtime)
+
+
+def ocpp_config(settings: Settings) -> OcppConfig:
+    """The central system's configuration from the settings (TLS when a certificate is set)."""
+    context = None
+    if settings.ocpp_tls_cert and settings.ocpp_tls_key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(settings.ocpp_tls_cert, settings.ocpp_tls_key)
+    return OcppConfig(
+        host=settings.ocpp_host,
+        port=settings.ocpp_port,
+        require_auth=settings.ocpp_require_auth,
+        ssl_context=context,
+        bcrypt_rounds=settings.ocpp_bcrypt_rounds,
+        max_event_ahead_s=settings.max_event_ahead_s,
+    )
 
 
 async def _publish_status(runtime: Runtime) -> None:
@@ -143,6 +187,8 @@ async def _publish_status(runtime: Runtime) -> None:
                 "plugged_in": sum(1 for v in service.state.vehicles.values() if v.plugged_in),
                 "last_plan_at": plan.made_at.isoformat() if plan else None,
                 "fallback": plan.fallback if plan else None,
+                "chargers_online": len(runtime.central.online()),
+                "chargers_not_following": sorted(runtime.dispatcher.not_following),
             },
             retain=True,
         )

@@ -66,6 +66,7 @@ def run(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> No
                     "redis": runtime.redis.url or f"unix://{runtime.redis.unix_socket}",
                     "redis_pid": runtime.redis.pid,
                     "mqtt": f"mqtt://{runtime.mqtt.host}:{runtime.mqtt.port}",
+                    "ocpp": runtime.central.url(),
                 }
             ),
             flush=True,

@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     mqtt_prefix: str = Field(default="voltpool", min_length=1)
     ocpp_host: str = Field(default="127.0.0.1")
     ocpp_port: int = Field(default=9000, ge=0, le=65535)
+    # Basic auth per charge point (OCPP security profile 1); off only on a loopback address.
+    ocpp_require_auth: bool = Field(default=True)
+    ocpp_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
+    # TLS (security profile 2) when both are set: PEM certificate chain and private key.
+    ocpp_tls_cert: str | None = Field(default=None)
+    ocpp_tls_key: str | None = Field(default=None)
+    # Dispatch: a charger's limit is re-sent only when it moves by more than this.
+    deadband_kw: float = Field(default=0.5, ge=0.0)
+    lease_window_s: int = Field(default=900, ge=60, le=86_400)
     http_port: int = Field(default=0, ge=0, le=65535)
     # Fault injection for crash tests: the name of a point at which the process kills itself.
     failpoint: str | None = Field(default=None)

@@ -38,7 +38,12 @@ def _events(at: datetime) -> list[Event]:
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MQTT_URL")}
     env = {k: v for k, v in env.items() if not k.startswith("VOLTPOOL_")}
-    env.update(VOLTPOOL_DATA_DIR=str(tmp_path), VOLTPOOL_COALESCE_WINDOW_S="0.05", **extra)
+    env.update(
+        VOLTPOOL_DATA_DIR=str(tmp_path),
+        VOLTPOOL_COALESCE_WINDOW_S="0.05",
+        VOLTPOOL_OCPP_PORT="0",
+        **extra,
+    )
     return env
 
 
