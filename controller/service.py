@@ -15,7 +15,6 @@ Flow of one event:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -224,10 +223,11 @@ class ControllerService:
             try:
                 await asyncio.wait({dirty, tick}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (dirty, tick):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                # Waiting with asyncio.wait (not awaiting the tasks under a suppress) keeps a
+                # cancellation of this loop itself from being swallowed here.
+                dirty.cancel()
+                tick.cancel()
+                await asyncio.wait({dirty, tick})
             if self._dirty.is_set() and self._dirty_since is not None:
                 window = timedelta(seconds=self.settings.coalesce_window_s)
                 await self._clock.sleep_until(self._dirty_since + window)
@@ -241,9 +241,10 @@ class ControllerService:
         state, now = self._state, self._clock.now()
         started = time.perf_counter()
         try:
-            plan = await asyncio.wait_for(
-                asyncio.to_thread(self._planner, state, now), timeout=self._plan_timeout_s
-            )
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives with the result, and the service would then not stop.
+            async with asyncio.timeout(self._plan_timeout_s):
+                plan = await asyncio.to_thread(self._planner, state, now)
         except Exception as exc:  # the plan must go out whatever went wrong in the planner
             log.exception("planning failed at %s; publishing the proportional share", now)
             self._count("plans_failed")
