@@ -209,7 +209,7 @@ class SimChargePoint:
         self._t = clock.now()
         self._wire: _Wire | None = None
         self._ws: ClientConnection | None = None
-        self._meter_wake = asyncio.Event()
+        self._activity = asyncio.Event()
 
     # -- running --
 
@@ -312,11 +312,26 @@ class SimChargePoint:
         result = await wire.call(payload, suppress=False, skip_schema_validation=not self.validate)
         self.stats.rtt_s.append(time.perf_counter() - started)
         self.stats.answered[action] += 1
+        self._touch()
         return result
 
     async def wait_online(self) -> None:
         """Until the charger is connected and booted."""
         await self.online.wait()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Until `predicate()` holds, checked whenever the charger receives or sends something.
+
+        Raises:
+            TimeoutError: not within `timeout_s` (wall time: it waits for sockets).
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._activity.clear()
+                await self._activity.wait()
+
+    def _touch(self) -> None:
+        self._activity.set()
 
     # -- what a driver and the tests do --
 
@@ -608,6 +623,7 @@ class SimChargePoint:
                 log.info("%s: profile rejected: %s", self.spec.charger_id, exc)
                 status = "Rejected"
         self.received.append(Received(now, connector_id, purpose, status, raw))
+        self._touch()
         return status
 
     def set_discharge(self, data: str | None) -> str:
@@ -636,6 +652,7 @@ class SimChargePoint:
         if not self.faults.ignore_profiles:
             self.advance(self.clock.now())
             connector.discharge = (start, offsets, limits)
+        self._touch()
         return "Accepted"
 
     def composite(self, connector_id: int, duration_s: int, unit: str | None) -> dict[str, Any]:
@@ -690,6 +707,24 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         super().__init__(charger_id, ws, response_timeout=30)
         self.sim = sim
         self._after: list[Callable[[], Any]] = []
+
+    async def start(self) -> None:
+        """The library's read loop, except that each CALL is handled in its own task, so a
+        delayed reply (fault injection) does not hold up the answers to the charger's own
+        CALLs. The central system has one CALL in flight at a time, so answers keep order."""
+        handling: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                message = await self._connection.recv()
+                if isinstance(message, str) and message.lstrip().startswith("[2"):
+                    task = asyncio.ensure_future(self.route_message(message))
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
+                else:
+                    await self.route_message(message)
+        finally:
+            for task in list(handling):
+                task.cancel()
 
     async def _run_after(self) -> None:
         jobs, self._after = self._after, []

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pytest
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
@@ -20,9 +22,11 @@ from adapters.ocpp.aio import stop_task
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import OcppConfig
 from controller.clock import SimClock
-from controller.domain import ChargePoint, Connector, Site, Vehicle
+from controller.domain import SLOT, ChargePoint, Connector, Site, Vehicle, slot_floor
 from controller.errors import Refused
 from controller.events import Event
+from controller.planning.plan import Plan, Setpoint
+from controller.planning.problem import Schedule
 from controller.state import FleetState, apply_event
 
 RECV_TIMEOUT_S = 5.0
@@ -245,3 +249,40 @@ async def simulated(
         yield sim
     finally:
         await stop_task(task)
+
+
+def plan_for(
+    now: datetime, setpoints: Mapping[tuple[str, int], Sequence[float]], *, slots: int = 8
+) -> Plan:
+    """A plan made at `now` with these per-connector setpoints (kW per slot)."""
+    starts = tuple([now] + [slot_floor(now) + SLOT * k for k in range(1, slots)])
+    dt_h = np.full(slots, 0.25)
+    empty = np.zeros((0, slots))
+    schedule = Schedule(
+        strategy="test",
+        start=now,
+        dt_h=dt_h,
+        vehicle_ids=(),
+        charge_kw=empty,
+        discharge_kw=empty,
+        energy_kwh=np.zeros((0, slots + 1)),
+        shortfall_kwh=np.zeros(0),
+        shortfall_reason=(),
+        energy_cost_eur=0.0,
+    )
+    return Plan(
+        made_at=now,
+        schedule=schedule,
+        setpoints=tuple(
+            Setpoint(
+                charger_id=cid,
+                connector_id=connector,
+                vehicle_id=f"{cid}-ev",
+                kw=tuple(float(x) for x in (list(kw) + [kw[-1]] * slots)[:slots]),
+            )
+            for (cid, connector), kw in setpoints.items()
+        ),
+        slot_starts=starts,
+        headroom_kw=(0.0,) * slots,
+        price_eur_per_kwh=(0.0,) * slots,
+    )

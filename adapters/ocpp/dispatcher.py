@@ -1,0 +1,363 @@
+"""The lease dispatcher: plans become SetChargingProfile leases on the connected chargers.
+
+It is a `controller.ports.PlanSink` (`publish`) and an `adapters.ocpp.ports.ChargerListener`
+(`charger_ready`, `charger_gone`). Each connected charger has one worker task that reconciles
+what voltpool wants installed (from the latest plan and fleet state, at the current time) with
+what the charger accepted:
+
+- at boot and on every reconnect nothing is assumed installed, and the TxDefaultProfile (safe
+  share) and ChargePointMaxProfile (circuit limit) go first, before any TxProfile;
+- a profile is sent only when it differs beyond the deadband (or switches on/off), or when its
+  lease ends within the refresh margin (leases are refreshed from the latest plan);
+- decreases go before increases;
+- one call in flight per charger (the worker is sequential; the library's call lock too), and
+  the latest plan wins: a worker always builds from the newest plan when it sends;
+- a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
+  following, and the profile is retried with exponential back-off on the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from adapters.ocpp.aio import stop_task
+from adapters.ocpp.central import CentralSystem
+from adapters.ocpp.config import LeaseConfig
+from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
+from adapters.ocpp.profiles import (
+    OutgoingProfile,
+    band_in_unit,
+    default_profile,
+    differs,
+    max_profile,
+    safe_share_per_connector_kw,
+    tx_profile,
+)
+from controller.domain import ChargerId
+from controller.planning.plan import Plan
+from controller.ports import Clock
+from controller.state import FleetState
+
+log = logging.getLogger(__name__)
+
+ORDER = {"default": 0, "max": 1}
+
+
+@dataclass(slots=True)
+class _Link:
+    """What one connected charger has accepted, and its worker."""
+
+    charger_id: ChargerId
+    sent: dict[str, OutgoingProfile] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    retry_at: dict[str, datetime] = field(default_factory=dict)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    trigger_status: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class LeaseDispatcher:
+    """Sends each connected charger the profiles the latest plan asks for, as leases.
+
+    Args:
+        central: the central system the chargers are connected to.
+        clock: for lease times, refreshes and retry back-off.
+        state: where to read the fleet state between plans (e.g. the service's `state`);
+            without it, the state of the last `publish` is used.
+    """
+
+    def __init__(
+        self,
+        central: CentralSystem,
+        clock: Clock,
+        config: LeaseConfig | None = None,
+        *,
+        state: Callable[[], FleetState] | None = None,
+    ) -> None:
+        self.central = central
+        self.clock = clock
+        self.config = config or LeaseConfig()
+        self._state_fn = state
+        self._state = FleetState()
+        self._plan: Plan | None = None
+        self._links: dict[ChargerId, _Link] = {}
+        self.counters: Counter[str] = Counter()
+        self.not_following: set[ChargerId] = set()
+        self._activity = asyncio.Event()
+        central.add_listener(self)
+
+    # -- PlanSink --
+
+    async def publish(self, plan: Plan, state: FleetState) -> None:
+        """Take a new plan: every connected charger's worker reconciles against it."""
+        self._plan = plan
+        self._state = state
+        self.counters["plans"] += 1
+        for charger_id in self.central.online():
+            link = self._links.get(charger_id)
+            if link is None:
+                # Connected before the dispatcher knew it (or before any plan): bring it up now.
+                self._start_link(charger_id, trigger_status=False)
+            else:
+                link.idle.clear()
+                link.wake.set()
+
+    # -- ChargerListener --
+
+    async def charger_ready(self, charger_id: ChargerId, *, rebooted: bool) -> None:
+        """(Re)connected or rebooted: assume nothing is installed and bring it to the plan."""
+        self.counters["bring_ups"] += 1
+        self._start_link(charger_id, trigger_status=not rebooted)
+
+    async def charger_gone(self, charger_id: ChargerId) -> None:
+        """Disconnected: stop its worker; what it accepted last stays in Redis."""
+        link = self._links.pop(charger_id, None)
+        if link is not None and link.task is not None:
+            await stop_task(link.task)
+
+    # -- for tests, scenarios and shutdown --
+
+    async def settled(self, charger_id: ChargerId) -> None:
+        """Wait until the charger's worker has nothing to send now (retries may be scheduled)."""
+        link = self._links.get(charger_id)
+        if link is not None:
+            await link.idle.wait()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Until `predicate()` holds, checked after every send and every idle point.
+
+        Raises:
+            TimeoutError: not within `timeout_s` (wall time: it waits for chargers' answers).
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._activity.clear()
+                await self._activity.wait()
+
+    def sent(self, charger_id: ChargerId) -> dict[str, OutgoingProfile]:
+        """What the charger accepted, by slot, as far as this process knows."""
+        link = self._links.get(charger_id)
+        return dict(link.sent) if link is not None else {}
+
+    async def close(self) -> None:
+        """Stop every worker."""
+        for charger_id in list(self._links):
+            await self.charger_gone(charger_id)
+
+    # -- what is wanted --
+
+    @property
+    def state(self) -> FleetState:
+        """The fleet state the profiles are built from."""
+        return self._state_fn() if self._state_fn is not None else self._state
+
+    def wanted(self, charger_id: ChargerId, now: datetime) -> list[OutgoingProfile] | None:
+        """The profiles voltpool wants on a charger now, in sending order; None if unknown."""
+        state = self.state
+        charger = state.chargers.get(charger_id)
+        if charger is None:
+            return None
+        safe_kw = safe_share_per_connector_kw(state, charger_id)
+        profiles = [
+            default_profile(charger, safe_kw, now, self.config),
+            max_profile(charger, now, self.config),
+        ]
+        running = {
+            c.connector_id: c.transaction_id
+            for c in charger.connectors
+            if c.transaction_id is not None
+        }
+        running.update(self.central.active_transactions(charger_id))
+        plan = self._plan
+        for connector_id, transaction_id in sorted(running.items()):
+            setpoint = None
+            if plan is not None:
+                setpoint = next(
+                    (
+                        s
+                        for s in plan.setpoints
+                        if s.charger_id == charger_id and s.connector_id == connector_id
+                    ),
+                    None,
+                )
+            profiles.append(
+                tx_profile(
+                    charger, connector_id, transaction_id, setpoint, plan, safe_kw, now, self.config
+                )
+            )
+        return profiles
+
+    # -- the worker --
+
+    def _start_link(self, charger_id: ChargerId, *, trigger_status: bool) -> None:
+        old = self._links.pop(charger_id, None)
+        if old is not None and old.task is not None:
+            old.task.cancel()
+        link = _Link(charger_id, trigger_status=trigger_status)
+        self._links[charger_id] = link
+        link.task = asyncio.ensure_future(self._work(link))
+
+    def _due(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
+        retry = link.retry_at.get(profile.slot)
+        if retry is not None and retry > now:
+            return False
+        old = link.sent.get(profile.slot)
+        charger = self.state.chargers.get(link.charger_id)
+        band = band_in_unit(self.config.deadband_kw, charger) if charger is not None else 0.0
+        if differs(old, profile, now, band):
+            return True
+        if old is not None and old.lease_end is not None:
+            margin = timedelta(seconds=self.config.refresh_margin_s)
+            return old.lease_end - now <= margin
+        return False
+
+    def _order(
+        self, link: _Link, profiles: list[OutgoingProfile], now: datetime
+    ) -> list[OutgoingProfile]:
+        def key(p: OutgoingProfile) -> tuple[int, float, str]:
+            rank = ORDER.get(p.slot, 2)
+            old = link.sent.get(p.slot)
+            change = p.limit_at(now) - (old.limit_at(now) if old is not None else 0.0)
+            return rank, change if rank == 2 else 0.0, p.slot
+
+        return sorted(profiles, key=key)
+
+    def _next_wake(self, link: _Link) -> datetime | None:
+        times = list(link.retry_at.values())
+        margin = timedelta(seconds=self.config.refresh_margin_s)
+        times += [p.lease_end - margin for p in link.sent.values() if p.lease_end is not None]
+        return min(times) if times else None
+
+    async def _work(self, link: _Link) -> None:
+        try:
+            while True:
+                now = self.clock.now()
+                wanted = self.wanted(link.charger_id, now)
+                if wanted is None:
+                    self.counters["chargers_unknown"] += 1
+                    wanted = []
+                slots = {p.slot for p in wanted}
+                for slot in [s for s in link.sent if s not in slots]:
+                    # The transaction ended: the charger drops its TxProfile by itself.
+                    del link.sent[slot]
+                    link.failures.pop(slot, None)
+                    link.retry_at.pop(slot, None)
+                    await self._remember(link.charger_id, slot, None)
+                due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
+                if due:
+                    link.idle.clear()
+                    for profile in due:
+                        await self._send(link, profile)
+                    continue
+                if link.trigger_status:
+                    link.trigger_status = False
+                    await self._trigger_status(link.charger_id)
+                link.idle.set()
+                self._activity.set()
+                link.wake.clear()
+                await self._sleep(link)
+        except ChargerUnreachable:
+            link.idle.set()
+
+    async def _sleep(self, link: _Link) -> None:
+        waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(link.wake.wait())]
+        deadline = self._next_wake(link)
+        if deadline is not None:
+            waiters.append(asyncio.ensure_future(self.clock.sleep_until(deadline)))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+
+    async def _send(self, link: _Link, profile: OutgoingProfile) -> None:
+        try:
+            await self._send_once(link, profile)
+        finally:
+            self._activity.set()
+
+    async def _send_once(self, link: _Link, profile: OutgoingProfile) -> None:
+        charger_id = link.charger_id
+        self.counters["profiles_sent"] += 1
+        problem: str
+        try:
+            status = await self.central.set_charging_profile(
+                charger_id, profile.connector_id, profile.to_ocpp()
+            )
+            if status == "Accepted" and profile.discharge is not None:
+                self.counters["discharge_leases_sent"] += 1
+                status, _ = await self.central.data_transfer(
+                    charger_id,
+                    self.config.discharge_vendor_id,
+                    self.config.discharge_message_id,
+                    profile.discharge_data(),
+                )
+        except CallTimedOut:
+            self.counters["profiles_timed_out"] += 1
+            problem = "timed out"
+        except CallFailed as exc:
+            self.counters["profiles_callerror"] += 1
+            problem = f"CALLERROR {exc.code}"
+        else:
+            if status == "Accepted":
+                self.counters["profiles_accepted"] += 1
+                link.sent[profile.slot] = profile
+                link.failures.pop(profile.slot, None)
+                link.retry_at.pop(profile.slot, None)
+                if not link.failures:
+                    self.not_following.discard(charger_id)
+                await self._remember(charger_id, profile.slot, profile)
+                return
+            self.counters["profiles_rejected"] += 1
+            problem = status
+        failures = link.failures.get(profile.slot, 0) + 1
+        link.failures[profile.slot] = failures
+        delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))
+        link.retry_at[profile.slot] = self.clock.now() + timedelta(seconds=delay)
+        self.not_following.add(charger_id)
+        if failures > 1:
+            self.counters["profiles_retried"] += 1
+        log.warning(
+            "%s: %s %s %s (attempt %d); retry in %.0f s",
+            charger_id,
+            profile.purpose,
+            profile.slot,
+            problem,
+            failures,
+            delay,
+        )
+
+    async def _remember(
+        self, charger_id: ChargerId, slot: str, profile: OutgoingProfile | None
+    ) -> None:
+        try:
+            await self.central.remember_profile(
+                charger_id,
+                slot,
+                None
+                if profile is None
+                else {
+                    "connectorId": profile.connector_id,
+                    "profile": profile.to_ocpp(),
+                    "leaseEnd": profile.lease_end.isoformat() if profile.lease_end else None,
+                },
+            )
+        except Exception:  # Redis trouble must not stop the dispatch itself
+            log.exception("%s: could not store the accepted profile", charger_id)
+
+    async def _trigger_status(self, charger_id: ChargerId) -> None:
+        """After a reconnect without a boot: ask for the connectors' status again (S-11)."""
+        try:
+            await self.central.trigger_message(charger_id, "StatusNotification")
+            self.counters["status_triggered"] += 1
+        except (CallFailed, CallTimedOut) as exc:
+            log.info("%s: TriggerMessage(StatusNotification) failed: %s", charger_id, exc)

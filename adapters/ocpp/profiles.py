@@ -1,0 +1,329 @@
+"""Charging profiles as voltpool sends them: leases, unit conversion, the minimum-rate rule.
+
+Pure functions from a plan, a charger's electrical data and "now" to `OutgoingProfile`s.
+
+- Units: a charger takes limits in W or A (`ChargePoint.rate_unit`, from its
+  `ChargingScheduleAllowedChargingRateUnit`); A = W / (V * phases). Limits are rounded towards
+  zero to 0.1 (the 1.6 schema's `multipleOf`), so a limit never exceeds the plan.
+- Minimum rate: a charger cannot deliver less than `min_current_a` on every phase (IEC 61851,
+  6 A); a smaller non-zero limit is sent as 0, for charging and for discharging alike.
+- Leases (DESIGN.md, Contracts): the `TxDefaultProfile` holds the charger's safe share of the
+  site's safe limit, the `ChargePointMaxProfile` its circuit limit, both without end. A
+  `TxProfile` carries the plan from now to the end of the lease window and `min(plan, safe
+  share)` after it, never negative after it: a charger whose controller stops falls back by
+  itself, and stops discharging.
+- V2G (an extension of OCPP 1.6, which has no discharge command): `negative_limit` sends the
+  discharge as a negative limit in the TxProfile; `data_transfer` sends 0 in the TxProfile for
+  those periods and the discharge as a vendor DataTransfer (`DischargeLimit`, see docs/ocpp.md);
+  `none` sends 0 for a discharge setpoint.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from adapters.ocpp.config import LeaseConfig
+from adapters.ocpp.translate import iso
+from controller.domain import SLOT, ChargePoint, ChargerId, RateUnit
+from controller.planning.plan import Plan, Setpoint
+from controller.state import FleetState
+
+
+def watts_per_unit(charger: ChargePoint, unit: RateUnit) -> float:
+    """W per unit of limit: 1 for W, V * phases for A."""
+    return 1.0 if unit == "W" else charger.voltage_v * charger.phases
+
+
+def to_limit(kw: float, charger: ChargePoint, unit: RateUnit | None = None) -> float:
+    """A power in kW as the charger's limit (W or A), towards zero to 0.1, min-rate rule applied.
+
+    Negative powers (discharge) keep their sign.
+    """
+    unit = unit or charger.rate_unit
+    value = kw * 1000.0 / watts_per_unit(charger, unit)
+    magnitude = math.floor(abs(value) * 10.0 + 1e-6) / 10.0
+    minimum = charger.min_current_a * watts_per_unit(charger, "A") / watts_per_unit(charger, unit)
+    if magnitude < minimum - 1e-9:
+        return 0.0
+    return math.copysign(magnitude, value) if magnitude else 0.0
+
+
+def from_limit(limit: float, charger: ChargePoint, unit: RateUnit | None = None) -> float:
+    """A limit in the charger's unit back to kW."""
+    return limit * watts_per_unit(charger, unit or charger.rate_unit) / 1000.0
+
+
+def safe_share_kw(state: FleetState, charger_id: ChargerId) -> float:
+    """The charger's share of the site's safe limit, in proportion to its circuit limit."""
+    charger = state.chargers.get(charger_id)
+    if charger is None or state.site is None:
+        return 0.0
+    total = sum(c.max_power_kw for c in state.chargers.values())
+    if total <= 0.0:
+        return 0.0
+    return min(charger.max_power_kw, state.site.safe_limit_kw * charger.max_power_kw / total)
+
+
+def safe_share_per_connector_kw(state: FleetState, charger_id: ChargerId) -> float:
+    """The safe share of one connector: a TxDefaultProfile on connector 0 applies to each."""
+    charger = state.chargers.get(charger_id)
+    count = max(1, len(charger.connectors)) if charger is not None else 1
+    return safe_share_kw(state, charger_id) / count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingProfile:
+    """One SetChargingProfile voltpool means to have installed on a charger.
+
+    `slot` names what it is for ("default", "max", "tx:{connector}"); limits are in `unit`, one
+    per period, period k running from `start + offsets_s[k]`; the last period holds on.
+    `discharge` (data_transfer V2G only) gives a discharge limit per period, >= 0.
+    """
+
+    slot: str
+    connector_id: int
+    purpose: str
+    profile_id: int
+    stack_level: int
+    unit: RateUnit
+    start: datetime
+    offsets_s: tuple[int, ...]
+    limits: tuple[float, ...]
+    phases: int
+    transaction_id: int | None = None
+    lease_end: datetime | None = None
+    discharge: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.offsets_s or len(self.offsets_s) != len(self.limits):
+            raise ValueError(f"{self.slot}: periods and limits must pair up, at least one")
+        if self.offsets_s[0] != 0 or list(self.offsets_s) != sorted(set(self.offsets_s)):
+            raise ValueError(f"{self.slot}: period offsets must start at 0 and increase")
+        if self.discharge is not None and len(self.discharge) != len(self.limits):
+            raise ValueError(f"{self.slot}: one discharge limit per period")
+
+    def index_at(self, at: datetime) -> int:
+        """The period in force at `at` (the first one before the start)."""
+        offset = (at - self.start).total_seconds()
+        return max(0, bisect.bisect_right(self.offsets_s, offset) - 1)
+
+    def limit_at(self, at: datetime) -> float:
+        """The limit in force at `at`, in `unit`."""
+        return self.limits[self.index_at(at)]
+
+    def discharge_at(self, at: datetime) -> float:
+        """The discharge limit in force at `at` (0 without one)."""
+        return 0.0 if self.discharge is None else self.discharge[self.index_at(at)]
+
+    def changes_after(self, at: datetime) -> list[datetime]:
+        """The times at or after `at` when a new period begins."""
+        times = (self.start + timedelta(seconds=s) for s in self.offsets_s)
+        return [t for t in times if t >= at]
+
+    def to_ocpp(self) -> dict[str, Any]:
+        """The `csChargingProfiles` object of SetChargingProfile (camelCase)."""
+        profile: dict[str, Any] = {
+            "chargingProfileId": self.profile_id,
+            "stackLevel": self.stack_level,
+            "chargingProfilePurpose": self.purpose,
+            "chargingProfileKind": "Absolute",
+            "chargingSchedule": {
+                "startSchedule": iso(self.start),
+                "chargingRateUnit": self.unit,
+                "chargingSchedulePeriod": [
+                    {"startPeriod": s, "limit": lim, "numberPhases": self.phases}
+                    for s, lim in zip(self.offsets_s, self.limits, strict=True)
+                ],
+            },
+        }
+        if self.transaction_id is not None:
+            profile["transactionId"] = self.transaction_id
+        return profile
+
+    def discharge_data(self) -> str | None:
+        """The DataTransfer `data` of a data_transfer discharge lease (None without one)."""
+        if self.discharge is None:
+            return None
+        return json.dumps(
+            {
+                "connectorId": self.connector_id,
+                "transactionId": self.transaction_id,
+                "startSchedule": iso(self.start),
+                "chargingRateUnit": self.unit,
+                "chargingSchedulePeriod": [
+                    {"startPeriod": s, "limit": d}
+                    for s, d in zip(self.offsets_s, self.discharge, strict=True)
+                ],
+            },
+            separators=(",", ":"),
+        )
+
+
+def differs(old: OutgoingProfile | None, new: OutgoingProfile, at: datetime, band: float) -> bool:
+    """Whether `new` is worth sending over `old`: another structure, or a limit at some time
+    from `at` on that moves by more than `band` (in the profile's unit), or switches on/off."""
+    if old is None:
+        return True
+    if (old.purpose, old.unit, old.transaction_id, old.connector_id, old.profile_id) != (
+        new.purpose,
+        new.unit,
+        new.transaction_id,
+        new.connector_id,
+        new.profile_id,
+    ):
+        return True
+    if (old.discharge is None) != (new.discharge is None):
+        return True
+    # Between the two lease ends the profiles differ only because the lease moved on; the
+    # refresh margin, not the deadband, decides when to extend a lease.
+    shifted: tuple[datetime, datetime] | None = None
+    if old.lease_end is not None and new.lease_end is not None:
+        shifted = (min(old.lease_end, new.lease_end), max(old.lease_end, new.lease_end))
+    for t in sorted({at, *old.changes_after(at), *new.changes_after(at)}):
+        if shifted is not None and shifted[0] <= t < shifted[1]:
+            continue
+        for a, b in (
+            (old.limit_at(t), new.limit_at(t)),
+            (old.discharge_at(t), new.discharge_at(t)),
+        ):
+            if abs(a - b) > band + 1e-9 or (a == 0.0) != (b == 0.0):
+                return True
+    return False
+
+
+def band_in_unit(deadband_kw: float, charger: ChargePoint) -> float:
+    """The deadband in the charger's unit."""
+    return deadband_kw * 1000.0 / watts_per_unit(charger, charger.rate_unit)
+
+
+def _whole_seconds(at: datetime) -> datetime:
+    return at.replace(microsecond=0)
+
+
+def default_profile(
+    charger: ChargePoint, safe_kw: float, now: datetime, cfg: LeaseConfig
+) -> OutgoingProfile:
+    """TxDefaultProfile on connector 0 at the safe share of one connector, without end."""
+    return OutgoingProfile(
+        slot="default",
+        connector_id=0,
+        purpose="TxDefaultProfile",
+        profile_id=cfg.default_profile_id,
+        stack_level=cfg.stack_level,
+        unit=charger.rate_unit,
+        start=_whole_seconds(now),
+        offsets_s=(0,),
+        limits=(max(0.0, to_limit(safe_kw, charger)),),
+        phases=charger.phases,
+    )
+
+
+def max_profile(charger: ChargePoint, now: datetime, cfg: LeaseConfig) -> OutgoingProfile:
+    """ChargePointMaxProfile on connector 0 at the circuit limit, without end."""
+    return OutgoingProfile(
+        slot="max",
+        connector_id=0,
+        purpose="ChargePointMaxProfile",
+        profile_id=cfg.max_profile_id,
+        stack_level=cfg.stack_level,
+        unit=charger.rate_unit,
+        start=_whole_seconds(now),
+        offsets_s=(0,),
+        limits=(max(0.0, to_limit(charger.max_power_kw, charger)),),
+        phases=charger.phases,
+    )
+
+
+def _slot_index(slot_starts: Sequence[datetime], at: datetime) -> int | None:
+    """The plan slot containing `at`, or None outside the plan."""
+    if not slot_starts or at < slot_starts[0]:
+        return None
+    t = bisect.bisect_right(list(slot_starts), at) - 1
+    end = slot_starts[t + 1] if t + 1 < len(slot_starts) else slot_starts[t] + SLOT
+    if t == len(slot_starts) - 1 and at >= end:
+        return None
+    return t
+
+
+def tx_profile(
+    charger: ChargePoint,
+    connector_id: int,
+    transaction_id: int,
+    setpoint: Setpoint | None,
+    plan: Plan | None,
+    safe_kw: float,
+    now: datetime,
+    cfg: LeaseConfig,
+) -> OutgoingProfile:
+    """The TxProfile lease of a running transaction.
+
+    From now to now + lease window: the plan's setpoint per slot; then min(plan, safe share),
+    at least 0, per slot to the plan's end; without a plan for this connector, the safe share.
+    """
+    start = _whole_seconds(now)
+    lease_end = start + timedelta(seconds=cfg.lease_window_s)
+    # (time, planned kW or None) at each change: now, the slot boundaries, the lease end.
+    points: list[tuple[datetime, float | None]] = []
+    starts = list(plan.slot_starts) if plan is not None and setpoint is not None else []
+    times = sorted({start, lease_end, *(s for s in starts if s > start)})
+    for at in times:
+        t = _slot_index(starts, at) if starts else None
+        kw = setpoint.kw[t] if setpoint is not None and t is not None else None
+        points.append((at, kw))
+    offsets: list[int] = []
+    limits: list[float] = []
+    discharge: list[float] = []
+    mode = charger.v2g_mode
+    for at, kw in points:
+        in_lease = at < lease_end
+        if kw is None:
+            kw_now = safe_kw
+        elif in_lease:
+            kw_now = kw
+        else:
+            kw_now = max(0.0, min(kw, safe_kw))
+        charge = to_limit(kw_now, charger)
+        dis = 0.0
+        if charge < 0.0:
+            if mode == "negative_limit":
+                pass
+            elif mode == "data_transfer":
+                dis, charge = -charge, 0.0
+            else:
+                charge = 0.0
+        offset = int((at - start).total_seconds())
+        if limits and limits[-1] == charge and (discharge[-1] == dis):
+            continue
+        offsets.append(offset)
+        limits.append(charge)
+        discharge.append(dis)
+    if len(limits) > cfg.max_periods:
+        offsets, limits, discharge = (
+            offsets[: cfg.max_periods],
+            limits[: cfg.max_periods],
+            discharge[: cfg.max_periods],
+        )
+        # The last period holds for ever: it must be a fallback value, not a plan value.
+        limits[-1] = max(0.0, min(limits[-1], to_limit(safe_kw, charger)))
+        discharge[-1] = 0.0
+    return OutgoingProfile(
+        slot=f"tx:{connector_id}",
+        connector_id=connector_id,
+        purpose="TxProfile",
+        profile_id=cfg.tx_profile_id_base + connector_id,
+        stack_level=cfg.stack_level,
+        unit=charger.rate_unit,
+        start=start,
+        offsets_s=tuple(offsets),
+        limits=tuple(limits),
+        phases=charger.phases,
+        transaction_id=transaction_id,
+        lease_end=lease_end,
+        discharge=tuple(discharge) if mode == "data_transfer" else None,
+    )
