@@ -111,6 +111,7 @@ class GuardedConnection:
             raw = await self._ws.recv()
             verdict = self._checker.check(raw)
             if verdict.kind in ("call", "result", "error"):
+                self._session.central.metrics[f"frames_{verdict.kind}"] += 1
                 return verdict.text
             if verdict.kind == "reply":
                 await self._ws.send(verdict.text)

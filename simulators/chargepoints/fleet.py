@@ -122,12 +122,10 @@ def random_car(rng: random.Random, charger: SimChargePoint, index: int) -> SimCa
     )
 
 
-async def _drive(
-    charger: SimChargePoint, rng: random.Random, cars: bool, online_timeout_s: float
+async def plug_in_when_online(
+    charger: SimChargePoint, rng: random.Random, online_timeout_s: float = 600.0
 ) -> None:
-    """Plug a car into each connector once the charger is online."""
-    if not cars:
-        return
+    """Plug a random car into each empty connector once the charger is online."""
     await asyncio.wait_for(charger.wait_online(), online_timeout_s)
     for connector in charger.connectors:
         if connector.car is None:
@@ -188,9 +186,10 @@ async def run_chargers(
         for i, charger in enumerate(chargers):
             secret = password_for(charger.spec.charger_id) if password_for else password
             tasks.append(asyncio.ensure_future(charger.run(url, secret, ssl_context=ssl_context)))
-            tasks.append(
-                asyncio.ensure_future(_drive(charger, random.Random(rng.random()), cars, 600.0))
-            )
+            if cars:
+                tasks.append(
+                    asyncio.ensure_future(plug_in_when_online(charger, random.Random(rng.random())))
+                )
             if connects_per_s > 0:
                 await clock.sleep_until(started + timedelta(seconds=(i + 1) / connects_per_s))
         if duration_s is None:
