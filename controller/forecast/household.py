@@ -228,9 +228,9 @@ class GamSpec:
     """The GAM's terms and basis sizes (basis functions per smooth before centring)."""
 
     hour_df: int = 12
-    weekend_df: int = 12
-    season_df: int = 10
-    season_shape_df: int = 8
+    weekend_df: int = 10
+    season_df: int = 8
+    season_shape_df: int = 6
     price_term: bool = False
     # Nelder-Mead budget for statsmodels' GCV search over the four log penalty weights.
     max_penalty_evaluations: int = 300
@@ -573,14 +573,14 @@ def _search_penalties(prepared: _Prepared, spec: GamSpec) -> tuple[FloatArray, b
         first = model.fit()  # select_penweight needs the model's scale from one fit
         # Nelder-Mead on log(alpha) from alpha = 1 with a wide first simplex (a factor e^2 per
         # penalty; scipy's default step is 0.00025 at 0, which "converges" at once). It stops
-        # when the simplex spans less than e^0.25 in every penalty and GCV changes by less
+        # when the simplex spans less than e^0.5 in every penalty and GCV changes by less
         # than 1e-5 of its value.
         alpha, search, history = model.select_penweight(
             criterion="gcv",
             method="nm",
             maxfun=spec.max_penalty_evaluations,
             disp=False,
-            xtol=0.25,
+            xtol=0.5,
             ftol=1e-5 * float(first.gcv),
             initial_simplex=np.vstack([np.zeros(k), 2.0 * np.eye(k)]),
         )
