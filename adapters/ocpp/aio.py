@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
 T = TypeVar("T")
@@ -28,3 +29,26 @@ async def stop_task(
 def redis_call(value: Awaitable[T] | T) -> Awaitable[T]:
     """redis-py types its commands as sync-or-async; on an asyncio client they are awaitable."""
     return cast(Awaitable[T], value)
+
+
+class Metrics(Counter[str]):
+    """Named counters that can be waited on (tests, benchmarks, health checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def __setitem__(self, key: str, value: int) -> None:
+        super().__setitem__(key, value)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        """Until `predicate()` holds, checked after every change.
+
+        Raises:
+            TimeoutError: not within `timeout_s`.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()

@@ -23,7 +23,6 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -43,7 +42,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from adapters import redis_keys as keys
-from adapters.ocpp.aio import redis_call, stop_task
+from adapters.ocpp.aio import Metrics, redis_call, stop_task
 from adapters.ocpp.config import OcppConfig
 from adapters.ocpp.credentials import CredentialStore, valid_charger_id
 from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
@@ -468,7 +467,7 @@ class CentralSystem:
             redis, site, rounds=self.config.bcrypt_rounds
         )
         self.transactions = TransactionBook(redis, site)
-        self.metrics: Counter[str] = Counter()
+        self.metrics = Metrics()
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}

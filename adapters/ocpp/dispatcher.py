@@ -222,6 +222,7 @@ class LeaseDispatcher:
         self, link: _Link, profiles: list[OutgoingProfile], now: datetime
     ) -> list[OutgoingProfile]:
         def key(p: OutgoingProfile) -> tuple[int, float, str]:
+            """Sort key: default, max, then TxProfiles by change (decreases first)."""
             rank = ORDER.get(p.slot, 2)
             old = link.sent.get(p.slot)
             change = p.limit_at(now) - (old.limit_at(now) if old is not None else 0.0)

@@ -217,6 +217,7 @@ class _Semantics:
         self.connectors = connectors
 
     def timestamp(self, where: str, text: object) -> str | None:
+        """Why a date-time field is not acceptable, or None."""
         if not isinstance(text, str):
             return None
         value = parse_timestamp(text)
@@ -227,6 +228,7 @@ class _Semantics:
         return None
 
     def connector(self, where: str, value: object, *, lowest: int) -> str | None:
+        """Why a connector id is not acceptable, or None."""
         if not _is_int(value):
             return None
         assert isinstance(value, int)
@@ -240,11 +242,13 @@ class _Semantics:
         return None
 
     def meter(self, where: str, value: object) -> str | None:
+        """Why a meterStart/meterStop register is not acceptable, or None."""
         if _is_int(value) and not 0 <= value <= MAX_METER:  # type: ignore[operator]
             return f"{where}: register {value} Wh is outside 0..{MAX_METER:.0e}"
         return None
 
     def samples(self, where: str, meter_values: object) -> str | None:
+        """Why a meterValue list carries an impossible value, or None."""
         if not isinstance(meter_values, list):
             return None
         for i, entry in enumerate(meter_values):

@@ -205,6 +205,7 @@ class SimChargePoint:
         self.booted = False
         self.online = asyncio.Event()
         self.refused_status: int | None = None  # HTTP status of a refused handshake
+        self.backing_off = False  # waiting (on the clock) before the next connection attempt
         self.ledger: list[dict[str, Any]] = []  # transactions as this charger saw them
         self._t = clock.now()
         self._wire: _Wire | None = None
@@ -246,7 +247,12 @@ class SimChargePoint:
             attempt += 1
             delay = min(self.reconnect_max_s, self.reconnect_base_s * 2 ** (attempt - 1))
             delay *= self.rng.uniform(0.5, 1.0)  # jitter: no thundering herd after a restart
-            await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay))
+            self.backing_off = True
+            self._touch()
+            try:
+                await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay))
+            finally:
+                self.backing_off = False
 
     async def _session(self, ws: ClientConnection) -> None:
         wire = _Wire(self.spec.charger_id, ws, self)
@@ -738,6 +744,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     async def on_set_charging_profile(
         self, connector_id: int, cs_charging_profiles: dict[str, Any], **_: Any
     ) -> call_result.SetChargingProfile:
+        """SetChargingProfile: install by the stacking rules (or a fault's answer)."""
         await self.sim.reply_delay()
         return call_result.SetChargingProfile(
             status=self.sim.set_profile(connector_id, cs_charging_profiles)
@@ -752,6 +759,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         stack_level: int | None = None,
         **_: Any,
     ) -> call_result.ClearChargingProfile:
+        """ClearChargingProfile: Accepted if something matched, else Unknown."""
         await self.sim.reply_delay()
         self.sim.advance(self.sim.clock.now())
         removed = self.sim.store.clear(id, connector_id, charging_profile_purpose, stack_level)
@@ -761,6 +769,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     async def on_get_composite_schedule(
         self, connector_id: int, duration: int, charging_rate_unit: str | None = None, **_: Any
     ) -> call_result.GetCompositeSchedule:
+        """GetCompositeSchedule from what is installed."""
         await self.sim.reply_delay()
         if not 0 <= connector_id <= self.sim.spec.connectors:
             return call_result.GetCompositeSchedule(status="Rejected")
@@ -775,6 +784,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         charging_profile: dict[str, Any] | None = None,
         **_: Any,
     ) -> call_result.RemoteStartTransaction:
+        """RemoteStartTransaction on a connector with a car and no transaction."""
         await self.sim.reply_delay()
         candidates = [
             c
@@ -788,6 +798,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         chosen = candidates[0].connector_id
 
         async def start() -> None:
+            """Start the transaction."""
             await self.sim.start_transaction(chosen, id_tag, charging_profile)
 
         self._after.append(start)
@@ -795,12 +806,14 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
 
     @_after(Action.remote_start_transaction)
     async def after_remote_start_transaction(self, **_: Any) -> None:
+        """Start the transaction once the answer is out."""
         await self._run_after()
 
     @_on(Action.remote_stop_transaction)
     async def on_remote_stop_transaction(
         self, transaction_id: int, **_: Any
     ) -> call_result.RemoteStopTransaction:
+        """RemoteStopTransaction of a running transaction."""
         await self.sim.reply_delay()
         match = [c for c in self.sim.connectors if c.transaction_id == transaction_id]
         if not match:
@@ -808,6 +821,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         connector_id = match[0].connector_id
 
         async def stop() -> None:
+            """Stop the transaction."""
             await self.sim.stop_transaction(connector_id, "Remote")
 
         self._after.append(stop)
@@ -815,12 +829,14 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
 
     @_after(Action.remote_stop_transaction)
     async def after_remote_stop_transaction(self, **_: Any) -> None:
+        """Stop the transaction once the answer is out."""
         await self._run_after()
 
     @_on(Action.trigger_message)
     async def on_trigger_message(
         self, requested_message: str, connector_id: int | None = None, **_: Any
     ) -> call_result.TriggerMessage:
+        """TriggerMessage for Boot, Heartbeat, MeterValues or StatusNotification."""
         await self.sim.reply_delay()
         sim = self.sim
         jobs: dict[str, Callable[[], Any]] = {
@@ -841,12 +857,14 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
 
     @_after(Action.trigger_message)
     async def after_trigger_message(self, **_: Any) -> None:
+        """Send the triggered message once the answer is out."""
         await self._run_after()
 
     @_on(Action.change_configuration)
     async def on_change_configuration(
         self, key: str, value: str, **_: Any
     ) -> call_result.ChangeConfiguration:
+        """ChangeConfiguration: writable keys only."""
         await self.sim.reply_delay()
         if key not in self.sim.configuration and key not in self.sim.writable:
             status = "NotSupported"
@@ -864,6 +882,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     async def on_get_configuration(
         self, key: list[str] | None = None, **_: Any
     ) -> call_result.GetConfiguration:
+        """GetConfiguration: the keys asked for (all without a list), unknown ones apart."""
         await self.sim.reply_delay()
         config = self.sim.configuration
         names = key if key else sorted(config)
@@ -879,6 +898,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     async def on_data_transfer(
         self, vendor_id: str, message_id: str | None = None, data: str | None = None, **_: Any
     ) -> call_result.DataTransfer:
+        """DataTransfer: voltpool's DischargeLimit (data_transfer V2G), else unknown."""
         await self.sim.reply_delay()
         if vendor_id != VENDOR:
             status = "UnknownVendorId"

@@ -1,0 +1,1 @@
+"""Tests of the OCPP layer: central system, frame checker, dispatcher, simulator."""

@@ -28,6 +28,7 @@ from tests.ocpp.conftest import (
 
 
 def start_frame(uid: str, connector: int = 1, tag: str = "TAG-9", meter: int = 1000) -> str:
+    """A StartTransaction frame."""
     return frame(
         uid,
         "StartTransaction",

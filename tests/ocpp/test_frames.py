@@ -23,6 +23,7 @@ START = {"connectorId": 1, "idTag": "T1", "meterStart": 0, "timestamp": "2024-03
 
 
 def meter(value: str, measurand: str | None = None, ts: str = "2024-03-04T16:00:00Z") -> str:
+    """A MeterValues frame with one sampled value."""
     sample: dict[str, str] = {"value": value}
     if measurand:
         sample["measurand"] = measurand
@@ -34,6 +35,7 @@ def meter(value: str, measurand: str | None = None, ts: str = "2024-03-04T16:00:
 
 
 def with_(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy of a payload with keys changed (`...` removes one)."""
     out = dict(base)
     for key, value in changes.items():
         if value is ...:

@@ -32,10 +32,12 @@ from tests.ocpp.conftest import (
 
 
 def basic(user: str, password: str) -> dict[str, str]:
+    """A Basic Authorization header."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 async def refused_status(harness: Harness, path_id: str, headers: dict[str, str]) -> int:
+    """The HTTP status a refused handshake gets."""
     with pytest.raises(InvalidStatus) as refused:
         async with connect(
             harness.central.url(path_id),

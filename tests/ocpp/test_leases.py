@@ -130,6 +130,7 @@ def test_the_deadband_ignores_small_moves_but_not_on_off_switches_or_lease_renew
     old = tx_profile(W3, 1, 1, plan.setpoints[0], plan, 22.0, T0, CFG)
 
     def at(kw: float, when: float = 0.0) -> bool:
+        """Whether a lease for `kw`, built `when` minutes later, is worth sending."""
         other = plan_for(T0, {("W3", 1): [kw]})
         new = tx_profile(
             W3, 1, 1, other.setpoints[0], other, 22.0, T0 + timedelta(minutes=when), CFG

@@ -30,6 +30,7 @@ def profile(
     start: str | None = "2024-03-04T16:00:00Z",
     **extra: Any,
 ) -> dict[str, Any]:
+    """A csChargingProfiles object."""
     schedule: dict[str, Any] = {
         "chargingRateUnit": unit,
         "chargingSchedulePeriod": [{"startPeriod": s, "limit": lim} for s, lim in periods],
@@ -49,16 +50,19 @@ def profile(
 
 
 def store(connectors: int = 1, **kw: Any) -> ProfileStore:
+    """A profile store for a 3-phase 230 V charger."""
     return ProfileStore(connectors, Electrical(230.0, 3), **kw)
 
 
 def put(
     s: ProfileStore, connector: int, raw: dict[str, Any], tx: dict[int, int] | None = None
 ) -> None:
+    """Install a profile (raises ProfileRejected)."""
     s.install(parse_profile(connector, raw), tx or {})
 
 
 def at(minutes: float) -> Any:
+    """T0 plus some minutes."""
     return T0 + timedelta(minutes=minutes)
 
 

@@ -23,6 +23,7 @@ from tests.ocpp.conftest import (
 
 
 def car(energy_kwh: float = 10.0, max_kw: float = 11.0) -> SimCar:
+    """A 40 kWh car with idTag TAG-1."""
     return SimCar(
         vehicle_id="ev-1",
         id_tag="TAG-1",
@@ -202,6 +203,7 @@ async def test_a_dropped_charger_reconnects_without_rebooting(harness: Harness) 
     async with simulated(harness, "CP-1", max_power_kw=22.0) as sim:
         await sim.drop()
         await harness.recorder.wait_for(lambda: bool(harness.recorder.of("charger_disconnected")))
+        await sim.wait_for(lambda: sim.backing_off)
         assert not sim.online.is_set()
         await harness.clock.advance(timedelta(seconds=2))
         await harness.recorder.wait_for(lambda: len(harness.recorder.of("charger_connected")) == 2)
