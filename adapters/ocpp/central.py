@@ -471,6 +471,7 @@ class CentralSystem:
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
+        self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -568,6 +569,7 @@ class CentralSystem:
     ) -> None:
         """Remember the running transaction of a connector (for TxProfiles)."""
         self._open[(charger_id, connector_id)] = transaction_id
+        self._loaded.add(charger_id)
 
     def close_transaction(
         self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId
@@ -576,8 +578,11 @@ class CentralSystem:
         if self._open.get((charger_id, connector_id)) == transaction_id:
             del self._open[(charger_id, connector_id)]
 
-    def active_transactions(self, charger_id: ChargerId) -> dict[ConnectorId, TransactionId]:
-        """The running transactions of a charge point, per connector."""
+    def active_transactions(self, charger_id: ChargerId) -> dict[ConnectorId, TransactionId] | None:
+        """The running transactions of a charge point, per connector; None when this process
+        has not read them from the transaction book yet (then only the fleet state knows)."""
+        if charger_id not in self._loaded:
+            return None
         return {c: tx for (cid, c), tx in self._open.items() if cid == charger_id}
 
     # -- handshake --
@@ -645,7 +650,11 @@ class CentralSystem:
         accepted_before = await self._accepted_before(charger_id)
         if accepted_before:
             session.checker.boot_accepted = True
-        await self.record_connection(session, online=True)
+        try:
+            await self.record_connection(session, online=True)
+        except RedisError:
+            self.metrics["connection_state_unwritten"] += 1
+            log.warning("%s: could not write its connection state", charger_id)
         await self._submit_quietly(
             ChargerConnected(
                 event_id=event_id(charger_id, "up", session.session_id),
@@ -696,7 +705,7 @@ class CentralSystem:
         """Tell the listeners that a charge point takes commands (if still connected)."""
         if self._sessions.get(session.id) is not session:
             return
-        if not self._open_loaded(session.id):
+        if session.id not in self._loaded:
             await self._load_open(session.id)
         for listener in self._listeners:
             try:
@@ -704,16 +713,16 @@ class CentralSystem:
             except Exception:
                 log.exception("%s: listener failed on ready", session.id)
 
-    def _open_loaded(self, charger_id: ChargerId) -> bool:
-        return any(cid == charger_id for cid, _ in self._open)
-
     async def _load_open(self, charger_id: ChargerId) -> None:
         connector_ids = sorted(self.connector_ids(charger_id) or {1})
-        with contextlib.suppress(RedisError):
-            for connector_id, tx in (
-                await self.transactions.open_on(charger_id, connector_ids)
-            ).items():
-                self._open[(charger_id, connector_id)] = tx
+        try:
+            running = await self.transactions.open_on(charger_id, connector_ids)
+        except RedisError:
+            log.warning("%s: could not read its running transactions", charger_id)
+            return
+        for connector_id, tx in running.items():
+            self._open.setdefault((charger_id, connector_id), tx)
+        self._loaded.add(charger_id)
 
     async def _submit_quietly(self, event: Event) -> None:
         try:

@@ -71,6 +71,8 @@ class LeaseDispatcher:
         clock: for lease times, refreshes and retry back-off.
         state: where to read the fleet state between plans (e.g. the service's `state`);
             without it, the state of the last `publish` is used.
+
+    It registers itself as a listener of `central` when built.
     """
 
     def __init__(
@@ -169,12 +171,15 @@ class LeaseDispatcher:
             default_profile(charger, safe_kw, now, self.config),
             max_profile(charger, now, self.config),
         ]
-        running = {
-            c.connector_id: c.transaction_id
-            for c in charger.connectors
-            if c.transaction_id is not None
-        }
-        running.update(self.central.active_transactions(charger_id))
+        # The central system's book is fresher than the fleet state (a stop it took may not be
+        # applied yet); the state is the fallback when the book could not be read.
+        running = self.central.active_transactions(charger_id)
+        if running is None:
+            running = {
+                c.connector_id: c.transaction_id
+                for c in charger.connectors
+                if c.transaction_id is not None
+            }
         plan = self._plan
         for connector_id, transaction_id in sorted(running.items()):
             setpoint = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -312,3 +312,23 @@ async def test_a_charger_missing_from_the_fleet_state_gets_no_profiles(
             await r.dispatcher.settled("CP-X")
             assert sim.received == []
             assert r.dispatcher.counters["chargers_unknown"] >= 1
+
+
+async def test_a_transaction_the_fleet_state_still_shows_but_the_book_closed_gets_no_profile(
+    redis: Redis, clock: SimClock
+) -> None:
+    """The central system's transaction book wins over a fleet state that has not applied the
+    stop yet: no TxProfile for a transaction the charger no longer runs (it would reject it)."""
+    stale = charger("CP-1")
+    connector = stale.connector(1)
+    assert connector is not None
+    stale = stale.with_connector(replace(connector, transaction_id=99))
+    async with (
+        rig(redis, clock, stale) as r,
+        simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
+    ):
+        await r.publish({("CP-1", 1): [7.0]})
+        await r.dispatcher.wait_for(lambda: r.dispatcher.counters["profiles_accepted"] == 2)
+        await r.dispatcher.settled("CP-1")
+        assert purposes(sim) == ["TxDefaultProfile", "ChargePointMaxProfile"]
+        assert r.dispatcher.counters["profiles_rejected"] == 0
