@@ -104,7 +104,13 @@ def extract_simbench(profile_csv: Path, households_dir: Path, chargers_dir: Path
         (SIMBENCH_HOUSEHOLDS, households_dir / "simbench_h0_2016.csv.gz"),
         (SIMBENCH_CHARGERS, chargers_dir / "simbench_chargers_2016.csv.gz"),
     ):
-        frame = _simbench_frame(profile_csv, names).round(5)
+        frame = _simbench_frame(profile_csv, names)
+        # HLS_C_3.7 (8 values, down to -1.2e-5) and APLS_B_3.7 (2 values) dip below zero by
+        # rounding noise; a charger does not discharge here, so those values become 0.
+        tiny = (frame < 0) & (frame > -1e-4)
+        if bool((frame < -1e-4).any().any()):
+            raise ValueError("SimBench profile has clearly negative values")
+        frame = frame.mask(tiny, 0.0).round(5)
         frame.insert(0, "timestamp", frame.index.strftime(ISO_Z))
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(path, index=False)
