@@ -39,6 +39,7 @@ import numpy as np
 import scipy.linalg
 from statsmodels.gam.api import CyclicCubicSplines, GLMGam
 from statsmodels.gam.smooth_basis import GenericSmoothers, UnivariateGenericSmoother
+from threadpoolctl import threadpool_limits
 
 from controller.errors import InvalidEvent
 from controller.forecast.calendar import (
@@ -611,6 +612,15 @@ def fit_household_model(
     Raises:
         InvalidEvent: for a market group without prices, or too little data to fit.
     """
+    # One BLAS thread: the fit is thousands of small SVDs, which threads only slow down (and
+    # on a shared machine, by a factor of ten).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_household_model(load, tz, train, spec)
+
+
+def _fit_household_model(
+    load: GroupLoad, tz: str, train: BoolArray | None, spec: GamSpec | None
+) -> HouseholdModel:
     check_zone(tz)
     if spec is None:
         spec = GamSpec(price_term=load.group == "market")
