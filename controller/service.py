@@ -80,6 +80,21 @@ class ControllerService:
         return self._state
 
     @property
+    def is_dirty(self) -> bool:
+        """An applied event awaits its plan (the coalescing window may still be open)."""
+        return self._dirty.is_set()
+
+    @property
+    def is_planning(self) -> bool:
+        """The planner is running now."""
+        return self._planning
+
+    @property
+    def is_drained(self) -> bool:
+        """Every event submitted so far has been applied or refused."""
+        return self._drained.is_set()
+
+    @property
     def plans_made(self) -> int:
         """How many plans have been published."""
         return self.counters.get("plans", 0)
@@ -135,6 +150,12 @@ class ControllerService:
         while self.counters.get(name, 0) < at_least:
             self._counted.clear()
             await self._counted.wait()
+
+    async def planner_idle(self) -> None:
+        """Wait until no plan is being made right now (one may still be due)."""
+        while self._planning:
+            self._planned.clear()
+            await self._planned.wait()
 
     async def applied(self) -> None:
         """Wait until every submitted event has been applied (or refused)."""

@@ -244,33 +244,49 @@ class LeaseDispatcher:
     async def _work(self, link: _Link) -> None:
         try:
             while True:
-                now = self.clock.now()
-                wanted = self.wanted(link.charger_id, now)
-                if wanted is None:
-                    self.counters["chargers_unknown"] += 1
-                    wanted = []
-                slots = {p.slot for p in wanted}
-                for slot in [s for s in link.sent if s not in slots]:
-                    # The transaction ended: the charger drops its TxProfile by itself.
-                    del link.sent[slot]
-                    link.failures.pop(slot, None)
-                    link.retry_at.pop(slot, None)
-                    await self._remember(link.charger_id, slot, None)
-                due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
-                if due:
-                    link.idle.clear()
-                    for profile in due:
-                        await self._send(link, profile)
+                try:
+                    busy = await self._reconcile(link)
+                except (ChargerUnreachable, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    # A bug in building one charger's profiles must not silence it for good:
+                    # log, count, and try again at the next plan or wake-up.
+                    log.exception("dispatch to %s failed", link.charger_id)
+                    self.counters["worker_errors"] += 1
+                    busy = False
+                if busy:
                     continue
-                if link.trigger_status:
-                    link.trigger_status = False
-                    await self._trigger_status(link.charger_id)
                 link.idle.set()
                 self._activity.set()
                 link.wake.clear()
                 await self._sleep(link)
         except ChargerUnreachable:
             link.idle.set()
+
+    async def _reconcile(self, link: _Link) -> bool:
+        """Send what is due now; True if something was sent (look again at once)."""
+        now = self.clock.now()
+        wanted = self.wanted(link.charger_id, now)
+        if wanted is None:
+            self.counters["chargers_unknown"] += 1
+            wanted = []
+        slots = {p.slot for p in wanted}
+        for slot in [s for s in link.sent if s not in slots]:
+            # The transaction ended: the charger drops its TxProfile by itself.
+            del link.sent[slot]
+            link.failures.pop(slot, None)
+            link.retry_at.pop(slot, None)
+            await self._remember(link.charger_id, slot, None)
+        due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
+        if due:
+            link.idle.clear()
+            for profile in due:
+                await self._send(link, profile)
+            return True
+        if link.trigger_status:
+            link.trigger_status = False
+            await self._trigger_status(link.charger_id)
+        return False
 
     async def _sleep(self, link: _Link) -> None:
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(link.wake.wait())]

@@ -298,6 +298,12 @@ def tx_profile(
             else:
                 charge = 0.0
         offset = int((at - start).total_seconds())
+        if offsets and offsets[-1] == offset:
+            # Two changes within one second (a plan made a fraction of a second after `now`):
+            # periods are whole seconds, so the later value takes the period.
+            offsets.pop()
+            limits.pop()
+            discharge.pop()
         if limits and limits[-1] == charge and (discharge[-1] == dis):
             continue
         offsets.append(offset)

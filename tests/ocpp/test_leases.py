@@ -85,6 +85,18 @@ def test_a_tx_lease_carries_the_plan_then_falls_back_to_min_plan_and_safe_share(
     }
 
 
+def test_a_plan_made_a_fraction_of_a_second_after_the_lease_start_gives_whole_periods() -> None:
+    """A plan made at 16:00:00.2 (the coalescing window) and sent at 16:00:00.5: periods are
+    whole seconds, so the plan's first value takes period 0 and offsets still increase."""
+    plan = plan_for(T0 + timedelta(milliseconds=200), {("W3", 1): [7.0, 11.0]})
+    lease = tx_profile(
+        W3, 1, 7, plan.setpoints[0], plan, 8.0, T0 + timedelta(milliseconds=500), CFG
+    )
+    assert lease.offsets_s[0] == 0
+    assert list(lease.offsets_s) == sorted(set(lease.offsets_s))
+    assert lease.limits[0] == 7000.0
+
+
 def test_without_a_setpoint_the_lease_is_the_safe_share() -> None:
     """A running transaction the plan does not mention gets the safe share, flat."""
     lease = tx_profile(A3, 1, 1, None, None, 11.0, T0, CFG)

@@ -1,0 +1,620 @@
+"""A simulated day through the real protocols: the controller, OCPP chargers, MQTT feeds, Redis.
+
+One process holds everything, on one `SimClock`:
+
+- the controller, started by `adapters.bootstrap.run` (embedded Redis and MQTT broker, the OCPP
+  central system on a loopback port);
+- N simulated charge points (`simulators.chargepoints`), connected over WebSockets with Basic
+  auth, which meter what they deliver and follow the charging profiles they receive;
+- the site's feeds over MQTT: day-ahead prices, the head-room forecast, the measured household
+  load each slot; and each car's telematics: SoC and departure on arrival, SoC every half hour.
+
+Time moves in steps. After each step the runner waits until the system is quiet again (every
+message answered, every event applied, the plan made and dispatched), so a run does not depend
+on how fast the machine is. What the chargers metered is the result; the controller's plan is
+recorded beside it for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiomqtt
+import numpy as np
+from numpy.typing import NDArray
+
+from adapters import bootstrap
+from adapters.codec import encode_event
+from adapters.ocpp.credentials import CredentialStore
+from controller.clock import SimClock
+from controller.domain import SLOT, ChargePoint, Connector, Site, Vehicle, slot_floor
+from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleRegistered
+from controller.planning.planner import SolveFn
+from controller.settings import PlanningSettings, Settings
+from simulators.chargepoints.car import SimCar
+from simulators.chargepoints.chargepoint import ChargerSpec, FleetStats, SimChargePoint
+
+log = logging.getLogger(__name__)
+
+FloatArray = NDArray[np.float64]
+PASSWORD_SECRET = "voltpool-simulation"  # derives each simulated charger's password
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CarDay:
+    """One car's stay at the depot: when it comes, with what, and what it needs when it goes."""
+
+    vehicle_id: str
+    model: str
+    capacity_kwh: float
+    arrival: datetime
+    departure: datetime
+    arrival_soc: float
+    target_soc: float
+    max_charge_kw: float = 11.0
+    charge_efficiency: float = 0.92
+    v2g: bool = False
+    max_discharge_kw: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.departure <= self.arrival:
+            raise ValueError(f"{self.vehicle_id}: departs before it arrives")
+        if not 0.0 <= self.arrival_soc <= 1.0 or not 0.0 <= self.target_soc <= 1.0:
+            raise ValueError(f"{self.vehicle_id}: SoC outside 0..1")
+
+    @property
+    def need_kwh(self) -> float:
+        """Energy the battery must gain during the stay."""
+        return max(0.0, (self.target_soc - self.arrival_soc) * self.capacity_kwh)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DayInputs:
+    """Everything a simulated day needs, per 15-minute slot from `start`.
+
+    The series cover the simulated span plus a day, because the controller plans 24 h ahead.
+    `headroom_forecast_kw` is what the controller is told; `base_load_kw` is what the
+    households really draw, so the real head-room is `site_capacity_kw - base_load_kw`.
+    """
+
+    start: datetime
+    hours: float
+    site_capacity_kw: float
+    charger_kw: float
+    price_eur_per_kwh: FloatArray  # (S,) S >= slots of the span + 96
+    headroom_forecast_kw: FloatArray  # (S,)
+    base_load_kw: FloatArray  # (S,)
+    cars: tuple[CarDay, ...]
+    v2g_mode: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.start != slot_floor(self.start):
+            raise ValueError("a scenario starts on a 15-minute boundary")
+        need = int(np.ceil(self.hours * 4)) + 96
+        for name in ("price_eur_per_kwh", "headroom_forecast_kw", "base_load_kw"):
+            if len(getattr(self, name)) < need:
+                raise ValueError(f"{name} must cover the span and one more day ({need} slots)")
+
+    @property
+    def end(self) -> datetime:
+        """When the simulated span ends."""
+        return self.start + timedelta(hours=self.hours)
+
+    def slot_of(self, at: datetime) -> int:
+        """Index of the slot containing `at`."""
+        return int((at - self.start) // SLOT)
+
+
+@dataclass(slots=True)
+class CarResult:
+    """What one car got."""
+
+    vehicle_id: str
+    needed_kwh: float
+    delivered_kwh: float  # battery energy gained during the stay (after losses)
+    departure_soc: float
+    target_soc: float
+
+    @property
+    def shortfall_kwh(self) -> float:
+        """Energy missing at departure (0 when the target was met, within 50 Wh)."""
+        missing = self.needed_kwh - self.delivered_kwh
+        return missing if missing > 0.05 else 0.0
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    """The run's record: metered power per step beside the plan, per-car outcomes, counters."""
+
+    strategy: str
+    step_s: float
+    times: list[datetime] = field(default_factory=list)
+    metered_kw: list[float] = field(default_factory=list)  # mean charger import over the step
+    planned_kw: list[float] = field(default_factory=list)  # the plan's setpoint for the step
+    headroom_kw: list[float] = field(default_factory=list)  # real head-room in the step
+    headroom_forecast_kw: list[float] = field(default_factory=list)
+    price_eur_per_kwh: list[float] = field(default_factory=list)
+    soc: dict[str, list[float | None]] = field(default_factory=dict)  # per car, per step
+    cars: list[CarResult] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    dispatch: dict[str, int] = field(default_factory=dict)
+    charger_stats: dict[str, Any] = field(default_factory=dict)
+    latency_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def _array(self, name: str) -> FloatArray:
+        return np.asarray(getattr(self, name), dtype=float)
+
+    @property
+    def energy_kwh(self) -> float:
+        """Energy the chargers drew from the grid."""
+        return float(self._array("metered_kw").sum() * self.step_s / 3600.0)
+
+    @property
+    def cost_eur(self) -> float:
+        """Metered energy at the slot prices."""
+        kwh = self._array("metered_kw") * self.step_s / 3600.0
+        return float(kwh @ self._array("price_eur_per_kwh"))
+
+    @property
+    def planned_cost_eur(self) -> float:
+        """The plan's own setpoints at the slot prices (what the optimiser believed)."""
+        kwh = self._array("planned_kw") * self.step_s / 3600.0
+        return float(kwh @ self._array("price_eur_per_kwh"))
+
+    @property
+    def peak_kw(self) -> float:
+        """Highest metered step."""
+        return float(self._array("metered_kw").max(initial=0.0))
+
+    def violations(self, tolerance_kw: float) -> int:
+        """Steps where the chargers drew more than the real head-room plus `tolerance_kw`."""
+        over = self._array("metered_kw") - self._array("headroom_kw")
+        return int((over > tolerance_kw).sum())
+
+    def max_excess_kw(self) -> float:
+        """The largest excess of metered power over the real head-room (0 if never above)."""
+        over = self._array("metered_kw") - self._array("headroom_kw")
+        return float(max(0.0, over.max(initial=0.0)))
+
+    @property
+    def shortfall_kwh(self) -> float:
+        """Energy missing at departure, summed over the cars."""
+        return float(sum(c.shortfall_kwh for c in self.cars))
+
+
+def charger_id_for(index: int) -> str:
+    """The simulated charger a car of the fleet always uses (one charger per car)."""
+    return f"CP-{index + 1:04d}"
+
+
+def charger_password(charger_id: str) -> str:
+    """The simulated charger's Basic-auth password (24 characters, derived, never stored)."""
+    import hashlib
+
+    return hashlib.sha256(f"{PASSWORD_SECRET}:{charger_id}".encode()).hexdigest()[:24]
+
+
+class Quiet:
+    """Waits until nothing moves: the same counters over several polls and the service idle."""
+
+    def __init__(self, fingerprint: Callable[[], tuple[int, ...]], polls: int = 3) -> None:
+        self._fingerprint = fingerprint
+        self._polls = polls
+
+    async def wait(self, timeout_s: float = 60.0) -> None:
+        """Return once the fingerprint has not changed for `polls` polls a few ms apart."""
+        async with asyncio.timeout(timeout_s):
+            last, stable = self._fingerprint(), 0
+            while stable < self._polls:
+                await asyncio.sleep(0.002)
+                now = self._fingerprint()
+                stable = stable + 1 if now == last else 0
+                last = now
+
+
+class DayRunner:
+    """Runs `DayInputs` against a running voltpool (a `bootstrap.Runtime`) on a `SimClock`."""
+
+    def __init__(
+        self,
+        inputs: DayInputs,
+        runtime: bootstrap.Runtime,
+        clock: SimClock,
+        *,
+        strategy: str,
+        step_s: float = 60.0,
+        meter_interval_s: float = 300.0,
+        soc_interval_s: float = 1800.0,
+        progress: Callable[[datetime, ScenarioResult], None] | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.runtime = runtime
+        self.clock = clock
+        self.step = timedelta(seconds=step_s)
+        self.meter_interval_s = meter_interval_s
+        self.soc_interval = timedelta(seconds=soc_interval_s)
+        self.progress = progress
+        self.result = ScenarioResult(strategy=strategy, step_s=step_s)
+        self.stats = FleetStats()
+        self.chargers: list[SimChargePoint] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._published = 0
+        self._arrival_energy: dict[str, float] = {}
+        self._client: aiomqtt.Client | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def _configuration_events(self) -> list[Event]:
+        at = self.clock.now()
+        inputs = self.inputs
+        events: list[Event] = [
+            SiteConfigured(
+                event_id="scenario-site",
+                at=at,
+                site=Site(
+                    site_id=self.runtime.settings.site,
+                    capacity_kw=inputs.site_capacity_kw,
+                    safe_limit_kw=min(
+                        inputs.site_capacity_kw, float(np.min(inputs.headroom_forecast_kw))
+                    ),
+                ),
+            )
+        ]
+        for index, car in enumerate(inputs.cars):
+            charger_id = charger_id_for(index)
+            events.append(
+                ChargerRegistered(
+                    event_id=f"scenario-cp-{charger_id}",
+                    at=at,
+                    charger=ChargePoint(
+                        charger_id=charger_id,
+                        max_power_kw=inputs.charger_kw,
+                        connectors=(Connector(connector_id=1, max_power_kw=inputs.charger_kw),),
+                        v2g_mode=inputs.v2g_mode,  # type: ignore[arg-type]
+                    ),
+                )
+            )
+            events.append(
+                VehicleRegistered(
+                    event_id=f"scenario-ev-{car.vehicle_id}",
+                    at=at,
+                    vehicle=Vehicle(
+                        vehicle_id=car.vehicle_id,
+                        model=car.model,
+                        capacity_kwh=car.capacity_kwh,
+                        energy_kwh=car.arrival_soc * car.capacity_kwh,
+                        energy_at=at,
+                        max_charge_kw=car.max_charge_kw,
+                        max_discharge_kw=car.max_discharge_kw,
+                        charge_efficiency=car.charge_efficiency,
+                        v2g_allowed=car.v2g,
+                    ),
+                )
+            )
+        return events
+
+    async def _publish(self, topic: str, payload: dict[str, Any] | str) -> None:
+        assert self._client is not None
+        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+        await self._client.publish(f"{self.runtime.link.topics.prefix}/{topic}", text, qos=1)
+        self._published += 1
+
+    async def _publish_feeds(self) -> None:
+        inputs, now = self.inputs, self.clock.now()
+        first = inputs.slot_of(now)
+        published = int(np.ceil(inputs.hours * 4)) + 96 - first
+        await self._publish(
+            "price",
+            {
+                "at": now.isoformat(),
+                "start": (inputs.start + SLOT * first).isoformat(),
+                "price_eur_per_kwh": [
+                    float(p) for p in inputs.price_eur_per_kwh[first:][:published]
+                ],
+            },
+        )
+        await self._publish(
+            "site/headroom",
+            {
+                "at": now.isoformat(),
+                "start": (inputs.start + SLOT * first).isoformat(),
+                "headroom_kw": [float(h) for h in inputs.headroom_forecast_kw[first:][:published]],
+            },
+        )
+
+    async def _set_up(self) -> None:
+        settings = self.runtime.settings
+        client = self.runtime.redis.client()
+        try:
+            store = CredentialStore(client, settings.site, rounds=4)
+            for index in range(len(self.inputs.cars)):
+                charger_id = charger_id_for(index)
+                await store.set_password(charger_id, charger_password(charger_id))
+        finally:
+            await client.aclose()
+        for event in self._configuration_events():
+            await self._publish("events", encode_event(event))
+        await self._publish_feeds()
+        await self._quiet()
+        url = self.runtime.central.url().rstrip("/")
+        for index in range(len(self.inputs.cars)):
+            charger_id = charger_id_for(index)
+            charger = SimChargePoint(
+                ChargerSpec(
+                    charger_id=charger_id,
+                    max_power_kw=self.inputs.charger_kw,
+                    meter_interval_s=self.meter_interval_s,
+                    v2g_mode=self.inputs.v2g_mode,  # type: ignore[arg-type]
+                ),
+                self.clock,
+                stats=self.stats,
+            )
+            self.chargers.append(charger)
+            self._tasks.append(asyncio.create_task(charger.run(url, charger_password(charger_id))))
+        async with asyncio.timeout(120):
+            for charger in self.chargers:
+                await charger.wait_online()
+        await self._quiet()
+
+    # -- quiescence --------------------------------------------------------------------------
+
+    def _fingerprint(self) -> tuple[int, ...]:
+        service = self.runtime.service
+        return (
+            sum(self.stats.sent.values()),
+            sum(self.stats.answered.values()),
+            sum(service.counters.values()) - service.counters.get("last_solve_ms", 0),
+            sum(self.runtime.dispatcher.counters.values()),
+            len(self.stats.rtt_s),
+        )
+
+    async def _quiet(self) -> None:
+        service = self.runtime.service
+        window = timedelta(seconds=service.settings.coalesce_window_s)
+        quiet = Quiet(self._fingerprint)
+        for _ in range(10_000):
+            await quiet.wait()
+            if not service.is_drained:
+                await service.applied()
+                continue
+            if service.is_planning:
+                await service.planner_idle()
+                continue
+            if service.is_dirty:
+                # The plan waits out the coalescing window on the simulated clock.
+                await self.clock.advance(window)
+                continue
+            for charger_id in self.runtime.central.online():
+                await self.runtime.dispatcher.settled(charger_id)
+            before = self._fingerprint()
+            await quiet.wait()
+            if self._fingerprint() == before and service.is_drained and not service.is_dirty:
+                return
+        raise RuntimeError("the system did not become quiet")
+
+    # -- the day -----------------------------------------------------------------------------
+
+    async def _arrive(self, index: int, car: CarDay) -> None:
+        charger = self.chargers[index]
+        now = self.clock.now()
+        await self._publish(
+            f"vehicle/{car.vehicle_id}/departure",
+            {
+                "at": now.isoformat(),
+                "departure": car.departure.isoformat(),
+                "target_soc": car.target_soc,
+            },
+        )
+        await self._publish(
+            f"vehicle/{car.vehicle_id}/soc", {"at": now.isoformat(), "soc": car.arrival_soc}
+        )
+        sim_car = SimCar(
+            vehicle_id=car.vehicle_id,
+            id_tag=car.vehicle_id,
+            capacity_kwh=car.capacity_kwh,
+            energy_kwh=car.arrival_soc * car.capacity_kwh,
+            max_charge_kw=car.max_charge_kw,
+            max_discharge_kw=car.max_discharge_kw,
+            charge_efficiency=car.charge_efficiency,
+            taper_from_soc=1.0,
+        )
+        self._arrival_energy[car.vehicle_id] = sim_car.energy_kwh
+        await charger.plug_in(1, sim_car)
+
+    async def _depart(self, index: int, car: CarDay) -> None:
+        charger = self.chargers[index]
+        sim_car = charger.connectors[0].car
+        if sim_car is None:
+            return
+        charger.advance(self.clock.now())
+        delivered = sim_car.energy_kwh - self._arrival_energy[car.vehicle_id]
+        self.result.cars.append(
+            CarResult(
+                vehicle_id=car.vehicle_id,
+                needed_kwh=car.need_kwh,
+                delivered_kwh=delivered,
+                departure_soc=sim_car.soc,
+                target_soc=car.target_soc,
+            )
+        )
+        await charger.unplug(1)
+
+    async def _telemetry(self) -> None:
+        now = self.clock.now()
+        for charger in self.chargers:
+            car = charger.connectors[0].car
+            if car is not None:
+                charger.advance(now)
+                await self._publish(
+                    f"vehicle/{car.vehicle_id}/soc", {"at": now.isoformat(), "soc": car.soc}
+                )
+
+    def _meters_wh(self) -> float:
+        now = self.clock.now()
+        total = 0.0
+        for charger in self.chargers:
+            charger.advance(now)
+            for connector in charger.connectors:
+                total += connector.import_wh - connector.export_wh
+        return total
+
+    def _planned_kw(self) -> float:
+        plan = self.runtime.service.last_plan
+        return 0.0 if plan is None else max(0.0, plan.total_first_slot_kw)
+
+    async def run(self) -> ScenarioResult:
+        """Set up, simulate the span step by step, tear down; returns what was metered."""
+        started = time.perf_counter()
+        endpoint = self.runtime.mqtt
+        async with aiomqtt.Client(
+            endpoint.host, endpoint.port, identifier="voltpool-scenario-driver"
+        ) as client:
+            self._client = client
+            try:
+                await self._set_up()
+                await self._simulate()
+            finally:
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._client = None
+        service = self.runtime.service
+        self.result.counters = dict(service.counters)
+        self.result.dispatch = dict(self.runtime.dispatcher.counters)
+        self.result.charger_stats = {
+            "sent": dict(self.stats.sent),
+            "answered": dict(self.stats.answered),
+            "errors": dict(self.stats.errors),
+        }
+        self.result.latency_s = list(service.latencies_s)
+        self.result.wall_s = time.perf_counter() - started
+        return self.result
+
+    async def _simulate(self) -> None:
+        inputs, result = self.inputs, self.result
+        order = sorted(range(len(inputs.cars)), key=lambda i: inputs.cars[i].arrival)
+        arrivals = [(inputs.cars[i].arrival, i) for i in order]
+        departures = sorted((c.departure, i) for i, c in enumerate(inputs.cars))
+        next_soc = self.clock.now() + self.soc_interval
+        meters = self._meters_wh()
+        result.soc = {car.vehicle_id: [] for car in inputs.cars}
+        while self.clock.now() < inputs.end:
+            now = self.clock.now()
+            if now == slot_floor(now):
+                slot = inputs.slot_of(now)
+                await self._publish(
+                    "site/load",
+                    {"at": now.isoformat(), "load_kw": float(inputs.base_load_kw[slot])},
+                )
+            while departures and departures[0][0] <= now:
+                _, index = departures.pop(0)
+                await self._depart(index, inputs.cars[index])
+            while arrivals and arrivals[0][0] <= now:
+                _, index = arrivals.pop(0)
+                if inputs.cars[index].departure > now:
+                    await self._arrive(index, inputs.cars[index])
+            if now >= next_soc:
+                await self._telemetry()
+                next_soc += self.soc_interval
+            await self._quiet()
+            slot = inputs.slot_of(now)
+            planned = self._planned_kw()
+            await self.clock.run_until(now + self.step)
+            await self._quiet()
+            metered_now = self._meters_wh()
+            step_h = self.step.total_seconds() / 3600.0
+            result.times.append(now)
+            result.metered_kw.append((metered_now - meters) / 1000.0 / step_h)
+            result.planned_kw.append(planned)
+            result.headroom_kw.append(inputs.site_capacity_kw - float(inputs.base_load_kw[slot]))
+            result.headroom_forecast_kw.append(float(inputs.headroom_forecast_kw[slot]))
+            result.price_eur_per_kwh.append(float(inputs.price_eur_per_kwh[slot]))
+            for index, car in enumerate(inputs.cars):
+                sim_car = self.chargers[index].connectors[0].car
+                result.soc[car.vehicle_id].append(None if sim_car is None else sim_car.soc)
+            meters = metered_now
+            if self.progress is not None:
+                self.progress(self.clock.now(), result)
+        for _, index in departures:  # cars still plugged in at the end
+            await self._depart(index, inputs.cars[index])
+
+
+async def run_day(
+    inputs: DayInputs,
+    *,
+    strategy: str = "managed",
+    solver: SolveFn | None = None,
+    step_s: float = 60.0,
+    meter_interval_s: float = 300.0,
+    planning: PlanningSettings | None = None,
+    deadband_kw: float = 0.5,
+    progress: Callable[[datetime, ScenarioResult], None] | None = None,
+    data_dir: str | None = None,
+) -> ScenarioResult:
+    """Start voltpool on embedded servers with a simulated clock and run the day through it."""
+    clock = SimClock(inputs.start)
+    outcome: list[ScenarioResult] = []
+
+    async def drive(runtime: bootstrap.Runtime) -> None:
+        runner = DayRunner(
+            inputs,
+            runtime,
+            clock,
+            strategy=strategy,
+            step_s=step_s,
+            meter_interval_s=meter_interval_s,
+            progress=progress,
+        )
+        outcome.append(await runner.run())
+        raise _Finished
+
+    with tempfile.TemporaryDirectory(prefix="voltpool-scenario-") as tmp:
+        settings = Settings(
+            site="scenario",
+            data_dir=data_dir or tmp,
+            redis_url=None,
+            mqtt_url=None,
+            ocpp_port=0,
+            ocpp_bcrypt_rounds=4,
+            coalesce_window_s=0.2,
+            max_event_ahead_s=3600.0,
+            deadband_kw=deadband_kw,
+            site_capacity_kw=inputs.site_capacity_kw,
+            planning=planning or PlanningSettings(),
+        )
+        try:
+            await bootstrap.run(settings, clock=clock, solver=solver, on_ready=drive)
+        except* _Finished:
+            pass
+    return outcome[0]
+
+
+class _Finished(Exception):
+    """Raised by the scenario driver to stop the service once the day is over."""
+
+
+def summarise(results: Sequence[ScenarioResult], tolerance_kw: float) -> list[dict[str, Any]]:
+    """One row per run: cost, energy, peak, violations, shortfall, messages."""
+    return [
+        {
+            "strategy": r.strategy,
+            "cost_eur": round(r.cost_eur, 2),
+            "planned_cost_eur": round(r.planned_cost_eur, 2),
+            "energy_kwh": round(r.energy_kwh, 1),
+            "peak_kw": round(r.peak_kw, 1),
+            "violations": r.violations(tolerance_kw),
+            "shortfall_kwh": round(r.shortfall_kwh, 2),
+            "profiles_sent": r.charger_stats.get("received_profiles", 0),
+            "wall_s": round(r.wall_s, 1),
+        }
+        for r in results
+    ]
