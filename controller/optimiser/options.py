@@ -1,0 +1,51 @@
+"""Tuning of the optimiser: which lexicographic stages run, tolerances, time budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller.errors import InvalidEvent
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimiserOptions:
+    """How `solve` and `solve_reference` rank schedules and post-process the LP's answer.
+
+    The stages run in this order, each keeping the optimum of the ones before it (up to
+    `stage_tolerance`): total shortfall, largest relative shortfall (`fairness`), money, peak
+    import (`peak_flattening`), total ramping (`ramp_smoothing`).
+    """
+
+    peak_flattening: bool = True  # second stage: among cost-optimal plans, the lowest peak
+    ramp_smoothing: bool = True  # then, among those, the smallest sum of |slot-to-slot change|
+    fairness: bool = True  # share an unavoidable shortfall by relative size
+    min_rate_repair: bool = True  # charger setpoints 0 or >= min_kw
+    # Prices unmet energy in the report (`details["penalty_eur"]`); the ordering itself is
+    # lexicographic, so no penalty, however small, can trade a kWh of shortfall for money.
+    shortfall_penalty_eur_per_kwh: float = 1.0
+    # Each stage may lose this much (relative, floor 1 unit) of the previous stage's optimum.
+    stage_tolerance: float = 1e-7
+    # Total shortfall (kWh) below which the fleet counts as fully served.
+    feasibility_tolerance_kwh: float = 1e-6
+    time_limit_s: float = 2.0  # per LP solve
+    # Fast path only: seed HiGHS with a min-cost-flow basis on a cold start, and carry the
+    # previous solve's basis over to the next problem (matched by vehicle and slot time).
+    flow_start: bool = True
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stage_tolerance <= 1e-3:
+            raise InvalidEvent(f"optimiser: stage_tolerance {self.stage_tolerance} not in 0..1e-3")
+        if self.feasibility_tolerance_kwh < 0.0:
+            raise InvalidEvent("optimiser: feasibility_tolerance_kwh must not be negative")
+        if self.time_limit_s <= 0.0:
+            raise InvalidEvent("optimiser: time_limit_s must be positive")
+        if self.shortfall_penalty_eur_per_kwh < 0.0:
+            raise InvalidEvent("optimiser: shortfall_penalty_eur_per_kwh must not be negative")
+
+    def slack(self, value: float) -> float:
+        """How far a later stage may move an earlier stage's optimum `value`."""
+        return self.stage_tolerance * max(1.0, abs(value))
+
+
+DEFAULT_OPTIONS = OptimiserOptions()

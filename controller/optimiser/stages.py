@@ -1,0 +1,134 @@
+"""What every solver reports about the lexicographic stages, and the shared finishing step.
+
+Both solvers (the fast path and the cvxpy reference) produce a `StageResult`: the LP's power plan
+and the optimum of each stage. `finish` turns it into a `Schedule`: min-rate repair, money,
+shortfalls with reasons, and the figures in `Schedule.details`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller.errors import VoltpoolError
+from controller.optimiser.options import OptimiserOptions
+from controller.optimiser.prepare import Prepared
+from controller.optimiser.repair import repair_min_rate
+from controller.planning.problem import (
+    FloatArray,
+    Schedule,
+    energy_trajectory,
+    money,
+    schedule_from_power,
+    shortfalls,
+)
+
+
+class OptimiserFailed(VoltpoolError):
+    """A solver gave no usable answer (status, time limit); the caller falls back."""
+
+
+@dataclass(slots=True, kw_only=True)
+class StageResult:
+    """The LP's answer and the optimum of each lexicographic stage."""
+
+    charge_kw: FloatArray  # (N, T)
+    discharge_kw: FloatArray  # (N, T)
+    shortfall_kwh: float  # stage 1: least total shortfall (kWh) beyond what time rules out
+    max_relative_shortfall: float  # stage 2: least largest relative shortfall (0..1)
+    cost_eur: float  # stage 3: least money
+    cost_stage_peak_kw: float  # peak import of the stage-3 plan
+    cost_stage_ramp_kw: float  # sum of |g[t] - g[t-1]| of the stage-3 plan
+    peak_kw: float  # stage 4: least peak among the cost-optimal plans (= stage 3's without it)
+    ramp_kw: float  # stage 5: least ramping among those
+    headroom_price_eur_per_kw: FloatArray  # (T,) dual of the site constraint in stage 3
+    status: str  # "optimal" or "optimal_shortfall"
+    solver: str
+    solves: int = 0
+    iterations: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        """Whether every car reaches the part of its target that time allows."""
+        return self.status == "optimal"
+
+
+def site_profile(charge_kw: FloatArray, discharge_kw: FloatArray) -> tuple[float, float]:
+    """(peak import kW, sum of |slot-to-slot change| kW) of a plan."""
+    net = charge_kw.sum(axis=0) - discharge_kw.sum(axis=0)
+    return float(max(0.0, net.max(initial=0.0))), float(np.abs(np.diff(net)).sum())
+
+
+def clean(values: FloatArray, upper: FloatArray) -> FloatArray:
+    """Clip an LP's values into [0, upper] and zero the solver's round-off."""
+    result: FloatArray = np.clip(values, 0.0, upper)
+    result[result < 1e-9] = 0.0
+    return result
+
+
+def finish(
+    prepared: Prepared,
+    result: StageResult,
+    options: OptimiserOptions,
+    *,
+    elapsed_s: float,
+    repaired: tuple[FloatArray, FloatArray, dict[str, float]] | None = None,
+) -> Schedule:
+    """The `Schedule` of an LP answer, with every figure in `details`.
+
+    `repaired` is a min-rate plan the solver made itself (charge, discharge, figures); without
+    it, and with `options.min_rate_repair`, the greedy repair of `repair_min_rate` is used.
+    """
+    problem = prepared.problem
+    lp_charge, lp_discharge = result.charge_kw, result.discharge_kw
+    bought, sold, worn, demand = money(problem, lp_charge, lp_discharge)
+    lp_money = bought - sold + worn + demand
+    charge, discharge = lp_charge, lp_discharge
+    repair_info: dict[str, float] = {}
+    if repaired is not None:
+        charge, discharge, repair_info = repaired
+    elif options.min_rate_repair:
+        charge, discharge, repair_info = repair_min_rate(prepared, lp_charge, lp_discharge)
+    lp_short = shortfalls(problem, energy_trajectory(problem, lp_charge, lp_discharge))
+    schedule = schedule_from_power(
+        problem,
+        charge,
+        discharge,
+        strategy="managed",
+        solver=result.solver,
+        status=result.status,
+        solve_time_s=elapsed_s,
+    )
+    peak, ramp = site_profile(charge, discharge)
+    simultaneous = float((np.minimum(charge, discharge) * problem.dt_h[None, :]).sum())
+    details = {
+        "stage_shortfall_kwh": result.shortfall_kwh,
+        "stage_max_relative_shortfall": result.max_relative_shortfall,
+        "stage_cost_eur": result.cost_eur,
+        "stage_cost_peak_kw": result.cost_stage_peak_kw,
+        "stage_cost_ramp_kw": result.cost_stage_ramp_kw,
+        "stage_peak_kw": result.peak_kw,
+        "stage_ramp_kw": result.ramp_kw,
+        "lp_cost_eur": lp_money,
+        "repair_cost_eur": schedule.cost_eur - lp_money,
+        "repair_shortfall_kwh": float(schedule.shortfall_kwh.sum() - lp_short.sum()),
+        "peak_kw": peak,
+        "ramp_kw": ramp,
+        "shortfall_kwh": float(schedule.shortfall_kwh.sum()),
+        "time_shortfall_kwh": float(prepared.time_shortfall_kwh.sum()),
+        "penalty_eur": options.shortfall_penalty_eur_per_kwh * float(schedule.shortfall_kwh.sum()),
+        "forced_clipped_kwh": prepared.forced_clipped_kwh,
+        "headroom_deficit_kw": prepared.headroom_deficit_kw,
+        "simultaneous_kwh": simultaneous,
+        "feasible": 1.0 if result.feasible else 0.0,
+        "lp_solves": float(result.solves),
+        "simplex_iterations": float(result.iterations),
+        **repair_info,
+        **result.extra,
+    }
+    return dataclasses.replace(
+        schedule, headroom_price_eur_per_kw=result.headroom_price_eur_per_kw, details=details
+    )
