@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from adapters.datasets.chargers import build_charger_logs, load_connection_times
+from adapters.datasets.fleet import load_seed_fleet
 from adapters.datasets.panel import (
     BuiltPanel,
     HouseholdSources,
@@ -14,6 +16,7 @@ from adapters.datasets.panel import (
     build_panel,
     load_household_sources,
 )
+from adapters.datasets.tables import load_profile_table
 from controller.forecast.calendar import BoolArray
 from controller.forecast.evaluation import Score, evaluate_holdout, holdout_weeks
 from controller.forecast.household import (
@@ -22,6 +25,7 @@ from controller.forecast.household import (
     correlate_groups,
     fit_household_model,
 )
+from controller.forecast.trips import TripModel, daily_energy, fit_trip_model, sessions_from_log
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 ZONE = "Europe/Berlin"
@@ -66,3 +70,20 @@ def fitted_panel(household_sources: HouseholdSources) -> FittedPanel:
         scores=scores,
         base=BaseLoadModel(groups=ordered, common_correlation=corr),
     )
+
+
+@pytest.fixture(scope="session")
+def shipped_trip_model() -> TripModel:
+    """Laws fitted on the ten cars built from the shipped SimBench and ElaadNL data."""
+    fleet = load_seed_fleet(DATA / "fleet" / "seed_fleet.csv")
+    logs = build_charger_logs(
+        load_profile_table(DATA / "chargers" / "simbench_chargers_2016.csv.gz"),
+        load_connection_times(DATA / "elaad" / "distribution-of-connection-time.csv"),
+        fleet,
+    )
+    sessions = [sessions_from_log(log) for log in logs]
+    days = [
+        daily_energy(s, log.model, log.consumption_kwh_per_km, ZONE)
+        for s, log in zip(sessions, logs, strict=True)
+    ]
+    return fit_trip_model(days, sessions, ZONE)

@@ -255,23 +255,6 @@ def test_a_car_of_unknown_model_needs_its_consumption(tmp_path: Path) -> None:
         load_charger_logs(path, load_seed_fleet(DATA / "fleet" / "seed_fleet.csv"))
 
 
-@pytest.fixture(scope="module")
-def shipped_trip_model() -> TripModel:
-    """Laws fitted on the ten cars built from the shipped SimBench and ElaadNL data."""
-    fleet = load_seed_fleet(DATA / "fleet" / "seed_fleet.csv")
-    logs = build_charger_logs(
-        load_profile_table(DATA / "chargers" / "simbench_chargers_2016.csv.gz"),
-        load_connection_times(DATA / "elaad" / "distribution-of-connection-time.csv"),
-        fleet,
-    )
-    sessions = [sessions_from_log(log) for log in logs]
-    days = [
-        daily_energy(s, log.model, log.consumption_kwh_per_km, ZONE)
-        for s, log in zip(sessions, logs, strict=True)
-    ]
-    return fit_trip_model(days, sessions, ZONE)
-
-
 def test_models_without_a_measured_car_use_the_pooled_laws(shipped_trip_model: TripModel) -> None:
     """ID.3, e-tron and ID.4 have no built car; thin cells fall back to the pooled weekday law."""
     for w in range(7):
