@@ -273,8 +273,13 @@ def _stages(
     *,
     save_basis: bool = True,
     values: Values | None = None,
+    idle: IntArray | None = None,
 ) -> StageResult:
-    """Run the lexicographic stages on the loaded model (targets hard first)."""
+    """Run the lexicographic stages on the loaded model (targets hard first).
+
+    `idle`: columns to hold at 0 before the flattening stages where the money stage left them
+    at 0 (the min-rate repair's undecided slots).
+    """
     highs, layout = loaded.highs, loaded.layout
     values = values or loaded.values
     counter = _Counter(options.time_limit_s)
@@ -317,6 +322,10 @@ def _stages(
         # row with a non-zero dual stays where it is) and, as a guard, money <= optimum + slack.
         highs.setOptionValue("simplex_strategy", 4)  # primal: the basis stays feasible
         _fix_face(highs, solution, values)
+        if idle is not None and len(idle):
+            unused = idle[np.asarray(solution.col_value)[idle] <= 1e-12]
+            zeros = np.zeros(len(unused))
+            highs.changeColsBounds(len(unused), unused.astype(np.int32), zeros, zeros)
         highs.changeRowBounds(layout.cost_row, -INF, cost + options.slack(cost))
         objective = np.zeros(layout.n_cols)
         objective[layout.k_col] = 1.0
@@ -359,55 +368,67 @@ def _stages(
 def _repair_rounds(
     loaded: _Loaded, prepared: Prepared, options: OptimiserOptions, result: StageResult
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
-    """Min-rate repair by re-solving: each sliver (0 < P < min) is decided on (>= min) or off
-    (0), every running slot keeps >= min, and the whole lexicographic solve runs again with
-    these bounds, so the LP itself puts the slivers' energy where it costs least. Slots still
-    undecided may come out as new slivers: up to three rounds, then the greedy repair."""
+    """Min-rate repair by re-solving.
+
+    Each sliver (0 < power < min, charge or discharge) is decided on (>= min) or off (0),
+    every running slot keeps >= min, and the whole lexicographic solve runs again with these
+    bounds, so the LP itself moves a sliver's energy where it costs least. Slots not yet
+    decided cost a hair more in the money stage and those left idle by it are frozen before
+    the flattening stages (which would otherwise spread load into new slivers). Up to three
+    rounds, then the greedy repair of `repair_min_rate` for whatever is left."""
     layout, values = loaded.layout, loaded.values
     p = prepared.problem
-    minimum = p.min_kw[layout.x_car]
-    usable = prepared.upper_kw[layout.x_car, layout.x_slot] >= minimum - 1e-9
-    forced = values.col_lower[: layout.nx] > 0.0
-    lower = values.col_lower[: layout.nx].copy()
-    upper = values.col_upper[: layout.nx].copy()
-    dt_x = p.dt_h[layout.x_slot]
+    nx, nv = layout.nx, layout.nv
+    cols = np.concatenate([np.arange(nx), layout.v0 + np.arange(nv)]).astype(np.int64)
+    car = np.concatenate([layout.x_car, layout.v_car])
+    slot = np.concatenate([layout.x_slot, layout.v_slot])
+    is_charge = np.arange(len(cols)) < nx
+    dt = p.dt_h[slot]
+    minimum = p.min_kw[car]
+    base_lower, base_upper = values.col_lower[cols], values.col_upper[cols]
+    usable = base_upper >= minimum * dt - 1e-12
+    forced = base_lower > 0.0
+    lower, upper = base_lower.copy(), base_upper.copy()
     charge, discharge = result.charge_kw, result.discharge_kw
     rounds = 0
     tie_break = 1e-5 * (1.0 + float(np.abs(values.cost_vector).max(initial=0.0)))
     for _ in range(3):
-        power = charge[layout.x_car, layout.x_slot]
+        power = np.concatenate(
+            [charge[layout.x_car, layout.x_slot], discharge[layout.v_car, layout.v_slot]]
+        )
         sliver = (power > 1e-7) & (power < minimum - 1e-7) & ~forced
         if not sliver.any():
             break
         running = (power >= minimum - 1e-7) & ~forced & usable
-        # On: the sliver is at least half the minimum, or the other cars running in its slot
-        # can give up the difference (the LP then takes it from them, at the same slot cost).
+        # On: the sliver is at least half the minimum, or (charge) the other cars running in
+        # its slot can give up the difference, which the LP then takes at the same slot price.
         spare = np.bincount(
-            layout.x_slot, weights=np.where(running, power - minimum, 0.0), minlength=layout.t_count
+            slot[is_charge],
+            weights=np.where(running, power - minimum, 0.0)[is_charge],
+            minlength=layout.t_count,
         )
-        on = (
-            sliver & usable & ((power >= 0.5 * minimum) | (spare[layout.x_slot] >= minimum - power))
-        )
-        lower = np.where(running | on, np.maximum(lower, minimum * dt_x), lower)
+        helped = is_charge & (spare[slot] >= minimum - power)
+        on = sliver & usable & ((power >= 0.5 * minimum) | helped)
+        lower = np.where(running | on, np.maximum(lower, minimum * dt), lower)
         upper = np.where(sliver & ~on, lower, upper)
-        # Forced-on slivers must fit the head-room and the battery; where not, they go off.
-        load = np.bincount(layout.x_slot, weights=lower, minlength=layout.t_count)
-        crowded = load[layout.x_slot] > prepared.headroom_kw[layout.x_slot] * dt_x + 1e-9
+        # Charge forced on must fit the head-room and the battery; where not, it goes off.
+        load = np.bincount(slot[is_charge], weights=lower[is_charge], minlength=layout.t_count)
+        crowded = is_charge & (load[slot] > prepared.headroom_kw[slot] * dt + 1e-9)
         energy = np.bincount(
-            layout.x_car, weights=lower * p.eta_ch[layout.x_car], minlength=layout.n
+            car[is_charge], weights=(lower * p.eta_ch[car])[is_charge], minlength=layout.n
         )
-        full = energy[layout.x_car] > prepared.room_kwh[layout.x_car] + 1e-9
+        full = is_charge & (energy[car] > prepared.room_kwh[car] + 1e-9)
         undo = on & (crowded | full)
-        lower = np.where(undo, values.col_lower[: layout.nx], lower)
-        upper = np.where(undo, values.col_lower[: layout.nx], upper)
-        # A slot not yet decided costs a little extra, so the LP puts a sliver's energy into
-        # slots that run anyway rather than into a new sliver elsewhere (ties are common).
+        lower = np.where(undo, base_lower, lower)
+        upper = np.where(undo, base_lower, upper)
         undecided = ~forced & (upper > lower) & (lower <= 0.0)
         cost_vector = values.cost_vector.copy()
-        cost_vector[: layout.nx] += np.where(undecided, tie_break, 0.0)
+        cost_vector[cols[undecided]] += tie_break
+        col_lower, col_upper = values.col_lower.copy(), values.col_upper.copy()
+        col_lower[cols], col_upper[cols] = lower, upper
         bounded = Values(
-            col_lower=np.concatenate([lower, values.col_lower[layout.nx :]]),
-            col_upper=np.concatenate([upper, values.col_upper[layout.nx :]]),
+            col_lower=col_lower,
+            col_upper=col_upper,
             row_lower=values.row_lower,
             row_upper=values.row_upper,
             coeffs=values.coeffs,
@@ -419,7 +440,9 @@ def _repair_rounds(
             # The money stage's basis stays dual feasible under new bounds: a few dual pivots.
             loaded.highs.setBasis(loaded.cost_basis)
         try:
-            again = _stages(loaded, prepared, options, save_basis=False, values=bounded)
+            again = _stages(
+                loaded, prepared, options, save_basis=False, values=bounded, idle=cols[undecided]
+            )
         except OptimiserFailed:
             break
         if again.shortfall_kwh > result.shortfall_kwh + options.slack(result.shortfall_kwh):
