@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import pandas as pd
 from numpy.typing import NDArray
 
 from controller.errors import InvalidEvent
@@ -69,20 +68,37 @@ class Calendar:
         return self.weekday >= 5
 
 
+def _offset_s(seconds: int, zone: ZoneInfo) -> int:
+    offset = datetime.fromtimestamp(seconds, tz=UTC).astimezone(zone).utcoffset()
+    return 0 if offset is None else int(offset.total_seconds())
+
+
+def utc_offsets_s(times_s: IntArray, tz: str) -> IntArray:
+    """(n,) the zone's UTC offset (seconds) at each instant, daylight saving time included.
+
+    Offsets are looked up once per distinct UTC hour (zones change offset on whole hours), so
+    a day-long horizon costs a few dozen lookups, not one pandas conversion.
+    """
+    zone = check_zone(tz)
+    t = np.asarray(times_s, dtype=np.int64)
+    hours, inverse = np.unique(t // HOUR_S, return_inverse=True)
+    offsets = np.array([_offset_s(int(h) * HOUR_S, zone) for h in hours], dtype=np.int64)
+    return offsets[inverse.reshape(-1)]
+
+
 def calendar(times_s: IntArray, tz: str) -> Calendar:
     """The local calendar features of `times_s` (epoch seconds) in zone `tz`."""
-    check_zone(tz)
-    index = pd.DatetimeIndex(
-        pd.to_datetime(np.asarray(times_s, dtype=np.int64), unit="s", utc=True)
-    )
-    local = index.tz_convert(tz)
-    hour = local.hour.to_numpy(dtype=float) + local.minute.to_numpy(dtype=float) / 60.0
-    naive_days = (local.tz_localize(None).normalize() - pd.Timestamp("1970-01-01")) // pd.Timedelta(
-        days=1
-    )
+    t = np.asarray(times_s, dtype=np.int64)
+    local = t + utc_offsets_s(t, tz)
+    local_day = local // DAY_S
+    seconds = local - local_day * DAY_S
+    hour = seconds / HOUR_S
+    days = local_day.astype("datetime64[D]")
+    year_start = days.astype("datetime64[Y]").astype("datetime64[D]")
+    doy = (days - year_start).astype(np.int64) + 1
     return Calendar(
-        hour=hour,
-        weekday=local.day_of_week.to_numpy(dtype=np.int64),
-        day_of_year=local.day_of_year.to_numpy(dtype=float) + hour / 24.0,
-        local_day=np.asarray(naive_days, dtype=np.int64),
+        hour=hour.astype(float),
+        weekday=((local_day + 3) % 7).astype(np.int64),  # 1970-01-01 was a Thursday
+        day_of_year=doy.astype(float) + hour / 24.0,
+        local_day=local_day.astype(np.int64),
     )

@@ -29,6 +29,7 @@ penalty search fast); it is evaluated at any time of day, so forecasts come per 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -348,6 +349,49 @@ def _full_matrix(design: _Design) -> FloatArray:
 
 
 @dataclass(frozen=True, slots=True)
+class _Tables:
+    """Each GAM term on the grid of slot starts: lookups instead of spline evaluation."""
+
+    weekday: FloatArray  # (7,) intercept + weekday effect
+    hour: FloatArray  # (96,) f_h at each quarter-hour
+    weekend: FloatArray  # (3, 96) 0 on working days, f_we for Saturday and Sunday
+    season: FloatArray  # (366 * 96,) f_s at each quarter-hour of the cycle
+    shape_cos: FloatArray  # (96,) f_hs, to be multiplied by cos(season angle)
+    shape_sin: FloatArray  # (96,) f_hc, to be multiplied by sin(season angle)
+
+
+@functools.lru_cache(maxsize=16)
+def _term_tables(spec: GamSpec, params_bytes: bytes) -> _Tables:
+    params = np.frombuffer(params_bytes, dtype=float)
+    quarter = np.arange(96) / 4.0
+    widths = [
+        spec.hour_df - 1,
+        2 * (spec.weekend_df - 1),
+        spec.season_df - 1,
+        2 * (spec.season_shape_df - 1),
+    ]
+    first = 7 + int(spec.price_term)
+    bounds = np.cumsum([first, *widths])
+    p_hour, p_week, p_season, p_shape = (params[a:b] for a, b in itertools.pairwise(bounds))
+    b_week = _basis(24.0, 0.0, spec.weekend_df, quarter)
+    half = spec.weekend_df - 1
+    weekend = np.zeros((3, 96))
+    weekend[1] = b_week @ p_week[:half]
+    weekend[2] = b_week @ p_week[half:]
+    b_shape = _basis(24.0, 0.0, spec.season_shape_df, quarter)
+    k = spec.season_shape_df - 1
+    doy = 1.0 + np.arange(int(DAYS_PER_CYCLE) * 96) / 96.0
+    return _Tables(
+        weekday=params[0] + np.concatenate([[0.0], params[1:7]]),
+        hour=_basis(24.0, 0.0, spec.hour_df, quarter) @ p_hour,
+        weekend=weekend,
+        season=_basis(DAYS_PER_CYCLE, 1.0, spec.season_df, doy) @ p_season,
+        shape_cos=b_shape @ p_shape[:k],
+        shape_sin=b_shape @ p_shape[k:],
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class GamFitReport:
     """How the fit went: statsmodels' convergence flags, the penalties and fit statistics."""
 
@@ -443,8 +487,32 @@ class HouseholdModel:
             if price_eur_per_kwh is None:
                 raise InvalidEvent(f"group {self.group!r}: the forecast needs prices")
             dev = np.asarray(price_eur_per_kwh, dtype=float) - self.price_mean_eur_per_kwh
+        quarter = cal.hour * 4.0
+        if hour_offset == 0 and np.all(quarter == np.round(quarter)):
+            # Slot starts on the local quarter-hour: read the terms from tables (exact there).
+            return self._tabulated(cal, dev)
         design = _design(self.spec, cal, dev, hour_offset)
         return _full_matrix(design) @ self.params
+
+    def _tabulated(self, cal: Calendar, dev: FloatArray | None) -> FloatArray:
+        tables = _term_tables(self.spec, self.params.tobytes())
+        slot = np.round(cal.hour * 4.0).astype(np.int64) % 96
+        day_slot = (
+            np.round((cal.day_of_year - 1.0) * 96.0).astype(np.int64) % tables.season.shape[0]
+        )
+        angle = _season_angle(cal, 0.0)
+        weekday = np.asarray(cal.weekday, dtype=np.int64)
+        out = (
+            tables.weekday[weekday]
+            + tables.hour[slot]
+            + tables.weekend[np.clip(weekday - 4, 0, 2), slot]
+            + tables.season[day_slot]
+            + tables.shape_cos[slot] * np.cos(angle)
+            + tables.shape_sin[slot] * np.sin(angle)
+        )
+        if dev is not None:
+            out = out + float(self.params[7]) * dev
+        return np.asarray(out, dtype=float)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the model file's `households.<group>` entry)."""

@@ -494,14 +494,13 @@ def next_day_needs(
     if any(not 0.0 < q < 1.0 for q in levels):
         raise InvalidEvent(f"levels {list(levels)} must lie in (0, 1)")
     weekday = day.weekday()
-    mean = np.zeros(len(cars))
-    p_zero = np.zeros(len(cars))
-    quantiles = np.zeros((len(cars), len(levels)))
-    for i, car in enumerate(cars):
-        k, theta, p0 = model.energy_law(car, weekday)
-        mean[i] = k * theta
-        p_zero[i] = p0
-        quantiles[i] = stats.gamma.ppf(np.asarray(levels), k, scale=theta)
+    laws = np.array([model.energy_law(car, weekday) for car in cars]).reshape(len(cars), 3)
+    k, theta, p_zero = laws[:, 0], laws[:, 1], laws[:, 2]
+    mean = k * theta
+    # Gamma(k, theta) quantiles are theta times those of Gamma(k, 1): one ppf per distinct k.
+    unit = {kk: stats.gamma.ppf(np.asarray(levels), kk) for kk in set(k.tolist())}
+    quantiles = np.array([unit[kk] for kk in k.tolist()]).reshape(len(cars), len(levels))
+    quantiles = quantiles * theta[:, None]
     return NextDayNeeds(
         day=day,
         vehicle_ids=tuple(c.vehicle_id for c in cars),

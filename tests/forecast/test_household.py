@@ -165,3 +165,28 @@ def test_the_built_panel_is_the_sum_of_its_households(household_sources: Househo
         assert np.allclose(groups[g].mean_kw, built.loads[g].mean_kw)
     assert sample.load_kw.min() >= 0.0
     assert 0.05 < sample.load_kw.mean() < 1.5
+
+
+def test_tabulated_terms_equal_the_spline_design(fitted_panel: FittedPanel) -> None:
+    """The fast table lookup gives what statsmodels' spline bases give, across DST changes."""
+    from controller.forecast.household import _design, _full_matrix
+
+    model = fitted_panel.models["market"]
+    times = slot_times(datetime(2016, 3, 20, tzinfo=UTC), 96 * 14)  # spans the March change
+    prices = np.linspace(0.0, 0.1, times.shape[0])
+    dev = prices - model.price_mean_eur_per_kwh
+    exact = _full_matrix(_design(model.spec, calendar(times, model.tz), dev)) @ model.params
+    assert np.allclose(model.mean_kw(times, prices), exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "Europe/Riga", "America/New_York", "UTC"])
+def test_the_calendar_matches_pandas_time_zone_conversion(zone: str) -> None:
+    """Local hour, weekday, day of year and local date agree with pandas over four years."""
+    import pandas as pd
+
+    t = np.arange(1451602800, 1451602800 + 4 * 366 * 86400, 900 * 7, dtype=np.int64)
+    cal = calendar(t, zone)
+    local = pd.DatetimeIndex(pd.to_datetime(t, unit="s", utc=True)).tz_convert(zone)
+    assert np.array_equal(cal.hour, local.hour + local.minute / 60)
+    assert np.array_equal(cal.weekday, local.day_of_week)
+    assert np.array_equal(cal.day_of_year, local.day_of_year + cal.hour / 24)
