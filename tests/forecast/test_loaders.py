@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from adapters.datasets.chargers import load_charger_logs
 from adapters.datasets.errors import DataFileError
 from adapters.datasets.fleet import load_seed_fleet
 from adapters.datasets.households import load_household_panel, write_household_panel
+from adapters.datasets.panel import HouseholdSources, PanelSpec, panel_sample
 from adapters.datasets.tables import load_day_ahead_prices, load_profile_table
 from controller.forecast.fleet import synthetic_fleet
 from controller.forecast.household import HouseholdPanel
@@ -273,3 +276,23 @@ def test_the_synthetic_fleet_has_1_mw_of_chargers() -> None:
     assert {v.capacity_kwh for v in model_3} == {57.5}
     assert vehicles[-1].model == "VW ID.4 PRO 150 KW"
     assert vehicles[-1].consumption_kwh_per_km == pytest.approx(0.177)
+
+
+def test_the_shipped_sample_panel_is_the_built_panel_in_the_file_format(
+    household_sources: HouseholdSources,
+) -> None:
+    """data/samples: 12 households of the panel `voltpool fit` builds, two weeks, read strictly."""
+    panel = load_household_panel(DATA / "samples" / "household_panel_sample.csv.gz")
+    assert len(panel.household_ids) == 12
+    assert panel.load_kw.shape == (12, 14 * 96)
+    again = panel_sample(household_sources, replace(PanelSpec(), first_day=3, days=14), range(12))
+    assert panel.tariffs == again.tariffs
+    assert np.allclose(panel.load_kw, again.load_kw, atol=4 * 0.00005 + 1e-12)
+
+
+def test_the_shipped_sample_charger_logs_load_strictly() -> None:
+    """data/samples: three built cars, two weeks, with plug state and consumption."""
+    logs = load_charger_logs(DATA / "samples" / "charger_logs_sample.csv.gz")
+    assert [log.car_id for log in logs] == ["car-01", "car-02", "car-03"]
+    assert all(log.plugged is not None and log.times_s.shape == (14 * 96,) for log in logs)
+    assert logs[0].consumption_kwh_per_km == pytest.approx(0.139)
