@@ -5,6 +5,16 @@ the consumer group `controller`; an entry stays pending until `commit` or `rejec
 so an event taken but not applied before a crash is taken again after the restart. `commit`
 writes the records, remembers the event id and acknowledges the entry in one Lua script: it is
 atomic, and a second delivery of an applied event id writes nothing.
+
+Nothing lost, nothing doubled (docs/reliability.md, cases R-03..R-05):
+
+- entries pending with another consumer for longer than `LogPolicy.claim_idle_ms` (a process
+  that died under another consumer name) are taken over with XAUTOCLAIM;
+- an entry delivered more than `LogPolicy.max_deliveries` times (a poison entry that crashes
+  every consumer that takes it) is moved to the rejected stream with its reason and settled, in
+  one MULTI, and counted as `events_dead_lettered`;
+- the log is trimmed every `LogPolicy.trim_every` commits with XTRIM MINID, never above the
+  oldest pending entry nor above the first entry not yet delivered to every group.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -57,16 +68,46 @@ REJECTED_MAXLEN = 10_000
 CONSUMER = "controller-1"
 
 
+@dataclass(frozen=True, slots=True)
+class LogPolicy:
+    """How the store reads, hands over and trims its event log."""
+
+    claim_idle_ms: int = 60_000  # another consumer's entry pending this long is taken over
+    max_deliveries: int = 5  # an entry delivered more often than this is dead-lettered
+    trim_every: int = 1_000  # commits between two trims of the log (0: never trim)
+    keep_settled_ms: int = 24 * 3600 * 1000  # settled entries younger than this are kept
+
+    def __post_init__(self) -> None:
+        if self.claim_idle_ms < 0:
+            raise ValueError(f"claim_idle_ms must be >= 0, got {self.claim_idle_ms}")
+        if self.max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {self.max_deliveries}")
+        if self.trim_every < 0:
+            raise ValueError(f"trim_every must be >= 0, got {self.trim_every}")
+        if self.keep_settled_ms < 0:
+            raise ValueError(f"keep_settled_ms must be >= 0, got {self.keep_settled_ms}")
+
+
 class RedisFleetStore:
     """`controller.ports.FleetStore` on a Redis server."""
 
-    def __init__(self, redis: Redis, site: str, *, consumer: str = CONSUMER) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        site: str,
+        *,
+        consumer: str = CONSUMER,
+        policy: LogPolicy | None = None,
+    ) -> None:
         self._redis = redis
         self._site = site
         self._consumer = consumer
+        self._policy = policy or LogPolicy()
         self._commit = redis.register_script(COMMIT_LUA)
         self._recovering = True  # read our own pending entries before new ones
+        self._claim_due = True  # look for other consumers' stale entries
         self._group_ready = False
+        self._commits_since_trim = 0
 
     @property
     def redis(self) -> Redis:
@@ -131,34 +172,143 @@ class RedisFleetStore:
         return _text(entry_id)
 
     async def take(self, count: int) -> Sequence[LogEntry]:
-        """Entries to apply: our own unsettled ones first (after a crash), then new ones."""
+        """Entries to apply: our own unsettled ones first (after a crash), then other consumers'
+        stale ones (claimed), then new ones. Entries delivered too often are dead-lettered and
+        not handed over; an empty answer means the log is drained."""
+        stream = keys.events(self._site)
         try:
             await self._ensure_group()
-            stream = keys.events(self._site)
-            if self._recovering:
+            while True:
+                if self._recovering:
+                    reply = await self._redis.xreadgroup(
+                        keys.EVENTS_GROUP, self._consumer, {stream: "0"}, count=count
+                    )
+                    screened = await self._screen(_entries(reply, keep_deleted=True))
+                    if screened is None:
+                        self._recovering = False
+                    elif screened:
+                        return screened
+                    continue  # all dead-lettered or settled: read our pending entries again
+                if self._claim_due:
+                    claimed = await self._claim(count)
+                    if claimed:
+                        return claimed
+                    self._claim_due = False
+                    continue
                 reply = await self._redis.xreadgroup(
-                    keys.EVENTS_GROUP, self._consumer, {stream: "0"}, count=count
+                    keys.EVENTS_GROUP, self._consumer, {stream: ">"}, count=count
                 )
-                entries = _entries(reply)
-                if entries:
-                    return [self._entry(i, f, redelivered=True) for i, f in entries]
-                self._recovering = False
-            reply = await self._redis.xreadgroup(
-                keys.EVENTS_GROUP, self._consumer, {stream: ">"}, count=count
-            )
+                fresh = [self._entry(i, f) for i, f in _entries(reply)]
+                if not fresh:
+                    self._claim_due = True  # idle: look for stale entries on the next take
+                return fresh
         except RedisError as exc:
             self._recovering = True
+            self._claim_due = True
             raise StoreUnavailable("redis unreachable reading the event log") from exc
-        return [self._entry(i, f) for i, f in _entries(reply)]
 
-    def _entry(self, entry_id: Any, fields: Any, *, redelivered: bool = False) -> LogEntry:
+    async def _claim(self, count: int) -> list[LogEntry]:
+        """Take over entries idle longer than the policy allows (empty list: none usable)."""
+        stream = keys.events(self._site)
+        start = "0-0"
+        while True:
+            reply: Any = await self._redis.xautoclaim(
+                stream,
+                keys.EVENTS_GROUP,
+                self._consumer,
+                self._policy.claim_idle_ms,
+                start_id=start,
+                count=count,
+            )
+            start = _text(reply[0])
+            # Redis 6.2 hands a deleted entry over as (nil, nil): it is now in our own pending
+            # list, and reading that (recovering) settles it.
+            if any(i is None for i, _ in reply[1]):
+                self._recovering = True
+            pairs = [(i, f) for i, f in reply[1] if i is not None]
+            if pairs:
+                log.warning("claimed %d stale log entries from other consumers", len(pairs))
+                await self.count("events_claimed", len(pairs))
+                screened = await self._screen(pairs)
+                if screened:
+                    return screened
+            if start == "0-0":
+                return []
+
+    async def _screen(self, pairs: list[tuple[Any, Any]]) -> list[LogEntry] | None:
+        """Redelivered entries with their delivery counts; poison and deleted ones settled.
+
+        Returns None when `pairs` is empty (nothing pending), else the entries to apply (which
+        may be empty when every one was dead-lettered)."""
+        if not pairs:
+            return None
+        stream = keys.events(self._site)
+        ids = [_text(i) for i, _ in pairs]
+        pending: Any = await self._redis.xpending_range(
+            stream, keys.EVENTS_GROUP, min=ids[0], max=ids[-1], count=len(ids) + 64
+        )
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        out: list[LogEntry] = []
+        for entry_id, fields in pairs:
+            eid = _text(entry_id)
+            if not fields:  # deleted from the stream while pending: nothing left to apply
+                await self._redis.xack(stream, keys.EVENTS_GROUP, eid)
+                await self.count("events_pending_deleted")
+                log.error("log entry %s was deleted while pending; settled without applying", eid)
+                continue
+            entry = self._entry(eid, fields, deliveries=deliveries.get(eid, 2))
+            if entry.deliveries > self._policy.max_deliveries:
+                await self.dead_letter(entry)
+                continue
+            out.append(entry)
+        return out
+
+    async def dead_letter(self, entry: LogEntry) -> None:
+        """Settle an entry delivered too often: rejected stream with the reason, counted."""
+        reason = (
+            f"dead-letter: delivered {entry.deliveries} times (limit {self._policy.max_deliveries})"
+        )
+        log.error("log entry %s %s", entry.entry_id, reason)
+        await self.reject(entry, reason)
+        await self.count("events_dead_lettered")
+
+    def _entry(self, entry_id: Any, fields: Any, *, deliveries: int = 1) -> LogEntry:
         raw = _text(fields.get("event", fields.get(b"event", b""))) if fields else ""
         try:
             event: Event | None = decode_event(raw)
         except InvalidEvent as exc:
             log.error("undecodable log entry %s: %s", _text(entry_id), exc)
             event = None
-        return LogEntry(_text(entry_id), event, raw, 2 if redelivered else 1)
+        return LogEntry(_text(entry_id), event, raw, deliveries)
+
+    async def trim(self) -> int:
+        """Drop settled entries older than the policy keeps; returns how many went.
+
+        The cut is the smallest of: the oldest entry pending in any group, the first entry not
+        yet delivered to any group, and the retention horizon. Entries only ever join above
+        the first two while this runs, so no unsettled entry can be lost to a race."""
+        stream = keys.events(self._site)
+        try:
+            groups: Any = await self._redis.xinfo_groups(stream)
+            seconds, micros = await self._redis.time()
+            cut_ms = int(seconds) * 1000 + int(micros) // 1000 - self._policy.keep_settled_ms
+            cut = (cut_ms, 0)
+            for group in groups:
+                last = _id(_text(group["last-delivered-id"]))
+                cut = min(cut, (last[0], last[1] + 1))
+                summary: Any = await self._redis.xpending(stream, _text(group["name"]))
+                if summary["pending"]:
+                    cut = min(cut, _id(_text(summary["min"])))
+            if cut <= (0, 0):
+                return 0
+            removed = await self._redis.xtrim(
+                stream, minid=f"{cut[0]}-{cut[1]}", approximate=False
+            )
+        except RedisError as exc:
+            raise StoreUnavailable("redis unreachable trimming the event log") from exc
+        if removed:
+            await self.count("events_trimmed", int(removed))
+        return int(removed)
 
     async def commit(self, entry: LogEntry, event_id: str, changes: Sequence[Change]) -> bool:
         """Write, remember the event id and acknowledge, in one atomic script."""
@@ -185,6 +335,10 @@ class RedisFleetStore:
         except RedisError as exc:
             self._recovering = True
             raise StoreUnavailable(f"redis unreachable committing {event_id}") from exc
+        self._commits_since_trim += 1
+        if self._policy.trim_every and self._commits_since_trim >= self._policy.trim_every:
+            self._commits_since_trim = 0
+            await self.trim()
         return int(result) == 1
 
     def _write_for(self, change: Change) -> tuple[str, str, str, str]:
@@ -278,8 +432,17 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entries(reply: Any) -> list[tuple[Any, Any]]:
-    """Flatten an XREADGROUP reply (RESP2 list or RESP3 dict) to (id, fields) pairs."""
+def _id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a comparable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _entries(reply: Any, *, keep_deleted: bool = False) -> list[tuple[Any, Any]]:
+    """Flatten an XREADGROUP reply (RESP2 list or RESP3 dict) to (id, fields) pairs.
+
+    An entry deleted while pending comes back with no fields; it is dropped unless
+    `keep_deleted` (reading our own pending entries, which must settle it)."""
     if not reply:
         return []
     items = reply.items() if isinstance(reply, dict) else reply
@@ -292,7 +455,7 @@ def _entries(reply: Any) -> list[tuple[Any, Any]]:
         ):
             messages = messages[0]
         for entry_id, fields in messages:
-            if fields is None:  # an entry trimmed away while pending
+            if not fields and not keep_deleted:  # an entry deleted while pending
                 continue
             out.append((entry_id, fields))
     return out

