@@ -30,7 +30,10 @@ from controller.planning.problem import FloatArray, PlanningProblem, Schedule
 # cvxpy's annotations are partial (atoms are not exported as typed names): use it untyped.
 cp: Any = _cvxpy
 _CACHE_SIZE = 8
-_ECOS = {"abstol": 1e-8, "reltol": 1e-8, "feastol": 1e-8, "max_iters": 500}
+_ECOS = {"abstol": 1e-8, "reltol": 1e-8, "feastol": 1e-8, "max_iters": 200}
+# The shortfall stage's optimum is usually 0, where only the absolute gap can close: 1e-6 kWh
+# (the feasibility tolerance) is what the verdict needs, and ECOS stalls well below it.
+_ECOS_SHORTFALL = {**_ECOS, "abstol": 1e-6}
 
 
 @dataclass(slots=True)
@@ -149,11 +152,15 @@ def _build(prepared: Prepared) -> _Structure:
             <= 1.0,
             site >= -par["export"],
         ]
-        energy = par["start"] + cp.cumsum(delta, axis=1)  # content at the end of each slot
-        constraints += [energy[v2g_rows, :] >= par["floor"][v2g_rows, :]]
-    else:
-        energy = par["start"] + cp.cumsum(delta, axis=1)
-    constraints.append(energy <= par["capacity"])
+    # The battery content at the end of each slot, by the balance equation slot after slot.
+    energy = cp.Variable((n, t_count))
+    constraints += [
+        energy[:, :1] == par["start"] + delta[:, :1],
+        energy[:, 1:] == energy[:, :-1] + delta[:, 1:],
+        energy <= par["capacity"],
+    ]
+    if prepared.v2g.any():
+        constraints.append(energy[v2g_rows, :] >= par["floor"][v2g_rows, :])
     leaving = np.nonzero(p.departure_slot > 0)[0]
     if len(leaving):
         at_departure = energy[leaving, p.departure_slot[leaving] - 1]
@@ -228,7 +235,7 @@ def _solve(stage: Any, name: str, inaccurate: list[str]) -> float:
         # ECOS's "may be inaccurate" warning: the status says the same, and is checked here.
         warnings.simplefilter("ignore", UserWarning)
         try:
-            stage.solve(solver=cp.ECOS, **_ECOS)
+            stage.solve(solver=cp.ECOS, **(_ECOS_SHORTFALL if name == "shortfall" else _ECOS))
         except cp.error.SolverError as exc:
             raise OptimiserFailed(f"ECOS: {name} stage failed: {exc}") from exc
     if stage.status == cp.OPTIMAL_INACCURATE:
