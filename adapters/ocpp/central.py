@@ -24,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
@@ -47,7 +48,13 @@ from adapters.ocpp.config import OcppConfig
 from adapters.ocpp.credentials import CredentialStore, valid_charger_id
 from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
 from adapters.ocpp.frames import FrameChecker, Verdict
-from adapters.ocpp.ports import ChargerListener, ChargerLookup, EventSink, VehicleForTag
+from adapters.ocpp.ports import (
+    ChargerListener,
+    ChargerLookup,
+    EventSink,
+    MeterListener,
+    VehicleForTag,
+)
 from adapters.ocpp.transactions import BookedTransaction, TransactionBook
 from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
 from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
@@ -399,6 +406,8 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
     ) -> call_result.MeterValues:
         """One `MeterSampled` per sample time."""
         for sample in meter_events(self.id, connector_id, transaction_id, meter_value):
+            if sample.power_kw is not None:
+                self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)
             await self._emit(sample)
         return call_result.MeterValues()
 
@@ -470,6 +479,7 @@ class CentralSystem:
         self.metrics = Metrics()
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
+        self._meter_listeners: list[MeterListener] = []
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
         self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know
         self._server: Server | None = None
@@ -523,6 +533,20 @@ class CentralSystem:
     def add_listener(self, listener: ChargerListener) -> None:
         """Tell `listener` when charge points become ready and when they leave."""
         self._listeners.append(listener)
+
+    def add_meter_listener(self, listener: MeterListener) -> None:
+        """Tell `listener` every measured connector power (kW) as it arrives (P-05)."""
+        self._meter_listeners.append(listener)
+
+    def meter_sampled(
+        self, charger_id: ChargerId, connector_id: int, at: datetime, power_kw: float
+    ) -> None:
+        """A validated MeterValues sample carried a power: pass it to the meter listeners."""
+        for listener in self._meter_listeners:
+            try:
+                listener(charger_id, connector_id, at, power_kw)
+            except Exception:  # a listener's bug must not fail the charger's MeterValues
+                log.exception("%s: meter listener failed", charger_id)
 
     # -- what other parts ask --
 

@@ -13,21 +13,27 @@ what the charger accepted:
 - one call in flight per charger (the worker is sequential; the library's call lock too), and
   the latest plan wins: a worker always builds from the newest plan when it sends;
 - a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
-  following, and the profile is retried with exponential back-off on the clock.
+  following, and the profile is retried with exponential back-off on the clock;
+- `Accepted` is a claim: every measured power from MeterValues is compared with the limit in
+  force (`adapters.ocpp.compliance`); a connector over it on two consecutive samples is flagged,
+  its *measured* draw is budgeted, and the other connectors' setpoints are scaled down so that
+  measured + planned stays within the plan's head-room (RELIABILITY.md P-05/P-07).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.central import CentralSystem
+from adapters.ocpp.compliance import ComplianceConfig, ComplianceMonitor
 from adapters.ocpp.config import LeaseConfig
 from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
 from adapters.ocpp.profiles import (
@@ -35,6 +41,7 @@ from adapters.ocpp.profiles import (
     band_in_unit,
     default_profile,
     differs,
+    from_limit,
     max_profile,
     safe_share_per_connector_kw,
     tx_profile,
@@ -82,6 +89,7 @@ class LeaseDispatcher:
         config: LeaseConfig | None = None,
         *,
         state: Callable[[], FleetState] | None = None,
+        compliance: ComplianceConfig | None = None,
     ) -> None:
         self.central = central
         self.clock = clock
@@ -93,7 +101,10 @@ class LeaseDispatcher:
         self.counters: Counter[str] = Counter()
         self.not_following: set[ChargerId] = set()
         self._activity = asyncio.Event()
+        self.compliance = ComplianceMonitor(compliance or ComplianceConfig())
+        self.budget_factor = 1.0  # the scale applied to compliant setpoints (1: none)
         central.add_listener(self)
+        central.add_meter_listener(self.meter_sampled)
 
     # -- PlanSink --
 
@@ -123,6 +134,62 @@ class LeaseDispatcher:
         link = self._links.pop(charger_id, None)
         if link is not None and link.task is not None:
             await stop_task(link.task)
+
+    # -- MeterListener: is each connector doing what it accepted? --
+
+    def meter_sampled(
+        self, charger_id: ChargerId, connector_id: int, at: datetime, power_kw: float
+    ) -> None:
+        """Judge one measured power against the limit in force; re-budget on a flag change."""
+        link = self._links.get(charger_id)
+        charger = self.state.chargers.get(charger_id)
+        limit_kw = None
+        if link is not None and charger is not None:
+            limit_kw = self._limit_in_force_kw(link, connector_id, at)
+        changed = self.compliance.observe((charger_id, connector_id), power_kw, limit_kw, at)
+        if not changed:
+            return
+        if self.compliance.is_flagged(charger_id):
+            self.counters["non_compliant_flags"] += 1
+            self.not_following.add(charger_id)
+        else:
+            self.counters["non_compliant_cleared"] += 1
+        for other in self._links.values():  # every charger's budget changed
+            other.idle.clear()
+            other.wake.set()
+
+    def _limit_in_force_kw(self, link: _Link, connector_id: int, at: datetime) -> float | None:
+        """The composite limit the charger accepted for the connector at `at`, in kW."""
+        charger = self.state.chargers.get(link.charger_id)
+        if charger is None:
+            return None
+        tx = link.sent.get(f"tx:{connector_id}")
+        base = tx if tx is not None else link.sent.get("default")
+        if base is None:
+            return None
+        limit = from_limit(base.limit_at(at), charger, base.unit)
+        cap = link.sent.get("max")
+        if cap is not None:
+            limit = min(limit, from_limit(cap.limit_at(at), charger, cap.unit))
+        return max(0.0, limit)
+
+    def _budget(self, plan: Plan, now: datetime) -> float:
+        """The factor on compliant setpoints so that measured rogue draw + plan <= head-room."""
+        rogue = self.compliance.non_compliant()
+        if not rogue or not plan.slot_starts:
+            return 1.0
+        t = max(0, bisect.bisect_right(plan.slot_starts, now) - 1)
+        if t >= len(plan.headroom_kw):
+            return 1.0
+        measured = sum(max(0.0, kw) for kw in rogue.values())
+        compliant = sum(
+            max(0.0, s.kw[t])
+            for s in plan.setpoints
+            if (s.charger_id, s.connector_id) not in rogue and t < len(s.kw)
+        )
+        if compliant <= 0.0:
+            return 1.0
+        return min(1.0, max(0.0, (plan.headroom_kw[t] - measured) / compliant))
 
     # -- for tests, scenarios and shutdown --
 
@@ -181,6 +248,10 @@ class LeaseDispatcher:
                 if c.transaction_id is not None
             }
         plan = self._plan
+        factor = self._budget(plan, now) if plan is not None else 1.0
+        if factor < self.budget_factor - 1e-9:
+            self.counters["budget_reductions"] += 1
+        self.budget_factor = factor
         for connector_id, transaction_id in sorted(running.items()):
             setpoint = None
             if plan is not None:
@@ -191,6 +262,15 @@ class LeaseDispatcher:
                         if s.charger_id == charger_id and s.connector_id == connector_id
                     ),
                     None,
+                )
+            if (
+                setpoint is not None
+                and factor < 1.0
+                and (charger_id, connector_id) not in self.compliance.non_compliant()
+            ):
+                # Budget the rogue connectors' measured draw: scale this one down (charging only).
+                setpoint = replace(
+                    setpoint, kw=tuple(kw * factor if kw > 0.0 else kw for kw in setpoint.kw)
                 )
             profiles.append(
                 tx_profile(

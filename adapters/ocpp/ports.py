@@ -9,6 +9,7 @@ lease dispatcher is one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Protocol, TypeAlias
 
 from controller.domain import ChargePoint, ChargerId, VehicleId
@@ -40,3 +41,6 @@ ChargerLookup: TypeAlias = Callable[[ChargerId], ChargePoint | None]
 
 VehicleForTag: TypeAlias = Callable[[str], VehicleId | None]
 """The vehicle an idTag belongs to, if any (RFID card or Plug & Charge contract per car)."""
+
+MeterListener: TypeAlias = Callable[[ChargerId, int, datetime, float], None]
+"""Told each measured connector power: (charger, connector, sample time, kW, import positive)."""
