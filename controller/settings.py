@@ -17,6 +17,10 @@ class PlanningSettings(BaseModel):
     headroom_quantile: float = Field(default=0.95, gt=0.0, lt=1.0)
     degradation_eur_per_kwh: float = Field(default=0.05, ge=0.0)
     demand_charge_eur_per_kw: float = Field(default=0.0, ge=0.0)
+    # Planned on top of each target: metering, the dispatch deadband and rounding of limits to
+    # whole amperes all fall on the short side, and a car that misses its target by a few Wh
+    # has still missed it.
+    target_margin_kwh: float = Field(default=1.0, ge=0.0, le=10.0)
     # Cars without a departure are planned as leaving at this hour of the next morning (UTC).
     default_departure_hour_utc: int = Field(default=7, ge=0, le=23)
     # A head-room series older than this is not trusted: plan on the safe site limit instead.

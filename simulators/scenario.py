@@ -149,6 +149,7 @@ class ScenarioResult:
     charger_stats: dict[str, Any] = field(default_factory=dict)
     latency_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    counters_before_restart: dict[str, int] = field(default_factory=dict)
 
     def _array(self, name: str) -> FloatArray:
         return np.asarray(getattr(self, name), dtype=float)
@@ -235,8 +236,10 @@ class DayRunner:
         meter_interval_s: float = 300.0,
         soc_interval_s: float = 1800.0,
         progress: Callable[[datetime, ScenarioResult], None] | None = None,
+        restart: tuple[datetime, ControllerUnderTest] | None = None,
     ) -> None:
         self.inputs = inputs
+        self.restart = restart
         self.runtime = runtime
         self.clock = clock
         self.step = timedelta(seconds=step_s)
@@ -448,6 +451,16 @@ class DayRunner:
         )
         await charger.unplug(1)
 
+    async def _restart(self, controller: ControllerUnderTest) -> None:
+        """Restart the controller; advance time in seconds until every charger is back."""
+        self.result.counters_before_restart = dict(self.runtime.service.counters)
+        self.runtime = await controller.restart()
+        async with asyncio.timeout(120):
+            while not all(c.online.is_set() for c in self.chargers):
+                await self.clock.advance(timedelta(seconds=1))
+                await asyncio.sleep(0.001)
+        await self._quiet()
+
     async def _telemetry(self) -> None:
         now = self.clock.now()
         for charger in self.chargers:
@@ -525,6 +538,10 @@ class DayRunner:
             if now >= next_soc:
                 await self._telemetry()
                 next_soc += self.soc_interval
+            if self.restart is not None and now >= self.restart[0]:
+                await self._restart(self.restart[1])
+                self.restart = None
+                now = self.clock.now()
             await self._quiet()
             slot = inputs.slot_of(now)
             planned = self._planned_kw()
@@ -543,9 +560,61 @@ class DayRunner:
                 result.soc[car.vehicle_id].append(None if sim_car is None else sim_car.soc)
             meters = metered_now
             if self.progress is not None:
+                result.counters = dict(self.runtime.service.counters)
+                result.dispatch = dict(self.runtime.dispatcher.counters)
                 self.progress(self.clock.now(), result)
         for _, index in departures:  # cars still plugged in at the end
             await self._depart(index, inputs.cars[index])
+        await self._quiet()  # the last stops and statuses, before the counters are read
+
+
+class ControllerUnderTest:
+    """voltpool running in this process as a task, which can be stopped and started again."""
+
+    def __init__(self, settings: Settings, clock: SimClock, solver: SolveFn | None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.solver = solver
+        self.runtime: bootstrap.Runtime | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.starts = 0
+
+    async def start(self) -> bootstrap.Runtime:
+        """Start the service and wait until it is ready."""
+        ready: asyncio.Future[bootstrap.Runtime] = asyncio.get_running_loop().create_future()
+
+        async def on_ready(runtime: bootstrap.Runtime) -> None:
+            ready.set_result(runtime)
+
+        self._task = asyncio.create_task(
+            bootstrap.run(self.settings, clock=self.clock, solver=self.solver, on_ready=on_ready)
+        )
+        waiter = asyncio.ensure_future(ready)
+        racing: set[asyncio.Future[Any]] = {waiter, self._task}
+        done, _ = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            self._task.result()  # raises what stopped the service
+            raise RuntimeError("voltpool stopped before it was ready")
+        self.runtime = waiter.result()
+        self.starts += 1
+        return self.runtime
+
+    async def stop(self) -> None:
+        """Cancel the service (its servers, if embedded, stop with it)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        while not task.done():  # repeat: Python 3.11's wait_for can swallow one cancel
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("voltpool stopped with %r", task.exception())
+
+    async def restart(self) -> bootstrap.Runtime:
+        """Stop and start again on the same data (a crash of the controller process alone)."""
+        await self.stop()
+        return await self.start()
 
 
 async def run_day(
@@ -559,31 +628,28 @@ async def run_day(
     deadband_kw: float = 0.5,
     progress: Callable[[datetime, ScenarioResult], None] | None = None,
     data_dir: str | None = None,
+    redis_url: str | None = None,
+    mqtt_url: str | None = None,
+    ocpp_port: int = 0,
+    restart_at: datetime | None = None,
 ) -> ScenarioResult:
-    """Start voltpool on embedded servers with a simulated clock and run the day through it."""
+    """Start voltpool with a simulated clock and run the day through it.
+
+    Redis and the broker are embedded unless `redis_url` / `mqtt_url` are given. `restart_at`
+    stops the controller at that simulated time and starts it again on the same Redis, broker
+    and OCPP port (so it needs the external servers and a fixed `ocpp_port`): the chargers
+    reconnect and the plan is rebuilt from what Redis kept.
+    """
+    if restart_at is not None and (redis_url is None or mqtt_url is None or ocpp_port == 0):
+        raise ValueError("a restart needs an external Redis and broker and a fixed OCPP port")
     clock = SimClock(inputs.start)
-    outcome: list[ScenarioResult] = []
-
-    async def drive(runtime: bootstrap.Runtime) -> None:
-        runner = DayRunner(
-            inputs,
-            runtime,
-            clock,
-            strategy=strategy,
-            step_s=step_s,
-            meter_interval_s=meter_interval_s,
-            progress=progress,
-        )
-        outcome.append(await runner.run())
-        raise _Finished
-
     with tempfile.TemporaryDirectory(prefix="voltpool-scenario-") as tmp:
         settings = Settings(
             site="scenario",
             data_dir=data_dir or tmp,
-            redis_url=None,
-            mqtt_url=None,
-            ocpp_port=0,
+            redis_url=redis_url,
+            mqtt_url=mqtt_url,
+            ocpp_port=ocpp_port,
             ocpp_bcrypt_rounds=4,
             coalesce_window_s=0.2,
             max_event_ahead_s=3600.0,
@@ -591,15 +657,22 @@ async def run_day(
             site_capacity_kw=inputs.site_capacity_kw,
             planning=planning or PlanningSettings(),
         )
+        controller = ControllerUnderTest(settings, clock, solver)
+        runtime = await controller.start()
         try:
-            await bootstrap.run(settings, clock=clock, solver=solver, on_ready=drive)
-        except* _Finished:
-            pass
-    return outcome[0]
-
-
-class _Finished(Exception):
-    """Raised by the scenario driver to stop the service once the day is over."""
+            runner = DayRunner(
+                inputs,
+                runtime,
+                clock,
+                strategy=strategy,
+                step_s=step_s,
+                meter_interval_s=meter_interval_s,
+                progress=progress,
+                restart=(restart_at, controller) if restart_at is not None else None,
+            )
+            return await runner.run()
+        finally:
+            await controller.stop()
 
 
 def summarise(results: Sequence[ScenarioResult], tolerance_kw: float) -> list[dict[str, Any]]:

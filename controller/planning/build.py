@@ -121,7 +121,7 @@ def build_problem(
         wanted = vehicle.target_kwh
         if wanted is None:
             wanted = DEFAULT_TARGET_SOC * vehicle.capacity_kwh
-        target[i] = max(wanted, 0.0)
+        target[i] = max(wanted, 0.0) + settings.target_margin_kwh
         upper[i, : departure_slot[i]] = _connector_limit_kw(vehicle, charger)
         if charger is not None:
             min_kw[i] = min(charger.min_power_kw, upper[i].max(initial=0.0))
