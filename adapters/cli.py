@@ -143,14 +143,66 @@ def schema(
 
 @app.command()
 def demo(
-    cars: Annotated[int, typer.Option(help="Number of cars.")] = 6,
+    cars: Annotated[int, typer.Option(help="Number of cars (the seed's fleet: 278).")] = 278,
+    days: Annotated[int, typer.Option(help="Simulated days, one after the other.")] = 1,
+    date: Annotated[str, typer.Option(help="First day (YYYY-MM-DD), its local noon.")] = (
+        "2024-03-12"
+    ),
+    hours: Annotated[float, typer.Option(help="Hours simulated per day (at most 24).")] = 24.0,
+    step_s: Annotated[float, typer.Option(help="Simulated seconds per step.")] = 300.0,
+    out: Annotated[str | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Start the service on embedded servers, feed it a handful of events, print the plan."""
-    from simulators.quickdemo import run_quick_demo
+    """Run the seed's fleet for a day through OCPP, MQTT and Redis; report managed vs baselines."""
+    from simulators.demo import run_demo_cli
 
     _configure_logging(verbose)
-    run_until_signalled(run_quick_demo(cars=cars, console=console))
+    run_demo_cli(
+        cars=cars, days=days, first=date, hours=hours, step_s=step_s, out=out, console=console
+    )
+
+
+@app.command()
+def study(
+    cars: Annotated[int, typer.Option(help="Fleet size (the seed's: 278).")] = 278,
+    year: Annotated[int, typer.Option(help="Year of prices and calendar.")] = 2024,
+    days: Annotated[int, typer.Option(help="Days sampled evenly over the year.")] = 365,
+    sens_days: Annotated[int, typer.Option(help="Days per sensitivity variant (0: none).")] = 24,
+    fee: Annotated[float, typer.Option(help="Grid fee + taxes, EUR per imported kWh.")] = 0.15,
+    export_refund: Annotated[
+        float, typer.Option(help="What an exported kWh earns on top of spot, EUR/kWh.")
+    ] = 0.0,
+    wear: Annotated[float, typer.Option(help="V2G battery wear, EUR per kWh discharged.")] = 0.03,
+    v2g_share: Annotated[float, typer.Option(help="Share of cars allowed V2G.")] = 1.0,
+    quantile: Annotated[float, typer.Option(help="Head-room quantile planned on.")] = 0.95,
+    out: Annotated[
+        str | None, typer.Option(help="Output directory (default runs/study-<time>).")
+    ] = None,
+    data_dir: Annotated[str, typer.Option(help="Data directory.")] = "data",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The planner without the protocols over a year: cost, peak, savings, sensitivity."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from simulators.study import run_cli
+
+    _configure_logging(verbose)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_cli(
+        data_dir=Path(data_dir),
+        out=Path(out or f"runs/study-{stamp}"),
+        cars=cars,
+        year=year,
+        days=days,
+        sens_days=sens_days,
+        fee_eur_per_kwh=fee,
+        export_refund_eur_per_kwh=export_refund,
+        degradation_eur_per_kwh=wear,
+        v2g_share=v2g_share,
+        headroom_quantile=quantile,
+        console=console,
+    )
 
 
 def main() -> None:

@@ -94,8 +94,13 @@ class DayInputs:
     base_load_kw: FloatArray  # (S,)
     cars: tuple[CarDay, ...]
     v2g_mode: str = "none"
+    # 1 for single-phase wallboxes: a 3-phase charger cannot go below 6 A x 3 x 230 V = 4.1 kW,
+    # so a 3.6 kW (16 A single-phase) charger must say it has one phase.
+    charger_phases: int = 3
 
     def __post_init__(self) -> None:
+        if self.charger_phases not in (1, 3):
+            raise ValueError("charger_phases must be 1 or 3")
         if self.start != slot_floor(self.start):
             raise ValueError("a scenario starts on a 15-minute boundary")
         need = int(np.ceil(self.hours * 4)) + 96
@@ -281,6 +286,7 @@ class DayRunner:
                     charger=ChargePoint(
                         charger_id=charger_id,
                         max_power_kw=inputs.charger_kw,
+                        phases=inputs.charger_phases,
                         connectors=(Connector(connector_id=1, max_power_kw=inputs.charger_kw),),
                         v2g_mode=inputs.v2g_mode,  # type: ignore[arg-type]
                     ),
@@ -355,6 +361,7 @@ class DayRunner:
                 ChargerSpec(
                     charger_id=charger_id,
                     max_power_kw=self.inputs.charger_kw,
+                    phases=self.inputs.charger_phases,
                     meter_interval_s=self.meter_interval_s,
                     v2g_mode=self.inputs.v2g_mode,  # type: ignore[arg-type]
                 ),
