@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.embedded import MqttEndpoint, RedisEndpoint, mqtt_endpoint, redis_endpoint
+from adapters.forecast_feed import ForecastFeed
 from adapters.mqtt import MqttLink, MqttPlanPublisher
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import LeaseConfig, OcppConfig
@@ -150,6 +151,16 @@ async def run(
             tasks.create_task(service.run())
             tasks.create_task(link.run())
             tasks.create_task(_publish_status(runtime))
+            if settings.models_dir is not None:
+                feed = ForecastFeed(
+                    Path(settings.models_dir),
+                    clock=service_clock,
+                    submit=service.submit,
+                    capacity_kw=settings.site_capacity_kw,
+                    quantile=settings.planning.headroom_quantile,
+                    slots=settings.planning.horizon_slots,
+                )
+                tasks.create_task(feed.run())
             if on_ready is not None:
                 await link.connected.wait()
                 await on_ready(runtime)

@@ -59,4 +59,7 @@ class Settings(BaseSettings):
     http_port: int = Field(default=0, ge=0, le=65535)
     # Fault injection for crash tests: the name of a point at which the process kills itself.
     failpoint: str | None = Field(default=None)
+    # Fitted forecast models (`voltpool fit --out-dir`): when set, head-room and prices come
+    # from them, refreshed every slot; when not, from MQTT.
+    models_dir: str | None = Field(default=None)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
