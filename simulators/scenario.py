@@ -153,6 +153,8 @@ class ScenarioResult:
     dispatch: dict[str, int] = field(default_factory=dict)
     charger_stats: dict[str, Any] = field(default_factory=dict)
     latency_s: list[float] = field(default_factory=list)
+    # Wall time per step from the step's first message to the last profile answered.
+    step_latency_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     counters_before_restart: dict[str, int] = field(default_factory=dict)
 
@@ -552,8 +554,10 @@ class DayRunner:
             await self._quiet()
             slot = inputs.slot_of(now)
             planned = self._planned_kw()
+            moved = time.perf_counter()
             await self.clock.run_until(now + self.step)
             await self._quiet()
+            result.step_latency_s.append(time.perf_counter() - moved)
             metered_now = self._meters_wh()
             step_h = self.step.total_seconds() / 3600.0
             result.times.append(now)
