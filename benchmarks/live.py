@@ -32,6 +32,7 @@ from controller.clock import WallClock
 from controller.domain import ChargePoint, Connector, Site
 from controller.events import (
     ChargerRegistered,
+    Event,
     HeadroomUpdated,
     PriceUpdated,
     SiteConfigured,
@@ -84,7 +85,7 @@ async def throughput(cars: int, events: int, solver: SolveFn, label: str) -> Non
             await service.start()
             task = asyncio.create_task(service.run())
             start = now.replace(minute=now.minute - now.minute % 15, second=0, microsecond=0)
-            setup = [
+            setup: list[Event] = [
                 SiteConfigured(
                     event_id="site", at=now, site=Site(site_id="bench", capacity_kw=1000.0)
                 ),
