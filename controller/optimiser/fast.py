@@ -11,6 +11,7 @@ simplex optimum on the exact floating-point data, never the flow's rounded one.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ class _Loaded:
     layout: Layout
     values: Values
     objective: FloatArray  # the column costs loaded now
-    cost_basis: Any = None  # highspy.HighsBasis  # optimal basis of the last money stage
+    cost_basis: Any = None  # highspy.HighsBasis: optimal basis of the last money stage
+    prices: FloatArray | None = None  # the import prices of the problem it holds
+    first_slot: int = 0  # absolute index of that problem's first slot
 
 
 class FastSolver:
@@ -96,39 +99,60 @@ class FastSolver:
         problem = prepared.problem
         if problem.n_vehicles == 0:
             return _empty(prepared, "highs"), None
+        try:
+            return self._attempt(prepared, options, warm=options.warm_start)
+        except OptimiserFailed:
+            self._loaded = None
+            if not options.warm_start:
+                raise
+            # A warm start that runs into the time limit is retried once from scratch.
+            return self._attempt(prepared, options, warm=False)
+
+    def _attempt(
+        self, prepared: Prepared, options: OptimiserOptions, *, warm: bool
+    ) -> tuple[StageResult, tuple[FloatArray, FloatArray, dict[str, float]] | None]:
+        problem = prepared.problem
         first_slot = int(slot_floor(problem.start).timestamp() // SLOT_S)
         key = layout_key(prepared, first_slot)
-        loaded = self._loaded
-        if options.warm_start and loaded is not None and loaded.layout.key == key:
+        loaded = self._loaded if warm else None
+        if loaded is not None and loaded.layout.key == key:
             values = build_values(loaded.layout, prepared)
+            repriced = _repriced(loaded, problem.price_eur_per_kwh, first_slot)
             _update(loaded, values)
-            if loaded.cost_basis is not None:
-                loaded.highs.setBasis(loaded.cost_basis)
             self.last_start = "warm"
+            basis = None
+            if repriced and options.flow_start and not loaded.layout.any_v2g:
+                # New prices reorder the cheap slots: a fresh flow beats thousands of pivots.
+                basis = flow_basis(loaded.layout, values, prepared)
+            if basis is not None and _set_basis(loaded.highs, *basis):
+                self.last_start = "flow"
+            elif loaded.cost_basis is not None:
+                loaded.highs.setBasis(loaded.cost_basis)
         else:
             layout = build_layout(prepared, self._vehicle_codes(problem.vehicle_ids), first_slot)
             values = build_values(layout, prepared)
             highs = _new_highs(layout, values, options)
-            basis: tuple[IntArray, IntArray] | None = None
+            basis = None
             self.last_start = "cold"
-            if options.warm_start and loaded is not None:
+            repriced = loaded is None or _repriced(loaded, problem.price_eur_per_kwh, first_slot)
+            if options.flow_start and not layout.any_v2g and repriced:
+                basis = flow_basis(layout, values, prepared)
+                self.last_start = "flow"
+            if basis is None and loaded is not None:
                 basis = _remap(loaded, layout, values)
                 self.last_start = "remapped"
-            elif options.flow_start and not layout.any_v2g:
-                basis = flow_basis(layout, values, prepared)
-                self.last_start = "flow" if basis is not None else "cold"
             if basis is not None and not _set_basis(highs, *basis):
                 self.last_start = "cold"
+            if basis is None:
+                self.last_start = "cold"
             loaded = _Loaded(highs, layout, values, np.zeros(layout.n_cols))
-            self._loaded = loaded if options.warm_start else None
-        try:
-            result = _stages(loaded, prepared, options)
-            repaired = None
-            if options.min_rate_repair:
-                repaired = _repair_rounds(loaded, prepared, options, result)
-        except OptimiserFailed:
-            self._loaded = None
-            raise
+        loaded.prices = problem.price_eur_per_kwh.copy()
+        loaded.first_slot = first_slot
+        self._loaded = loaded if options.warm_start else None
+        result = _stages(loaded, prepared, options, flatten=not options.min_rate_repair)
+        repaired = None
+        if options.min_rate_repair:
+            repaired = _repair_rounds(loaded, prepared, options, result)
         return result, repaired
 
     def _vehicle_codes(self, vehicle_ids: tuple[str, ...]) -> IntArray:
@@ -140,6 +164,17 @@ class FastSolver:
             if vid not in codes:
                 codes[vid] = len(codes) + 1
         return np.fromiter((codes[v] for v in vehicle_ids), dtype=np.int64, count=len(vehicle_ids))
+
+
+def _repriced(loaded: _Loaded, prices: FloatArray, first_slot: int) -> bool:
+    """Whether the import prices differ from the loaded problem's on the slots both cover."""
+    if loaded.prices is None:
+        return True
+    shift = first_slot - loaded.first_slot
+    if shift < 0 or shift >= len(loaded.prices):
+        return True
+    overlap = min(len(loaded.prices) - shift, len(prices))
+    return not np.array_equal(loaded.prices[shift : shift + overlap], prices[:overlap])
 
 
 def _new_highs(layout: Layout, values: Values, options: OptimiserOptions) -> Any:
@@ -273,12 +308,11 @@ def _stages(
     *,
     save_basis: bool = True,
     values: Values | None = None,
-    idle: IntArray | None = None,
+    flatten: bool = True,
 ) -> StageResult:
     """Run the lexicographic stages on the loaded model (targets hard first).
 
-    `idle`: columns to hold at 0 before the flattening stages where the money stage left them
-    at 0 (the min-rate repair's undecided slots).
+    `flatten=False` stops after the money stage (the min-rate repair flattens once, at its end).
     """
     highs, layout = loaded.highs, loaded.layout
     values = values or loaded.values
@@ -314,47 +348,16 @@ def _stages(
     g_slice = slice(layout.g0, layout.g0 + layout.t_count)
     net = np.asarray(solution.col_value[g_slice])
     price = np.maximum(0.0, -np.asarray(solution.col_dual[g_slice]))
-    cost_peak = float(max(0.0, net.max(initial=0.0)))
-    cost_ramp = float(np.abs(np.diff(net)).sum())
-    peak, ramp = cost_peak, cost_ramp
-    if options.peak_flattening:
-        # Among the cost-optimal plans: the optimal face of the money stage (every column and
-        # row with a non-zero dual stays where it is) and, as a guard, money <= optimum + slack.
-        highs.setOptionValue("simplex_strategy", 4)  # primal: the basis stays feasible
-        _fix_face(highs, solution, values)
-        if idle is not None and len(idle):
-            unused = idle[np.asarray(solution.col_value)[idle] <= 1e-12]
-            zeros = np.zeros(len(unused))
-            highs.changeColsBounds(len(unused), unused.astype(np.int32), zeros, zeros)
-        highs.changeRowBounds(layout.cost_row, -INF, cost + options.slack(cost))
-        objective = np.zeros(layout.n_cols)
-        objective[layout.k_col] = 1.0
-        _objective(loaded, objective)
-        _expect(_run(highs, counter), "peak stage")
-        peak = _objective_value(highs)
-        solution = highs.getSolution()
-        if options.ramp_smoothing and layout.t_count > 1:
-            _fix_face(highs, solution, values)
-            highs.changeColBounds(layout.k_col, 0.0, peak + options.slack(peak))
-            objective = np.zeros(layout.n_cols)
-            objective[layout.r0 : layout.r0 + layout.t_count - 1] = 1.0
-            _objective(loaded, objective)
-            _expect(_run(highs, counter), "ramp stage")
-            ramp = _objective_value(highs)
-            solution = highs.getSolution()
-        highs.setOptionValue("simplex_strategy", 1)
-    col_value = np.asarray(solution.col_value)
-    charge, discharge = _powers(layout, prepared, col_value)
-    if not options.peak_flattening:
-        peak, ramp = site_profile(charge, discharge)
-    return StageResult(
+    charge, discharge = _powers(layout, prepared, np.asarray(solution.col_value))
+    peak, ramp = site_profile(charge, discharge)
+    result = StageResult(
         charge_kw=charge,
         discharge_kw=discharge,
         shortfall_kwh=shortfall,
         max_relative_shortfall=worst,
         cost_eur=cost,
-        cost_stage_peak_kw=cost_peak,
-        cost_stage_ramp_kw=cost_ramp,
+        cost_stage_peak_kw=float(max(0.0, net.max(initial=0.0))),
+        cost_stage_ramp_kw=float(np.abs(np.diff(net)).sum()),
         peak_kw=peak,
         ramp_kw=ramp,
         headroom_price_eur_per_kw=price,
@@ -363,6 +366,60 @@ def _stages(
         solves=counter.solves,
         iterations=counter.iterations,
     )
+    if flatten and options.peak_flattening:
+        _flatten(loaded, prepared, options, result, values, None, solution)
+    return result
+
+
+def _flatten(
+    loaded: _Loaded,
+    prepared: Prepared,
+    options: OptimiserOptions,
+    result: StageResult,
+    values: Values,
+    idle: IntArray | None,
+    solution: Any,
+) -> None:
+    """The second stage, from the money stage's optimum loaded now: least peak, least ramps.
+
+    Among the cost-optimal plans means on the money stage's optimal face (every column and row
+    with a non-zero dual stays where it is) and, as a guard, money <= optimum + slack. `idle`
+    columns that the money stage left at 0 stay at 0 (the min-rate repair's undecided slots).
+    Updates `result` in place.
+    """
+    highs, layout = loaded.highs, loaded.layout
+    counter = _Counter(options.time_limit_s)
+    highs.setOptionValue("simplex_strategy", 4)  # primal: the basis stays feasible
+    try:
+        _fix_face(highs, solution, values)
+        if idle is not None and len(idle):
+            unused = idle[np.asarray(solution.col_value)[idle] <= 1e-12]
+            zeros = np.zeros(len(unused))
+            highs.changeColsBounds(len(unused), unused.astype(np.int32), zeros, zeros)
+        cost = result.cost_eur
+        highs.changeRowBounds(layout.cost_row, -INF, cost + options.slack(cost))
+        objective = np.zeros(layout.n_cols)
+        objective[layout.k_col] = 1.0
+        _objective(loaded, objective)
+        _expect(_run(highs, counter), "peak stage")
+        result.peak_kw = _objective_value(highs)
+        solution = highs.getSolution()
+        if options.ramp_smoothing and layout.t_count > 1:
+            _fix_face(highs, solution, values)
+            highs.changeColBounds(layout.k_col, 0.0, result.peak_kw + options.slack(result.peak_kw))
+            objective = np.zeros(layout.n_cols)
+            objective[layout.r0 : layout.r0 + layout.t_count - 1] = 1.0
+            _objective(loaded, objective)
+            _expect(_run(highs, counter), "ramp stage")
+            result.ramp_kw = _objective_value(highs)
+            solution = highs.getSolution()
+    finally:
+        highs.setOptionValue("simplex_strategy", 1)
+    result.charge_kw, result.discharge_kw = _powers(
+        layout, prepared, np.asarray(solution.col_value)
+    )
+    result.solves += counter.solves
+    result.iterations += counter.iterations
 
 
 def _repair_rounds(
@@ -391,6 +448,8 @@ def _repair_rounds(
     lower, upper = base_lower.copy(), base_upper.copy()
     charge, discharge = result.charge_kw, result.discharge_kw
     rounds = 0
+    good, good_cost = values, result.cost_eur
+    current_is_good = True  # the model holds the money-stage optimum of `good` now
     tie_break = 1e-5 * (1.0 + float(np.abs(values.cost_vector).max(initial=0.0)))
     for _ in range(3):
         power = np.concatenate(
@@ -436,12 +495,13 @@ def _repair_rounds(
             short_vector=values.short_vector,
         )
         _reset_bounds(loaded, bounded)
+        current_is_good = False
         if loaded.cost_basis is not None:
             # The money stage's basis stays dual feasible under new bounds: a few dual pivots.
             loaded.highs.setBasis(loaded.cost_basis)
         try:
             again = _stages(
-                loaded, prepared, options, save_basis=False, values=bounded, idle=cols[undecided]
+                loaded, prepared, options, save_basis=False, values=bounded, flatten=False
             )
         except OptimiserFailed:
             break
@@ -449,6 +509,39 @@ def _repair_rounds(
             break  # the pattern costs energy the LP plan delivered: keep the previous round
         rounds += 1
         charge, discharge = again.charge_kw, again.discharge_kw
+        good, good_cost = bounded, again.cost_eur
+        current_is_good = True
+    if options.peak_flattening:
+        # Flatten once, over the last good pattern (or the plain LP when nothing was repaired).
+        flat = dataclasses.replace(result, cost_eur=good_cost)
+        try:
+            if not current_is_good:
+                _reset_bounds(loaded, good)
+                loaded.highs.setBasis(loaded.cost_basis)
+                _objective(loaded, good.cost_vector)
+                _expect(_run(loaded.highs, _Counter(options.time_limit_s)), "cost stage")
+            solution = loaded.highs.getSolution()
+            # Whatever runs now keeps >= min and whatever is idle stays idle: flattening then
+            # only reshapes power among running slots and cannot make new slivers.
+            value = np.asarray(solution.col_value)[cols]
+            pattern_lower = good.col_lower[cols]
+            limited = (minimum > 1e-9) & ~forced  # chargers with a minimum rate
+            running = limited & (value >= minimum * dt - 1e-9) & usable
+            pattern_lower = np.where(
+                running, np.maximum(pattern_lower, minimum * dt), pattern_lower
+            )
+            idle = cols[limited & (value <= 1e-12) & (good.col_upper[cols] > 0.0)]
+            col_lower = good.col_lower.copy()
+            col_lower[cols] = np.minimum(pattern_lower, value)
+            loaded.highs.changeColsBounds(
+                len(cols), cols.astype(np.int32), col_lower[cols], good.col_upper[cols]
+            )
+            _flatten(loaded, prepared, options, flat, good, idle, solution)
+            charge, discharge = flat.charge_kw, flat.discharge_kw
+            result.peak_kw, result.ramp_kw = flat.peak_kw, flat.ramp_kw
+            result.solves, result.iterations = flat.solves, flat.iterations
+        except OptimiserFailed:
+            result.extra["flattening_skipped"] = 1.0
     _reset_bounds(loaded, values)
     left, left_discharge, info = repair_min_rate(prepared, charge, discharge)
     info["repair_lp_rounds"] = float(rounds)
