@@ -121,6 +121,7 @@ async def throughput(cars: int, events: int, solver: SolveFn, label: str) -> Non
             for event in setup:
                 await service.submit(event)
             await service.counted("events_applied", len(setup))
+            await service.settled()  # the first plan, for the fleet as set up
             service.latencies_s.clear()
             plans_before = service.plans_made
             rng = np.random.default_rng(1)
@@ -137,7 +138,7 @@ async def throughput(cars: int, events: int, solver: SolveFn, label: str) -> Non
                 )
             await service.counted("events_applied", len(setup) + events)
             elapsed = time.perf_counter() - started
-            await service.planner_idle()
+            await service.settled()  # a plan that includes the last event
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await client.aclose()

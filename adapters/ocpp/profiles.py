@@ -309,6 +309,8 @@ def tx_profile(
         offsets.append(offset)
         limits.append(charge)
         discharge.append(dis)
+        if len(limits) > cfg.max_periods:
+            break  # everything after the first max_periods periods is cut off below
     if len(limits) > cfg.max_periods:
         offsets, limits, discharge = (
             offsets[: cfg.max_periods],
