@@ -309,10 +309,13 @@ def _stages(
     save_basis: bool = True,
     values: Values | None = None,
     flatten: bool = True,
+    soften: bool = True,
 ) -> StageResult:
     """Run the lexicographic stages on the loaded model (targets hard first).
 
-    `flatten=False` stops after the money stage (the min-rate repair flattens once, at its end).
+    `flatten=False` stops after the money stage (the min-rate repair flattens once, at its end);
+    `soften=False` fails at once if the targets cannot all be met (a repair pattern that costs
+    energy is not worth the soft stages).
     """
     highs, layout = loaded.highs, loaded.layout
     values = values or loaded.values
@@ -322,6 +325,8 @@ def _stages(
     shortfall, worst = 0.0, 0.0
     if status not in ("optimal", "infeasible"):
         _expect(status, "cost stage")
+    if status == "infeasible" and not soften:
+        raise OptimiserFailed("targets not reachable with these bounds")
     if status == "infeasible":
         # Some target cannot be met inside h_t: free the shortfall columns and rank.
         scaled = shortfall_scaled(layout, prepared)
@@ -501,7 +506,13 @@ def _repair_rounds(
             loaded.highs.setBasis(loaded.cost_basis)
         try:
             again = _stages(
-                loaded, prepared, options, save_basis=False, values=bounded, flatten=False
+                loaded,
+                prepared,
+                options,
+                save_basis=False,
+                values=bounded,
+                flatten=False,
+                soften=not result.feasible,
             )
         except OptimiserFailed:
             break
