@@ -9,7 +9,9 @@ what the charger accepted:
   share) and ChargePointMaxProfile (circuit limit) go first, before any TxProfile;
 - a profile is sent only when it differs beyond the deadband (or switches on/off), or when its
   lease ends within the refresh margin (leases are refreshed from the latest plan);
-- decreases go before increases;
+- decreases go before increases, across chargers too: while any charger still has a decrease
+  to send (or in flight), no other charger is sent an increase; a decrease that fails is
+  retried later and no longer holds the others (it is counted and the charger marked);
 - one call in flight per charger (the worker is sequential; the library's call lock too), and
   the latest plan wins: a worker always builds from the newest plan when it sends;
 - a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
@@ -103,6 +105,7 @@ class LeaseDispatcher:
         self._activity = asyncio.Event()
         self.compliance = ComplianceMonitor(compliance or ComplianceConfig())
         self.budget_factor = 1.0  # the scale applied to compliant setpoints (1: none)
+        self._decreasing: set[ChargerId] = set()  # chargers with a decrease not yet settled
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -113,6 +116,11 @@ class LeaseDispatcher:
         self._plan = plan
         self._state = state
         self.counters["plans"] += 1
+        now = self.clock.now()
+        for charger_id, known in self._links.items():
+            wanted = self.wanted(charger_id, now) or []
+            if any(self._due(known, p, now) and self._change(known, p, now) < 0 for p in wanted):
+                self._decreasing.add(charger_id)
         for charger_id in self.central.online():
             link = self._links.get(charger_id)
             if link is None:
@@ -132,6 +140,7 @@ class LeaseDispatcher:
     async def charger_gone(self, charger_id: ChargerId) -> None:
         """Disconnected: stop its worker; what it accepted last stays in Redis."""
         link = self._links.pop(charger_id, None)
+        self._release(charger_id)
         if link is not None and link.task is not None:
             await stop_task(link.task)
 
@@ -303,6 +312,24 @@ class LeaseDispatcher:
             return old.lease_end - now <= margin
         return False
 
+    def _change(self, link: _Link, profile: OutgoingProfile, now: datetime) -> float:
+        """How much a TxProfile raises (> 0) or lowers (< 0) the connector's limit now, in its
+        unit; 0 for the default and max profiles (caps: never an increase in draw)."""
+        if profile.slot in ORDER:
+            return 0.0
+        old = link.sent.get(profile.slot) or link.sent.get("default")
+        return profile.limit_at(now) - (old.limit_at(now) if old is not None else 0.0)
+
+    def _release(self, charger_id: ChargerId) -> None:
+        """The charger has no decrease left: once nobody has, the held increases may go."""
+        if charger_id not in self._decreasing:
+            return
+        self._decreasing.discard(charger_id)
+        if not self._decreasing:
+            for other in self._links.values():
+                other.idle.clear()
+                other.wake.set()
+
     def _order(
         self, link: _Link, profiles: list[OutgoingProfile], now: datetime
     ) -> list[OutgoingProfile]:
@@ -358,11 +385,23 @@ class LeaseDispatcher:
             link.retry_at.pop(slot, None)
             await self._remember(link.charger_id, slot, None)
         due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
+        if not any(self._change(link, p, now) < 0 for p in due):
+            self._release(link.charger_id)
+        held = False
+        if self._decreasing - {link.charger_id}:
+            # Others still lower their draw: our increases wait until they are acknowledged.
+            kept = [p for p in due if self._change(link, p, now) <= 0]
+            held = len(kept) < len(due)
+            if held:
+                self.counters["increases_held"] += 1
+            due = kept
         if due:
             link.idle.clear()
             for profile in due:
                 await self._send(link, profile)
             return True
+        if held and not self._decreasing - {link.charger_id}:
+            return True  # released while we looked: go again rather than sleep
         if link.trigger_status:
             link.trigger_status = False
             await self._trigger_status(link.charger_id)

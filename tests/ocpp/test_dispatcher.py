@@ -81,6 +81,13 @@ def a_car(max_kw: float = 22.0, energy_kwh: float = 20.0, discharge_kw: float = 
     )
 
 
+async def brought_up(r: Rig, sim: SimChargePoint) -> None:
+    """Until the charger has its boot profiles and its worker is idle: a car plugged in before
+    that would get a safe-share TxProfile from the bring-up, racing the test's own plan."""
+    await sim.wait_for(lambda: len(sim.received) >= 2)
+    await r.dispatcher.settled(sim.spec.charger_id)
+
+
 def purposes(sim: SimChargePoint) -> list[str]:
     """The purposes of the profiles a charger received, in order."""
     return [r.purpose for r in sim.received]
@@ -138,6 +145,7 @@ async def test_a_charger_in_amperes_gets_amperes_and_draws_their_watts(
         await sim.plug_in(1, a_car())
         await r.publish({("CP-A", 1): [7.0]})
         await sim.wait_for(lambda: purposes(sim)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled("CP-A")  # the latest plan, not the plug-in lease
         tx = sim.received[-1].profile["charging_schedule"]
         assert tx["charging_rate_unit"] == "A"
         assert float(tx["charging_schedule_period"][0]["limit"]) == 10.1
@@ -155,6 +163,7 @@ async def test_a_setpoint_under_the_minimum_rate_stops_the_car(
         await sim.plug_in(1, a_car())
         await r.publish({("CP-1", 1): [3.0]})
         await sim.wait_for(lambda: purposes(sim)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled("CP-1")  # the latest plan, not the plug-in lease
         assert sim.powers_kw(clock.now())[1] == 0.0
 
 
@@ -213,6 +222,7 @@ async def test_small_changes_stay_within_the_deadband_and_leases_are_refreshed(
         rig(redis, clock, charger("CP-1")) as r,
         simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
     ):
+        await brought_up(r, sim)
         await sim.plug_in(1, a_car())
         for kw in (7.0, 7.3):
             await r.publish({("CP-1", 1): [kw]})
@@ -236,6 +246,7 @@ async def test_decreases_are_sent_before_increases(redis: Redis, clock: SimClock
         rig(redis, clock, cp) as r,
         simulated(r.harness, "CP-2", max_power_kw=22.0, connectors=2) as sim,
     ):
+        await brought_up(r, sim)
         await sim.plug_in(1, a_car())
         await sim.plug_in(2, a_car())
         await r.publish({("CP-2", 1): [11.0], ("CP-2", 2): [4.5]})
@@ -280,6 +291,7 @@ async def test_a_discharge_setpoint_on_a_charger_without_v2g_is_sent_as_zero(
         await sim.plug_in(1, a_car(discharge_kw=11.0))
         await r.publish({("CP-1", 1): [-6.0]})
         await sim.wait_for(lambda: purposes(sim)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled("CP-1")  # the latest plan, not the plug-in lease
         assert sim.received[-1].status == "Accepted"
         assert sim.powers_kw(clock.now())[1] == 0.0
 
