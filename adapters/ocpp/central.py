@@ -57,6 +57,7 @@ from adapters.ocpp.ports import (
 )
 from adapters.ocpp.transactions import BookedTransaction, TransactionBook
 from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
+from adapters.security.tls import common_name, requires_client_certificate
 from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
 from controller.errors import InvalidEvent, Refused
 from controller.events import (
@@ -626,6 +627,20 @@ class CentralSystem:
         if charger_id is None:
             self.metrics["handshakes_refused_path"] += 1
             return connection.respond(http.HTTPStatus.NOT_FOUND, "No such charge point path\n")
+        if requires_client_certificate(self.config.ssl_context):
+            # Profile 3: the TLS layer verified the chain; the certificate must name this id.
+            peercert = connection.transport.get_extra_info("peercert")
+            cn = common_name(peercert)
+            if cn == charger_id:
+                return None
+            self.metrics["handshakes_refused_cert"] += 1
+            log.warning(
+                "security: refused %s at the handshake: client certificate CN %r is not the "
+                "charge point id",
+                charger_id,
+                cn,
+            )
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "Certificate does not match\n")
         if not self.config.require_auth:
             return None
         refusal = await self._authenticate(charger_id, request.headers)

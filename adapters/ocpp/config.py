@@ -12,6 +12,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
+from adapters.security.tls import check_minimum_version
 from controller.errors import InvalidEvent
 
 BootStatus: TypeAlias = Literal["Accepted", "Pending", "Rejected"]
@@ -33,7 +34,9 @@ class OcppConfig:
     """How the central system listens and how strict it is with charge points.
 
     `require_auth=False` (OCPP security profile 0) is allowed only on a loopback address;
-    `ssl_context` turns on TLS (profile 2 with Basic auth).
+    `ssl_context` turns on TLS (profile 2 with Basic auth); a context that requires client
+    certificates (`adapters.security.tls.server_context(..., client_ca=...)`) is profile 3, where
+    the certificate's CN must be the charge point id. TLS below 1.2 is refused.
     """
 
     host: str = "127.0.0.1"
@@ -80,6 +83,11 @@ class OcppConfig:
             raise InvalidEvent("ocpp: the duplicate-id window must hold at least one id")
         if self.max_event_ahead_s < 0:
             raise InvalidEvent("ocpp: max_event_ahead_s is negative")
+        if self.ssl_context is not None:
+            try:
+                check_minimum_version(self.ssl_context)
+            except ValueError as exc:
+                raise InvalidEvent(f"ocpp: {exc}") from exc
 
     @property
     def scheme(self) -> str:
