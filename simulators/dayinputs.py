@@ -293,6 +293,9 @@ class ProblemOptions:
     # with), not to a full battery, so savings come from timing alone and not from buying extra
     # energy at negative prices whose later value nobody counts. False: the real battery.
     cap_at_target: bool = True
+    # The controller asks every car for this much more than its target (settings'
+    # `target_margin_kwh`, against dispatch rounding); the demo's computed rows use the same.
+    target_margin_kwh: float = 0.0
 
 
 def build_problem(day: FleetDay, options: ProblemOptions | None = None) -> PlanningProblem:
@@ -310,6 +313,7 @@ def build_problem(day: FleetDay, options: ProblemOptions | None = None) -> Plann
         v2g[: round(opt.v2g_share * n)] = True
     headroom = day.headroom_real_kw[:t] if opt.real_headroom else day.headroom_forecast_kw[:t]
     target = day.target_forecast_kwh if opt.forecast_targets else day.target_kwh
+    target = np.minimum(cap, target + opt.target_margin_kwh)
     # A car that may discharge leaves with at least what it came with: V2G may not sell the
     # energy it brought (bought on earlier days), only cycle energy bought in this window.
     target = np.where(v2g, np.maximum(target, day.energy_kwh), target)

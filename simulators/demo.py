@@ -26,6 +26,7 @@ import numpy as np
 from controller.forecast.models import ForecastModels
 from controller.optimiser.baselines import earliest_deadline_first, unmanaged
 from controller.planning.problem import PlanningProblem, Schedule
+from controller.settings import PlanningSettings
 from simulators import report as rp
 from simulators.dayinputs import (
     SLOTS,
@@ -164,9 +165,16 @@ def compare(
     """The metered rows beside the computed managed, unmanaged, EDF and V2G rows."""
     span = min(SLOTS, int(np.ceil(hours * 4)))
     cars = {c.vehicle_id for c in result.cars}
-    problem = build_problem(day)
+    # The controller asks each car for `target_margin_kwh` more than its target: so do these.
+    margin = PlanningSettings().target_margin_kwh
+    problem = build_problem(day, ProblemOptions(target_margin_kwh=margin))
     v2g = build_problem(
-        day, ProblemOptions(v2g_share=1.0, degradation_eur_per_kwh=basis.degradation_eur_per_kwh)
+        day,
+        ProblemOptions(
+            v2g_share=1.0,
+            degradation_eur_per_kwh=basis.degradation_eur_per_kwh,
+            target_margin_kwh=margin,
+        ),
     )
     left = {v.vehicle_id for i, v in enumerate(day.vehicles) if int(day.departure_slot[i]) <= span}
     rows = metered_rows(result, basis, left)
@@ -278,7 +286,9 @@ def write_day(
         "managed, metered": list(result.metered_kw),
         "managed, plan setpoint": list(result.planned_kw),
     }
-    problem = build_problem(day)
+    problem = build_problem(
+        day, ProblemOptions(target_margin_kwh=PlanningSettings().target_margin_kwh)
+    )
     series["unmanaged (computed)"] = [
         float(unmanaged(problem, stop_at_target=True).site_kw[s]) for s in slot_of
     ]

@@ -125,6 +125,8 @@ def plot_savings(
     for name, values in saving.items():
         ax.scatter(np.asarray(spread) * 1000, 100 * np.asarray(values), s=10, label=name)
     ax.axhspan(20, 30, color="tab:green", alpha=0.12, label="seed's claim: 20-30 %")
+    # Days whose unmanaged cost is near zero (negative prices) give huge percentages: clip.
+    ax.set_ylim(-100, 200)
     ax.set_xlabel("price spread within the window (max - min, EUR/MWh)")
     ax.set_ylabel("saving vs unmanaged (%)")
     ax.legend(fontsize=8)

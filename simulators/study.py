@@ -460,11 +460,15 @@ def sensitivity(
     quantiles: Sequence[float] = (0.5, 0.9, 0.95, 0.99),
     years: Sequence[int] = (2019, 2021, 2022, 2023, 2024),
     v2g_shares: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
-    big_fleet_days: int = 6,
+    big_fleet_days: int = 4,
+    rows: list[SensitivityRow] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[SensitivityRow]:
-    """One factor at a time around `base`, each on `days` sampled days (fewer for big fleets)."""
-    rows: list[SensitivityRow] = []
+    """One factor at a time around `base`, each on `days` sampled days (fewer for big fleets).
+
+    Rows are appended to `rows` (when given) as each variant finishes, then `progress` is told.
+    """
+    rows = [] if rows is None else rows
     quick = dataclasses.replace(base, days=days, forecast_pass=False)
     seed_cars = base.cars or 278
 
@@ -772,6 +776,13 @@ def run_cli(
     def fleet(n: int) -> Sequence[Any]:
         return seed_fleet(data_dir, n, site.aggregate_charger_kw)
 
+    total = len(sample_days(year, days))
+
+    def tick(k: int, n: int, r: DayResult) -> None:
+        bar.update(task, completed=k, description=f"day {r.day}")
+        if not console.is_terminal and (k % 25 == 0 or k == n):
+            console.print(f"{k}/{n} days ({time.perf_counter() - started:.0f} s)")
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -779,21 +790,28 @@ def run_cli(
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task("year study", total=len(sample_days(year, days)))
-        results = run_study(
-            models,
-            fleet(cars or 278),
-            options,
-            progress=lambda k, n, r: bar.update(task, completed=k, description=f"day {r.day}"),
-        )
-    rows: list[SensitivityRow] = []
-    if sens_days > 0:
-        rows = sensitivity(
-            models, fleet, options, days=sens_days, progress=lambda m: console.print(m)
-        )
+        task = bar.add_task("year study", total=total)
+        results = run_study(models, fleet(cars or 278), options, progress=tick)
+    # The year's report first; the sensitivity table is added variant by variant.
     path = write_report(
-        out, results, options, rows, wall_s=time.perf_counter() - started, sens_days=sens_days
+        out, results, options, [], wall_s=time.perf_counter() - started, sens_days=sens_days
     )
+    console.print(f"year report: {path}")
+    rows: list[SensitivityRow] = []
+
+    def variant(message: str) -> None:
+        console.print(message)
+        write_report(
+            out,
+            results,
+            options,
+            rows,
+            wall_s=time.perf_counter() - started,
+            sens_days=sens_days,
+        )
+
+    if sens_days > 0:
+        sensitivity(models, fleet, options, days=sens_days, rows=rows, progress=variant)
     for b in BASES:
         for r in strategy_table(results, b):
             console.print(
