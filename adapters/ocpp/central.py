@@ -57,6 +57,7 @@ from adapters.ocpp.ports import (
 )
 from adapters.ocpp.transactions import BookedTransaction, TransactionBook
 from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
+from adapters.security.redaction import install_log_redaction
 from adapters.security.tls import common_name, requires_client_certificate
 from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
 from controller.errors import InvalidEvent, Refused
@@ -481,6 +482,7 @@ class CentralSystem:
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
         self._meter_listeners: list[MeterListener] = []
+        install_log_redaction()  # websockets logs handshake headers (Authorization) at DEBUG
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
         self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know
         self._server: Server | None = None

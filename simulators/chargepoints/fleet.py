@@ -159,8 +159,8 @@ async def run_chargers(
     (`ws://host:port/ocpp`) for `duration_s` on `clock` (until cancelled when None).
 
     Connections open at `connects_per_s` (so a thousand chargers do not all handshake at
-    once); each charger plugs in a car when `cars`. Passwords: `password_for(charger_id)`, or
-    one `password` for all, or none (security profile 0).
+    once); each charger plugs in a car when `cars`. Each credential comes from
+    `password_for(charger_id)`, or one shared `password`, or none (security profile 0).
     """
     clock = clock or WallClock()
     stats = stats or FleetStats()

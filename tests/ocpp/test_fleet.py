@@ -12,7 +12,7 @@ from controller.clock import SimClock
 from simulators.chargepoints.fleet import derived_password, run_chargers
 from tests.ocpp.conftest import charger, fleet, running_central
 
-SECRET = "a-fleet-secret"
+SECRET = "a-fleet-secret"  # pragma: allowlist secret (test-only)
 
 
 def charging(events: list[Any]) -> list[Any]:
