@@ -25,6 +25,8 @@ class PlanningSettings(BaseModel):
     default_departure_hour_utc: int = Field(default=7, ge=0, le=23)
     # A head-room series older than this is not trusted: plan on the safe site limit instead.
     headroom_stale_s: float = Field(default=3600.0, gt=0.0)
+    # A charger that dropped off runs its last lease this long (the dispatcher's lease window).
+    offline_lease_s: float = Field(default=900.0, ge=0.0)
     # A measured site load this recent sets the current slot's head-room (capacity - load).
     site_load_fresh_s: float = Field(default=120.0, gt=0.0)
 

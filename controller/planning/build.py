@@ -132,6 +132,22 @@ def build_problem(
             and charger.v2g_mode != "none"
         )
 
+    # A charger that was online and dropped off keeps running its last lease: up to the end of
+    # the lease window whatever it was given (budgeted at its full limit, as that is unknown
+    # here), then its safe share. The plan cannot steer it, so it budgets that for its cars.
+    circuits = sum(c.max_power_kw for c in state.chargers.values())
+    for i, vehicle in enumerate(vehicles):
+        charger = state.chargers.get(vehicle.charger_id or "")
+        if charger is None or charger.online or charger.last_seen is None or circuits <= 0:
+            continue
+        connectors = max(1, len(charger.connectors))
+        share_kw = safe_kw * charger.max_power_kw / circuits / connectors
+        lease_end = charger.last_seen + timedelta(seconds=settings.offline_lease_s)
+        in_lease = np.array([at < lease_end for at in starts], dtype=bool)
+        fixed = np.where(in_lease, upper[i], np.minimum(upper[i], share_kw))
+        upper[i] = fixed
+        lower[i] = fixed
+
     index = {v.vehicle_id: i for i, v in enumerate(vehicles)}
     for override in overrides:
         window = np.array(
