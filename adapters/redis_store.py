@@ -205,6 +205,8 @@ class RedisFleetStore:
         except RedisError as exc:
             self._recovering = True
             self._claim_due = True
+            # A server restarted without its data (no AOF) has no group any more: make it again.
+            self._group_ready = False
             raise StoreUnavailable("redis unreachable reading the event log") from exc
 
     async def _claim(self, count: int) -> list[LogEntry]:
@@ -301,9 +303,7 @@ class RedisFleetStore:
                     cut = min(cut, _id(_text(summary["min"])))
             if cut <= (0, 0):
                 return 0
-            removed = await self._redis.xtrim(
-                stream, minid=f"{cut[0]}-{cut[1]}", approximate=False
-            )
+            removed = await self._redis.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=False)
         except RedisError as exc:
             raise StoreUnavailable("redis unreachable trimming the event log") from exc
         if removed:

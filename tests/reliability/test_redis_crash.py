@@ -11,6 +11,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.exceptions
@@ -23,6 +24,7 @@ from adapters.embedded import (
     redis_endpoint,
 )
 from adapters.redis_store import LogPolicy, RedisFleetStore
+from controller.errors import StoreUnavailable
 from tests.conftest import T0
 from tests.factories import soc_reported
 from tests.reliability.redis_process import RedisProcess
@@ -139,3 +141,33 @@ async def test_the_embedded_endpoint_starts_with_aof_checked(tmp_path: Path) -> 
             assert (await read_durability(client)).safe
         finally:
             await client.aclose()
+
+
+async def test_a_consumer_recreates_its_group_after_a_server_lost_its_data(
+    tmp_path: Path,
+) -> None:
+    """A restart without data (no AOF) loses the consumer group too: the store notices the
+    failure, makes the group again and goes on with the new entries instead of failing for ever.
+    """
+    server = RedisProcess(tmp_path, aof=False)
+    server.start()
+    try:
+        async with _client(server) as client:
+            store = RedisFleetStore(client, "depot", policy=LogPolicy(trim_every=0))
+            await store.append(soc_reported("ev-1", 0.1, T0))
+            assert len(await store.take(10)) == 1
+            server.kill9()
+            server.start()
+            with pytest.raises(StoreUnavailable):
+                await store.take(10)  # NOGROUP (or the dropped connection)
+            again = soc_reported("ev-1", 0.2, T0)
+            await store.append(again)
+            entries: list[Any] = []
+            for _ in range(3):  # the first read after the drop may still fail on the old group
+                with contextlib.suppress(StoreUnavailable):
+                    entries = list(await store.take(10))
+                if entries:
+                    break
+            assert [e.event for e in entries] == [again]
+    finally:
+        server.stop()
