@@ -504,11 +504,16 @@ class DayRunner:
             try:
                 await self._set_up()
                 await self._simulate()
+                # Read before the chargers go: their disconnections are events too.
+                self._record(started)
             finally:
                 for task in self._tasks:
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
                 self._client = None
+        return self.result
+
+    def _record(self, started: float) -> None:
         service = self.runtime.service
         self.result.counters = dict(service.counters)
         self.result.dispatch = dict(self.runtime.dispatcher.counters)
@@ -519,7 +524,6 @@ class DayRunner:
         }
         self.result.latency_s = list(service.latencies_s)
         self.result.wall_s = time.perf_counter() - started
-        return self.result
 
     async def _simulate(self) -> None:
         inputs, result = self.inputs, self.result
