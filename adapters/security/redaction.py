@@ -19,7 +19,7 @@ PATTERNS = (
     re.compile(
         r"(?i)(authorizationkey['\"]?\s*[,:=]\s*(?:['\"]?value['\"]?\s*[:=]\s*)?['\"]?)[^\s'\",}]+"
     ),
-    # scheme://user:password@host
+    # URL passwords: scheme://user:<password>@host
     re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+(?=@)"),
 )
 LOGGERS = ("websockets", "websockets.server", "websockets.client", "adapters", "controller")
