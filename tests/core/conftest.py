@@ -80,26 +80,39 @@ async def broker(kind: str, workdir: Path) -> AsyncIterator[MqttEndpoint]:
             yield endpoint
 
 
-@pytest.fixture(params=["amqtt", "mosquitto"])
-async def wired(
-    request: pytest.FixtureRequest, redis: Redis, clock: SimClock, tmp_path: Path
+@contextlib.asynccontextmanager
+async def running_link(
+    endpoint: MqttEndpoint, redis: Redis, clock: SimClock
 ) -> AsyncIterator[Wired]:
-    async with broker(request.param, tmp_path) as endpoint:
-        link = MqttLink(endpoint, PREFIX)
-        service = ControllerService(
-            store=RedisFleetStore(redis, "depot"),
-            clock=clock,
-            planner=StatePlanner(),
-            sink=MqttPlanPublisher(link),
-            settings=Settings(site="depot"),
-            results=link,
-        )
-        link.attach(service.submit, service.reject_invalid)
-        tasks = [asyncio.create_task(service.run()), asyncio.create_task(link.run())]
+    """The service and its MQTT link on `endpoint`, running until the context exits."""
+    link = MqttLink(endpoint, PREFIX)
+    service = ControllerService(
+        store=RedisFleetStore(redis, "depot"),
+        clock=clock,
+        planner=StatePlanner(),
+        sink=MqttPlanPublisher(link),
+        settings=Settings(site="depot"),
+        results=link,
+    )
+    link.attach(service.submit, service.reject_invalid)
+    tasks = [asyncio.create_task(service.run()), asyncio.create_task(link.run())]
+    try:
         async with asyncio.timeout(TIMEOUT_S):
             await link.connected.wait()
             await service.settled()
         yield Wired(service, link, endpoint)
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+async def wired(
+    request: pytest.FixtureRequest, redis: Redis, clock: SimClock, tmp_path: Path
+) -> AsyncIterator[Wired]:
+    async with (
+        broker(request.param, tmp_path) as endpoint,
+        running_link(endpoint, redis, clock) as wired,
+    ):
+        yield wired

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import timedelta
 from typing import Any
@@ -12,12 +13,11 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.codec import encode_event
-from adapters.embedded import MqttEndpoint
-from adapters.mqtt import MqttLink, MqttPlanPublisher
-from adapters.redis_store import RedisFleetStore
+from adapters.embedded import MqttEndpoint, embedded_broker, free_port
+from adapters.mqtt import MqttLink
 from controller.clock import SimClock
 from controller.events import ForceCharge
-from tests.core.conftest import PREFIX, TIMEOUT_S, Wired
+from tests.core.conftest import PREFIX, TIMEOUT_S, Wired, running_link
 from tests.factories import small_site, soc_reported
 
 
@@ -131,43 +131,20 @@ async def test_after_a_broker_restart_the_link_resubscribes_and_republishes_reta
     """amqtt forgets retained messages and subscriptions when it restarts: the controller's
     link reconnects, subscribes again (an event sent after the restart is applied) and
     re-publishes the retained schedule (a new subscriber receives it)."""
-    from adapters.embedded import embedded_broker, free_port
-    from controller.planning.planner import StatePlanner
-    from controller.service import ControllerService
-    from controller.settings import Settings
-
     port = free_port()
-    link: MqttLink | None = None
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        async with embedded_broker(port=port) as endpoint:
-            link = MqttLink(endpoint, PREFIX)
-            service = ControllerService(
-                store=RedisFleetStore(redis, "depot"),
-                clock=clock,
-                planner=StatePlanner(),
-                sink=MqttPlanPublisher(link),
-                settings=Settings(site="depot"),
-                results=link,
-            )
-            link.attach(service.submit, service.reject_invalid)
-            tasks = [asyncio.create_task(service.run()), asyncio.create_task(link.run())]
-            async with asyncio.timeout(TIMEOUT_S):
-                await link.connected.wait()
-                await service.settled()
-            assert link.connections == 1
-        async with embedded_broker(port=port) as endpoint:  # the same broker, restarted
-            async with asyncio.timeout(TIMEOUT_S):
-                while link.connections < 2:
-                    await link.connected.wait()
-                    await asyncio.sleep(0.05)  # the link's own reconnect back-off runs on wall time
-            schedule = await _first_message(endpoint, f"{PREFIX}/schedule")
-            assert "setpoints" in schedule
-            events = small_site(clock.now(), cars=1)
-            await _publish(endpoint, [encode_event(e) for e in events])  # type: ignore[arg-type]
-            async with asyncio.timeout(TIMEOUT_S):
-                await service.counted("events_applied", len(events))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with contextlib.AsyncExitStack() as first_broker:
+        endpoint = await first_broker.enter_async_context(embedded_broker(port=port))
+        async with running_link(endpoint, redis, clock) as wired:
+            assert wired.link.connections == 1
+            await first_broker.aclose()  # the broker goes away, the controller stays
+            async with embedded_broker(port=port) as again:
+                async with asyncio.timeout(TIMEOUT_S):
+                    while wired.link.connections < 2:
+                        await wired.link.connected.wait()
+                        await asyncio.sleep(0.05)  # the link's reconnect back-off is wall time
+                schedule = await _first_message(again, f"{PREFIX}/schedule")
+                assert "setpoints" in schedule
+                events = small_site(clock.now(), cars=1)
+                await _publish(again, [encode_event(e) for e in events])  # type: ignore[arg-type]
+                async with asyncio.timeout(TIMEOUT_S):
+                    await wired.service.counted("events_applied", len(events))
