@@ -21,6 +21,7 @@ import decimal
 import http
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -910,6 +911,24 @@ class CentralSystem:
             call.TriggerMessage(requested_message=requested, connector_id=connector_id)
         )
         return str(result.status)
+
+    async def rotate_password(self, charger_id: ChargerId) -> str:
+        """TC_073: a new random AuthorizationKey (20 bytes, 40 hex digits) via
+        ChangeConfiguration. The new key is staged first, so the charger can reconnect with it
+        at once; the old one works until the new one is first used. Returns the charger's
+        answer; on anything but Accepted the staged key is dropped. The key is never logged."""
+        new = secrets.token_hex(20)
+        await self.credentials.stage_password(charger_id, new)
+        try:
+            status = await self.change_configuration(charger_id, "AuthorizationKey", new)
+        except BaseException:
+            await self.credentials.discard_staged(charger_id)
+            raise
+        if status != "Accepted":
+            await self.credentials.discard_staged(charger_id)
+        self.metrics[f"password_rotations_{status.lower()}"] += 1
+        log.warning("security: AuthorizationKey rotation of %s: %s", charger_id, status)
+        return status
 
     async def change_configuration(self, charger_id: ChargerId, key: str, value: str) -> str:
         """ChangeConfiguration; returns Accepted, Rejected, RebootRequired or NotSupported."""

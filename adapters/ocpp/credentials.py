@@ -5,6 +5,11 @@ never stored or logged in clear. Checking is bcrypt in a worker thread (it is sl
 a successful check is remembered in memory as an HMAC under a per-process random key, bound to
 the stored hash, so a reconnecting charge point does not cost another bcrypt round while a
 rotated or removed password takes effect at once.
+
+Rotation (TC_073, RELIABILITY.md SEC-02): `stage_password` keeps a second hash under the field
+`next:{id}` (":" never occurs in an id) while ChangeConfiguration(AuthorizationKey) is under
+way; both passwords are accepted during that overlap, and the first connection with the new one
+promotes it and retires the old one.
 """
 
 from __future__ import annotations
@@ -71,6 +76,29 @@ class CredentialStore:
         await redis_call(self._redis.hset(self._key, charger_id, hashed.decode()))
         self._verified.pop(charger_id, None)
 
+    def _check(self, charger_id: str, password: str) -> None:
+        if not valid_charger_id(charger_id):
+            raise BadCredential(f"{charger_id!r} is not a valid charge point id")
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD or not all(
+            "!" <= ch <= "~" for ch in password
+        ):
+            raise BadCredential(
+                f"the password of {charger_id!r} must have {MIN_PASSWORD} to {MAX_PASSWORD} "
+                "printable ASCII characters"
+            )
+
+    async def stage_password(self, charger_id: str, password: str) -> None:
+        """Accept `password` besides the current one until it is first used (rotation)."""
+        self._check(charger_id, password)
+        hashed = await asyncio.to_thread(
+            bcrypt.hashpw, password.encode(), bcrypt.gensalt(self._rounds)
+        )
+        await redis_call(self._redis.hset(self._key, f"next:{charger_id}", hashed.decode()))
+
+    async def discard_staged(self, charger_id: str) -> None:
+        """Drop a staged password (the charger refused the new key)."""
+        await redis_call(self._redis.hdel(self._key, f"next:{charger_id}"))
+
     async def remove(self, charger_id: str) -> None:
         """Forget a charge point's password: it can no longer connect."""
         await redis_call(self._redis.hdel(self._key, charger_id))
@@ -97,4 +125,22 @@ class CredentialStore:
             return False
         if ok:
             self._verified[charger_id] = (stored, tag)
+            return True
+        return await self._verify_staged(charger_id, password)
+
+    async def _verify_staged(self, charger_id: str, password: str) -> bool:
+        """The staged password of a rotation: on first use it becomes the only one."""
+        staged = _text(await redis_call(self._redis.hget(self._key, f"next:{charger_id}")))
+        if staged is None:
+            return False
+        try:
+            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), staged.encode())
+        except ValueError:
+            return False
+        if ok:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(self._key, charger_id, staged)
+            pipe.hdel(self._key, f"next:{charger_id}")
+            await pipe.execute()
+            self._verified.pop(charger_id, None)
         return ok

@@ -200,6 +200,7 @@ class SimChargePoint:
             "VoltpoolV2gMode": spec.v2g_mode,
         }
         self.writable = {"HeartbeatInterval", "MeterValueSampleInterval", "AuthorizationKey"}
+        self.authorization_key: str | None = None  # set by ChangeConfiguration(AuthorizationKey)
         self.received: list[Received] = []
         self.boot_status: str | None = None
         self.booted = False
@@ -219,12 +220,13 @@ class SimChargePoint:
     ) -> None:
         """Connect to `url` + charger id and stay connected (reconnecting) until cancelled."""
         target = url.rstrip("/") + "/" + self.spec.charger_id
-        headers = {}
-        if password is not None:
-            token = base64.b64encode(f"{self.spec.charger_id}:{password}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
         attempt = 0
         while True:
+            headers = {}
+            key = self.authorization_key or password  # a rotated key wins (TC_073)
+            if key is not None:
+                token = base64.b64encode(f"{self.spec.charger_id}:{key}".encode()).decode()
+                headers["Authorization"] = f"Basic {token}"
             try:
                 async with connect(
                     target,
@@ -875,6 +877,8 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         else:
             if key != "AuthorizationKey":  # write-only: never read back
                 self.sim.configuration[key] = value
+            else:
+                self.sim.authorization_key = value  # used from the next connection on
             status = "Accepted"
         return call_result.ChangeConfiguration(status=status)
 
