@@ -282,16 +282,15 @@ def write_day(
             )
     span = len(result.times)
     slot_of = [min(SLOTS - 1, k * int(result.step_s) // 900) for k in range(span)]
-    series: dict[str, list[float]] = {
-        "managed, metered": list(result.metered_kw),
-        "managed, plan setpoint": list(result.planned_kw),
-    }
     problem = build_problem(
         day, ProblemOptions(target_margin_kwh=PlanningSettings().target_margin_kwh)
     )
-    series["unmanaged (computed)"] = [
-        float(unmanaged(problem, stop_at_target=True).site_kw[s]) for s in slot_of
-    ]
+    plain = unmanaged(problem, stop_at_target=True).site_kw
+    series: dict[str, list[float]] = {
+        "unmanaged (computed)": [float(plain[s]) for s in slot_of],
+        "managed, plan setpoint": list(result.planned_kw),
+        "managed, metered": list(result.metered_kw),  # drawn last, on top
+    }
     power_png = out / f"power-{tag}.png"
     rp.plot_day(
         power_png,

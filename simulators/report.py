@@ -70,7 +70,15 @@ def plot_day(
         label="head-room told to the planner (kW)",
     )
     for name, values in series_kw.items():
-        ax.step(local, values, where="post", lw=1.4, label=f"{name} (kW)")
+        dashed = "plan" in name
+        ax.step(
+            local,
+            values,
+            where="post",
+            lw=2.2 if dashed else 1.4,
+            ls=":" if dashed else "-",
+            label=f"{name} (kW)",
+        )
     ax.set_xlabel("local time (Europe/Amsterdam)")
     ax.set_ylabel("site charging power (kW)")
     ax2 = ax.twinx()
