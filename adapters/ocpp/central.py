@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -104,6 +105,16 @@ def _floats(value: Any) -> Any:
     return value
 
 
+class RateLimited(Exception):
+    """A charge point sent frames faster than its bucket allows; its session ends (1008)."""
+
+
+def _peer_ip(connection: ServerConnection) -> str:
+    """The remote address of a connection ("" when the transport does not say)."""
+    address = connection.remote_address
+    return str(address[0]) if address else ""
+
+
 class GuardedConnection:
     """The connection the library reads from: only checked frames come out of `recv`."""
 
@@ -113,11 +124,36 @@ class GuardedConnection:
         self._ws = websocket
         self._checker = checker
         self._session = session
+        config = session.central.config
+        self._rate = config.max_frames_per_s
+        self._burst = float(config.frame_burst)
+        self._tokens = self._burst
+        self._refilled = time.monotonic()
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     async def recv(self) -> str:
         """The next frame the library may route; bad frames are answered or dropped here."""
         while True:
             raw = await self._ws.recv()
+            if not self._take_token():
+                # SEC-05: a flooding charger is cut off (1008 policy violation); others go on.
+                central = self._session.central
+                central.metrics["closed_rate_limit"] += 1
+                log.warning(
+                    "security: %s exceeded %.0f frames/s (burst %d); closing with 1008",
+                    self._session.id,
+                    self._rate,
+                    int(self._burst),
+                )
+                raise RateLimited(self._session.id)
             verdict = self._checker.check(raw)
             if verdict.kind in ("call", "result", "error"):
                 self._session.central.metrics[f"frames_{verdict.kind}"] += 1
@@ -151,6 +187,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             id_window=central.config.id_window,
         )
         self.closed = asyncio.Event()
+        self.ip_released = False  # counted out of the per-address connection total
         self.boot_status: str | None = None
         self._last_log = float("-inf")
         self._suppressed = 0
@@ -483,6 +520,7 @@ class CentralSystem:
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
         self._meter_listeners: list[MeterListener] = []
+        self._per_ip: Counter[str] = Counter()  # open connections per remote address
         install_log_redaction()  # websockets logs handshake headers (Authorization) at DEBUG
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
         self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know
@@ -630,6 +668,15 @@ class CentralSystem:
         if charger_id is None:
             self.metrics["handshakes_refused_path"] += 1
             return connection.respond(http.HTTPStatus.NOT_FOUND, "No such charge point path\n")
+        cap = self.config.max_connections_per_ip
+        if cap and self._per_ip[_peer_ip(connection)] >= cap:
+            self.metrics["handshakes_refused_ip_cap"] += 1
+            log.warning(
+                "security: refused %s: %d connections from its address already",
+                charger_id,
+                cap,
+            )
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if requires_client_certificate(self.config.ssl_context):
             # Profile 3: the TLS layer verified the chain; the certificate must name this id.
             peercert = connection.transport.get_extra_info("peercert")
@@ -681,6 +728,25 @@ class CentralSystem:
             await websocket.close(1002, "ocpp1.6 subprotocol required")
             return
         session = ChargerSession(charger_id, websocket, self, uuid.uuid4().hex[:12])
+        self._per_ip[_peer_ip(websocket)] += 1
+        try:
+            await self._serve_session(charger_id, session, websocket)
+        finally:
+            self._release_ip(session)
+
+    def _release_ip(self, session: ChargerSession) -> None:
+        """Count the session's connection out of its address's total (once)."""
+        if session.ip_released:
+            return
+        session.ip_released = True
+        peer = _peer_ip(session.websocket)
+        self._per_ip[peer] -= 1
+        if self._per_ip[peer] <= 0:
+            del self._per_ip[peer]
+
+    async def _serve_session(
+        self, charger_id: ChargerId, session: ChargerSession, websocket: ServerConnection
+    ) -> None:
         previous = self._sessions.get(charger_id)
         self._sessions[charger_id] = session
         self.metrics["connections"] += 1
@@ -708,6 +774,12 @@ class CentralSystem:
             self._spawn(self.notify_ready(session, rebooted=False))
         try:
             await session.start()
+        except RateLimited:
+            # The flood fills the receive queue, so the peer's Close frame would never be read:
+            # send ours, wait a moment, then drop the TCP connection.
+            with contextlib.suppress(TimeoutError, ConnectionClosed):
+                await asyncio.wait_for(websocket.close(1008, "frame rate limit exceeded"), 1.0)
+            websocket.transport.abort()
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else None
             sent = exc.sent.code if exc.sent is not None else None
@@ -717,6 +789,7 @@ class CentralSystem:
                     "%s: closed for a frame over %d bytes", charger_id, self.config.max_frame_bytes
                 )
         finally:
+            self._release_ip(session)  # before it shows offline: a reconnect may come at once
             session.closed.set()
             if self._sessions.get(charger_id) is session:
                 del self._sessions[charger_id]

@@ -59,6 +59,11 @@ class OcppConfig:
     open_timeout_s: float = 10.0
     bcrypt_rounds: int = 12
     log_every_s: float = 10.0  # at most one bad-frame log line per charge point per period
+    # SEC-05: a token bucket per connection on frames received (wall time: it protects CPU);
+    # the burst leaves room for an offline charger replaying its queue after a reconnect.
+    max_frames_per_s: float = 20.0
+    frame_burst: int = 500
+    max_connections_per_ip: int = 0  # 0: no cap (chargers behind one NAT share an address)
     node: str = field(default_factory=socket.gethostname)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,10 @@ class OcppConfig:
             raise InvalidEvent("ocpp: the duplicate-id window must hold at least one id")
         if self.max_event_ahead_s < 0:
             raise InvalidEvent("ocpp: max_event_ahead_s is negative")
+        if self.max_frames_per_s <= 0 or self.frame_burst < 1:
+            raise InvalidEvent("ocpp: the frame rate limit needs a positive rate and burst")
+        if self.max_connections_per_ip < 0:
+            raise InvalidEvent("ocpp: max_connections_per_ip is negative")
         if self.ssl_context is not None:
             try:
                 check_minimum_version(self.ssl_context)

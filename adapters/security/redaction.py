@@ -22,7 +22,16 @@ PATTERNS = (
     # URL passwords: scheme://user:<password>@host
     re.compile(r"(\w+://[^:/@\s]+:)[^@\s]+(?=@)"),
 )
-LOGGERS = ("websockets", "websockets.server", "websockets.client", "adapters", "controller")
+# The ocpp library logs every frame it sends and receives at INFO, ChangeConfiguration included.
+LOGGERS = (
+    "websockets",
+    "websockets.server",
+    "websockets.client",
+    "ocpp",
+    "adapters",
+    "controller",
+    "simulators",
+)
 
 
 def redact(text: str) -> str:

@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 
 from adapters.embedded import MqttEndpoint
 from adapters.security.redaction import RedactSecrets
-from tests.ocpp.conftest import BOOT, RECV_TIMEOUT_S, Harness, ask, frame
+from tests.ocpp.conftest import BOOT, RECV_TIMEOUT_S, Harness, ask, frame, simulated
 from tests.ocpp.test_handshake import basic
 
 
@@ -39,11 +39,16 @@ async def test_passwords_and_authorization_headers_never_reach_the_logs(
         await harness.central.credentials.set_password("CP-3", rotated)
         async with harness.connect("CP-3", headers=basic("CP-3", rotated)) as ws:
             assert (await ask(ws, frame("b2", "BootNotification", BOOT)))[2]["status"]
+        async with simulated(harness, "CP-1") as sim:
+            assert await harness.central.rotate_password("CP-1") == "Accepted"
+            rotated_key = sim.authorization_key
+        assert rotated_key is not None
         endpoint = MqttEndpoint.from_url(f"mqtt://voltpool:{mqtt_password}@broker:1883")
         logging.getLogger("voltpool.test").info("mqtt endpoint %r", endpoint)
     text = caplog.text
     assert "security: refused CP-2" in text  # the refusal itself is logged...
-    for secret in (harness.password, wrong, rotated, mqtt_password):
+    assert "AuthorizationKey" in text  # the ocpp library did log the ChangeConfiguration frame
+    for secret in (harness.password, wrong, rotated, mqtt_password, rotated_key):
         assert secret not in text  # ...but never the secret
         for user in ("CP-1", "CP-2", "CP-3"):
             assert base64.b64encode(f"{user}:{secret}".encode()).decode() not in text
