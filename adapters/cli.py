@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from adapters import bootstrap
+from adapters import bootstrap, forecast_cli
 from adapters.codec import event_schema
 from controller.settings import Settings
 
@@ -203,6 +203,51 @@ def study(
         headroom_quantile=quantile,
         console=console,
     )
+
+
+@app.command(name="simulate-chargers")
+def simulate_chargers(
+    url: Annotated[str, typer.Option(help="Central system, ws[s]://host:port/ocpp")] = (
+        "ws://127.0.0.1:9000/ocpp"
+    ),
+    count: Annotated[int, typer.Option(help="Number of simulated charge points.")] = 20,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VOLTPOOL_SIM_SECRET",
+            help="Each charger's Basic-auth password is derived from this secret and its id "
+            "(none: security profile 0, loopback only).",
+        ),
+    ] = None,
+    max_power_kw: Annotated[float, typer.Option(help="Each charger's circuit limit.")] = 11.0,
+    meter_interval_s: Annotated[float, typer.Option(help="MeterValues interval (s).")] = 60.0,
+    duration_s: Annotated[
+        float | None, typer.Option(help="Stop after this long (default: until interrupted).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run simulated OCPP 1.6-J charge points (each with a car plugged in) against a central
+    system; prints what they sent and how long the answers took."""
+    from simulators.chargepoints.fleet import derived_password, run_chargers
+
+    _configure_logging(verbose)
+
+    async def main() -> None:
+        report = await run_chargers(
+            url,
+            count,
+            password_for=None if secret is None else (lambda cid: derived_password(secret, cid)),
+            max_power_kw=max_power_kw,
+            meter_interval_s=meter_interval_s,
+            duration_s=duration_s,
+        )
+        console.print(report)
+
+    run_until_signalled(main())
+
+
+app.command(name="fit")(forecast_cli.fit)
+app.command(name="forecast")(forecast_cli.forecast)
 
 
 def main() -> None:
