@@ -544,6 +544,7 @@ class CentralSystem:
             ping_interval=cfg.ping_interval_s,
             ping_timeout=cfg.ping_timeout_s,
             open_timeout=cfg.open_timeout_s,
+            close_timeout=cfg.close_timeout_s,
             compression=None,  # deflate state costs ~100 KiB per connection; chargers rarely use it
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]

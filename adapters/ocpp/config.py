@@ -57,6 +57,9 @@ class OcppConfig:
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
     open_timeout_s: float = 10.0
+    # After a failed ping the closing handshake cannot complete with a dead peer: keep it short
+    # so detection is about ping_interval + ping_timeout + this (S-09).
+    close_timeout_s: float = 2.0
     bcrypt_rounds: int = 12
     log_every_s: float = 10.0  # at most one bad-frame log line per charge point per period
     # SEC-05: a token bucket per connection on frames received (wall time: it protects CPU);
