@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from controller.forecast.models import ForecastModels
-from controller.optimiser import FastSolver, OptimiserOptions
+from controller.optimiser import FastSolver, OptimiserFailed, OptimiserOptions
 from controller.optimiser.baselines import (
     earliest_deadline_first,
     least_laxity_first,
@@ -498,16 +498,20 @@ def sensitivity(
 
     def run(factor: str, value: str, options: StudyOptions, cars: int) -> None:
         started = time.perf_counter()
-        results = run_study(models, fleet(cars), options)
+        try:
+            results = run_study(models, fleet(cars), options)
+        except OptimiserFailed as exc:  # e.g. a time limit on a big fleet: say so, go on
+            if progress is not None:
+                progress(
+                    f"{factor}={value}: failed after {time.perf_counter() - started:.0f} s: {exc}"
+                )
+            return
         rows.append(_summary_row(factor, value, cars, results))
         if progress is not None:
             progress(
                 f"{factor}={value}: {len(results)} days in {time.perf_counter() - started:.0f} s"
             )
 
-    for n in fleet_sizes:
-        d = days if n <= 1000 else min(days, big_fleet_days)
-        run("fleet size (cars)", str(n), dataclasses.replace(quick, cars=n, days=d), n)
     for q in quantiles:
         site = dataclasses.replace(base.site, headroom_quantile=q)
         run("head-room quantile", f"{q:.2f}", dataclasses.replace(quick, site=site), seed_cars)
@@ -515,6 +519,9 @@ def sensitivity(
         run("price year", str(y), dataclasses.replace(quick, year=y), seed_cars)
     for share in v2g_shares:
         run("V2G share", f"{share:.2f}", dataclasses.replace(quick, v2g_share=share), seed_cars)
+    for n in fleet_sizes:  # last: the big fleets take longest and may hit the time limit
+        d = days if n <= 1000 else min(days, big_fleet_days)
+        run("fleet size (cars)", str(n), dataclasses.replace(quick, cars=n, days=d), n)
     return rows
 
 
