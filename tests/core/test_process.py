@@ -67,11 +67,16 @@ async def _service(env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Proc
 
 
 async def _ready(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    """The service's one JSON "ready" line; other output (a solver's banner) is passed over."""
     assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), PROCESS_TIMEOUT_S)
-    assert line, "the service exited before it was ready"
-    ready: dict[str, Any] = json.loads(line)
-    return ready
+    async with asyncio.timeout(PROCESS_TIMEOUT_S):
+        while True:
+            line = await process.stdout.readline()
+            assert line, "the service exited before it was ready"
+            if line.startswith(b"{"):
+                ready: dict[str, Any] = json.loads(line)
+                if ready.get("ready"):
+                    return ready
 
 
 async def _until(predicate: Callable[[], Any], what: str) -> None:
