@@ -29,13 +29,17 @@ _COST_UNITS = 1e6
 def flow_basis(
     layout: Layout, values: Values, prepared: Prepared
 ) -> tuple[IntArray, IntArray] | None:
-    """(column status, row status) for `layout`, or None when the rounded flow is infeasible."""
+    """(column status, row status) for `layout`, or None when the rounded flow is infeasible.
+
+    Only without V2G: the same fleet's flow without discharging is a feasible plan of a V2G LP,
+    but a poor start (measured: 4,870 pivots from it against ~500 from scratch at 278 cars).
+    """
     if layout.any_v2g or layout.nx == 0:
         return None
     p = prepared.problem
     dt = p.dt_h
     n, t_count = layout.n, layout.t_count
-    cars = layout.plain_cars
+    cars = np.nonzero(layout.car_row >= 0)[0]
     node_of_car = np.full(n, -1, dtype=np.int64)
     node_of_car[cars] = np.arange(len(cars))
     x_car, x_slot = layout.x_car, layout.x_slot
@@ -108,7 +112,7 @@ def _basis(
     """The spanning-forest basis of the flow (see the module's docstring)."""
     dt = prepared.problem.dt_h
     n, t_count = layout.n, layout.t_count
-    cars = layout.plain_cars
+    cars = np.nonzero(layout.car_row >= 0)[0]
     n_cars = len(cars)
     node_of_car = np.full(n, -1, dtype=np.int64)
     node_of_car[cars] = np.arange(n_cars)
