@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,7 +60,7 @@ def run(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> No
 
     async def ready(runtime: bootstrap.Runtime) -> None:
         # One machine-readable line, for scripts and tests that start the service.
-        print(
+        line = (
             json.dumps(
                 {
                     "ready": True,
@@ -68,9 +70,12 @@ def run(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> No
                     "mqtt": f"mqtt://{runtime.mqtt.host}:{runtime.mqtt.port}",
                     "ocpp": runtime.central.url(),
                 }
-            ),
-            flush=True,
+            )
+            + "\n"
         )
+        # One write of less than PIPE_BUF bytes: a solver writing to the same stdout from its
+        # thread cannot split the line.
+        os.write(sys.stdout.fileno(), line.encode())
 
     run_until_signalled(bootstrap.run(settings, on_ready=ready))
 

@@ -73,10 +73,10 @@ async def _ready(process: asyncio.subprocess.Process) -> dict[str, Any]:
         while True:
             line = await process.stdout.readline()
             assert line, "the service exited before it was ready"
-            if line.startswith(b"{"):
-                ready: dict[str, Any] = json.loads(line)
-                if ready.get("ready"):
-                    return ready
+            start = line.find(b'{"ready"')
+            if start >= 0:
+                ready: dict[str, Any] = json.JSONDecoder().raw_decode(line[start:].decode())[0]
+                return ready
 
 
 async def _until(predicate: Callable[[], Any], what: str) -> None:
