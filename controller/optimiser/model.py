@@ -103,18 +103,21 @@ class _Blocks:
     vals: list[FloatArray] = field(default_factory=list)
 
     def cols_of(self, keys: IntArray) -> int:
+        """Add a block of columns; returns the index of its first column."""
         start = self.n_cols
         self.col_keys.append(keys)
         self.n_cols += len(keys)
         return start
 
     def rows_of(self, keys: IntArray) -> int:
+        """Add a block of rows; returns the index of its first row."""
         start = self.n_rows
         self.row_keys.append(keys)
         self.n_rows += len(keys)
         return start
 
     def entries(self, rows: IntArray, cols: IntArray | int, vals: FloatArray | float) -> None:
+        """Add matrix entries (broadcast: one column or one value for all rows)."""
         rows = np.asarray(rows, dtype=np.int64)
         self.rows.append(rows)
         self.cols.append(np.broadcast_to(np.asarray(cols, dtype=np.int64), rows.shape))

@@ -1,0 +1,1 @@
+"""Tests of the optimiser: hand cases, properties, the seed fleet, overrides, baselines."""
