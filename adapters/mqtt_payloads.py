@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from adapters.codec import describe
 from controller.errors import InvalidEvent
 from controller.events import (
     CapSite,
@@ -180,14 +181,6 @@ TOPIC_SCHEMAS: dict[str, Any] = {
     "site_load": SiteLoadPayload,
     "operator_command": COMMAND,
 }
-
-
-def describe(exc: ValidationError) -> str:
-    """One line naming where a payload is wrong and why."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
 
 
 def _parse(model: type[BaseModel], payload: bytes | str) -> Any:

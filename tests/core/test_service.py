@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.errors import RefusalCode, Refused
-from controller.events import CapSite, Event, ForceCharge, SocReported
+from controller.events import CapSite, ForceCharge
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
 from controller.settings import Settings
@@ -184,7 +184,3 @@ async def test_a_new_slot_is_planned_without_any_event(running: Running, clock: 
     await running.service.settled()
     assert running.service.plans_made == before + 1
     assert running.plans.plans[-1].made_at == T0 + timedelta(minutes=15)
-
-
-def _events_are_events(events: list[Event]) -> list[SocReported]:
-    return [e for e in events if isinstance(e, SocReported)]
