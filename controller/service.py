@@ -10,22 +10,36 @@ Flow of one event:
 3. An applied event marks the plan dirty. Planning waits out the coalescing window, so a burst
    of events gives one plan, runs the planner off the event loop, and publishes the plan.
    Planning also runs at every slot boundary, when time alone changes the problem.
+
+When the store fails (Redis unreachable, or out of memory with `noeviction`: RELIABILITY.md
+R-07, R-08) the service does not stop. It counts the error, logs it at ERROR level and enters
+*decreases only*: every plan made until the store is back is capped, connector by connector, at
+the power the last plan gave it when the outage began, and never rises again in time, so no
+charger is sent an increase while nothing can be recorded. `submit` raises `StoreUnavailable`
+(the OCPP central system answers InternalError, the charger retries; the MQTT link keeps the
+event and resubmits it). The consumer probes the store every `store_retry_s`; once a write
+succeeds it reloads the committed state (reconciling whatever an answer lost in the outage
+committed), re-takes the unsettled entries and plans without the cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import dataclasses
 import logging
 import time
 from collections import deque
 from datetime import datetime, timedelta
 
+import numpy as np
+
 from controller import failpoints
 from controller.domain import SLOT, slot_floor
-from controller.errors import InvalidEvent, RefusalCode, Refused
+from controller.errors import InvalidEvent, RefusalCode, Refused, StoreUnavailable
 from controller.events import Event, check_timely, is_command
-from controller.planning.build import build_problem, make_plan
-from controller.planning.plan import Plan
+from controller.planning.build import build_problem, inputs_expire_at, make_plan
+from controller.planning.plan import Plan, Setpoint
 from controller.planning.planner import StatePlanner
 from controller.planning.share import share_by_need
 from controller.ports import Clock, CommandResults, FleetStore, LogEntry, Planner, PlanSink
@@ -50,6 +64,7 @@ class ControllerService:
         settings: Settings,
         results: CommandResults | None = None,
         plan_timeout_s: float = 30.0,
+        store_retry_s: float = 0.5,
     ) -> None:
         self.settings = settings
         self._store = store
@@ -71,6 +86,10 @@ class ControllerService:
         self.counters: dict[str, int] = {}
         self.latencies_s: deque[float] = deque(maxlen=10_000)
         self.last_plan: Plan | None = None
+        self._store_retry_s = store_retry_s
+        self._store_down_since: datetime | None = None
+        # While the store is down: the most each connector may be given (kW), never raised.
+        self._outage_caps: dict[tuple[str, int], float] = {}
 
     # --- public API -------------------------------------------------------------------------
 
@@ -93,6 +112,11 @@ class ControllerService:
     def is_drained(self) -> bool:
         """Every event submitted so far has been applied or refused."""
         return self._drained.is_set()
+
+    @property
+    def store_down_since(self) -> datetime | None:
+        """When the current store outage began (None: the store works)."""
+        return self._store_down_since
 
     @property
     def plans_made(self) -> int:
@@ -124,7 +148,11 @@ class ControllerService:
         except Refused as refusal:
             await self._refused(event, refusal.reason)
             raise
-        await self._store.append(event)
+        try:
+            await self._store.append(event)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, f"appending {event.event_id}")
+            raise
         self._received.append(time.perf_counter())
         self._count("events_received")
         self._drained.clear()
@@ -134,7 +162,7 @@ class ControllerService:
         """Count (and log) a payload that could not even be built into an event."""
         self._count("payloads_rejected")
         self._count(f"payloads_rejected_{source}")
-        await self._store.count("payloads_rejected")
+        await self._persist_count("payloads_rejected")
         log.warning("dropped invalid payload from %s: %s", source, error)
 
     async def run(self) -> None:
@@ -178,14 +206,65 @@ class ControllerService:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while True:
-                entries = await self._store.take(TAKE_BATCH)
-                if not entries:
-                    break
-                for entry in entries:
-                    await self._apply(entry)
+            try:
+                if self._store_down_since is not None:
+                    await self._reconcile()
+                while True:
+                    entries = await self._store.take(TAKE_BATCH)
+                    if not entries:
+                        break
+                    for entry in entries:
+                        await self._apply(entry)
+            except StoreUnavailable as exc:
+                self._store_failed(exc, "consuming the event log")
+                # Wall time on purpose: this waits for a server, not for the simulated world.
+                await asyncio.sleep(self._store_retry_s)
+                self._wake.set()
+                continue
             if not self._wake.is_set():
                 self._drained.set()
+
+    # --- store outages (R-07, R-08) ---------------------------------------------------------
+
+    def _store_failed(self, exc: StoreUnavailable, doing: str) -> None:
+        """Count a store error; on the first one of an outage, cap the plan at what runs now."""
+        self._count("store_errors")
+        self._wake.set()  # the consumer probes the store until it is back
+        if self._store_down_since is not None:
+            return
+        now = self._clock.now()
+        self._store_down_since = now
+        self._outage_caps = _power_now(self.last_plan, now)
+        self._count("store_outages")
+        log.error(
+            "store unavailable %s (%s: %s): decreases only until it is back",
+            doing,
+            type(exc.__cause__ or exc).__name__,
+            exc.__cause__ or exc,
+        )
+        self._mark_dirty()  # re-plan under the cap now: it removes increases already leased
+
+    async def _reconcile(self) -> None:
+        """The store answers again: prove it takes writes, reload the committed state."""
+        await self._store.count("store_recoveries")  # a write: refused while out of memory
+        state = await self._store.load()
+        since = self._store_down_since
+        self._state = state
+        self._store_down_since = None
+        self._outage_caps = {}
+        self._count("store_recoveries")
+        log.warning(
+            "store back (down since %s): committed state reloaded, planning without the cap",
+            since.isoformat() if since else "?",
+        )
+        self._mark_dirty()
+
+    async def _persist_count(self, name: str, by: int = 1) -> None:
+        """Add to the stored counter; a store error is counted, not raised (best effort)."""
+        try:
+            await self._store.count(name, by)
+        except StoreUnavailable as exc:
+            self._store_failed(exc, f"counting {name}")
 
     async def _apply(self, entry: LogEntry) -> None:
         event = entry.event
@@ -203,11 +282,11 @@ class ControllerService:
         applied = await self._store.commit(entry, event.event_id, outcome.changes)
         if not applied:
             self._count("events_duplicate")
-            await self._store.count("events_duplicate")
+            await self._persist_count("events_duplicate")
             return
         self._state = outcome.state
         self._count("events_applied")
-        await self._store.count("events_applied")
+        await self._persist_count("events_applied")
         if is_command(event) and self._results is not None:
             await self._results.command_result(event.event_id, True, "accepted")
         self._mark_dirty()
@@ -215,10 +294,10 @@ class ControllerService:
     async def _refused(self, event: Event, reason: str, *, stored: bool = False) -> None:
         kind = "events_stale" if reason and "older than what is stored" in reason else None
         self._count("events_refused")
-        await self._store.count("events_refused")
+        await self._persist_count("events_refused")
         if kind:
             self._count(kind)
-            await self._store.count(kind)
+            await self._persist_count(kind)
         log.info("refused %s %s: %s", event.kind, event.event_id, reason)
         if is_command(event) and self._results is not None:
             await self._results.command_result(event.event_id, False, reason)
@@ -238,7 +317,12 @@ class ControllerService:
         await self._drained.wait()
         await self._plan_once()  # a plan for the state as loaded, before any new event
         while True:
-            boundary = slot_floor(self._clock.now()) + SLOT
+            now = self._clock.now()
+            boundary = slot_floor(now) + SLOT
+            # An input turning stale (the site meter falling silent) changes the problem too.
+            expiry = inputs_expire_at(self._state, now, _planning_settings(self._planner))
+            if expiry is not None:
+                boundary = min(boundary, expiry)
             dirty = asyncio.create_task(self._dirty.wait())
             tick = asyncio.create_task(self._clock.sleep_until(boundary))
             try:
@@ -269,17 +353,23 @@ class ControllerService:
         except Exception as exc:  # the plan must go out whatever went wrong in the planner
             log.exception("planning failed at %s; publishing the proportional share", now)
             self._count("plans_failed")
-            await self._store.count("plans_failed")
+            await self._persist_count("plans_failed")
             plan = _fallback_plan(self._planner, state, now, exc)
         solve_s = time.perf_counter() - started
-        self.last_plan = plan
         try:
-            await self._store.save_plan(plan)
+            try:
+                await self._store.save_plan(plan)
+            except StoreUnavailable as exc:
+                self._store_failed(exc, "saving the plan")
+            if self._store_down_since is not None:
+                plan = _decreases_only(plan, now, self._outage_caps)
+                self._count("plans_decreases_only")
+            self.last_plan = plan
             await self._sink.publish(plan, state)
         finally:
             self._planning = False
             self._count("plans")
-            await self._store.count("plans")
+            await self._persist_count("plans")
             self.counters["last_solve_ms"] = round(solve_s * 1000)
             done = time.perf_counter()
             for _ in range(min(pending, len(self._received))):
@@ -294,11 +384,57 @@ class ControllerService:
         )
 
 
+def _power_now(plan: Plan | None, now: datetime) -> dict[tuple[str, int], float]:
+    """Each connector's planned power (kW, >= 0) in the slot of `plan` that contains `now`."""
+    if plan is None or not plan.slot_starts:
+        return {}
+    t = max(0, bisect.bisect_right(plan.slot_starts, now) - 1)
+    return {
+        (s.charger_id, s.connector_id): max(0.0, s.kw[t]) if t < len(s.kw) else 0.0
+        for s in plan.setpoints
+    }
+
+
+def _decreases_only(plan: Plan, now: datetime, caps: dict[tuple[str, int], float]) -> Plan:
+    """`plan` with no increase: each connector's charging power is at most its cap and never
+    rises from one slot to the next (discharge is left alone; after it, charging stays 0).
+
+    `caps` is updated to the capped first slot, so the next plan cannot rise above this one. A
+    connector the cap does not know (it was not charging when the outage began) gets 0."""
+    setpoints: list[Setpoint] = []
+    charge_kw = plan.schedule.charge_kw.copy()
+    rows = {v: n for n, v in enumerate(plan.schedule.vehicle_ids)}
+    for s in plan.setpoints:
+        key = (s.charger_id, s.connector_id)
+        limit = caps.get(key, 0.0)
+        kw: list[float] = []
+        for x in s.kw:
+            x = min(x, limit)
+            kw.append(x)
+            limit = min(limit, max(x, 0.0))
+        caps[key] = max(0.0, kw[0]) if kw else caps.get(key, 0.0)
+        setpoints.append(dataclasses.replace(s, kw=tuple(kw)))
+        n = rows.get(s.vehicle_id)
+        if n is not None and len(kw) == charge_kw.shape[1]:
+            charge_kw[n] = np.minimum(charge_kw[n], np.maximum(np.asarray(kw), 0.0))
+    note = f"decreases only: store unavailable at {now.isoformat()}"
+    return dataclasses.replace(
+        plan,
+        setpoints=tuple(setpoints),
+        schedule=dataclasses.replace(plan.schedule, charge_kw=charge_kw),
+        note=f"{plan.note}; {note}" if plan.note else note,
+    )
+
+
 def _fallback_plan(planner: Planner, state: FleetState, now: datetime, exc: Exception) -> Plan:
     """The proportional share for the same problem, built without the failed solver."""
-    settings = planner.settings if isinstance(planner, StatePlanner) else PlanningSettings()
-    problem, starts = build_problem(state, now, settings)
+    problem, starts = build_problem(state, now, _planning_settings(planner))
     schedule = share_by_need(problem)
     return make_plan(
         state, problem, starts, schedule, fallback=True, note=f"{type(exc).__name__}: {exc}"
     )
+
+
+def _planning_settings(planner: Planner) -> PlanningSettings:
+    """The planning settings the planner works with (the defaults for a foreign planner)."""
+    return planner.settings if isinstance(planner, StatePlanner) else PlanningSettings()

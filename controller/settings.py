@@ -27,8 +27,9 @@ class PlanningSettings(BaseModel):
     headroom_stale_s: float = Field(default=3600.0, gt=0.0)
     # A charger that dropped off runs its last lease this long (the dispatcher's lease window).
     offline_lease_s: float = Field(default=900.0, ge=0.0)
-    # A measured site load this recent sets the current slot's head-room (capacity - load).
-    site_load_fresh_s: float = Field(default=120.0, gt=0.0)
+    # A measured site load this recent sets the current slot's head-room (capacity - load);
+    # older, the slots until the next lease end are planned on the safe limit (P-03).
+    site_load_fresh_s: float = Field(default=60.0, gt=0.0)
 
 
 class Settings(BaseSettings):
@@ -47,6 +48,21 @@ class Settings(BaseSettings):
     max_event_ahead_s: float = Field(default=300.0, ge=0.0)
     site_capacity_kw: float = Field(default=1000.0, gt=0.0)
     mqtt_prefix: str = Field(default="voltpool", min_length=1)
+    # The embedded MQTT broker (used without MQTT_URL), RELIABILITY.md SEC-07: anonymous only on
+    # a loopback host; any other host needs a password file and TLS, or voltpool will not start.
+    mqtt_host: str = Field(default="127.0.0.1")
+    mqtt_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # `user:argon2-hash` lines for the telemetry and operator principals (written by
+    # `python -m adapters.security.mqtt_acl`); the controller's own password is made per run.
+    mqtt_password_file: str | None = Field(default=None)
+    # TLS of the embedded broker's listener (PEM chain and key); for an external `mqtts://`
+    # broker, `mqtt_tls_ca` is the CA its certificate is checked against (None: system store).
+    mqtt_tls_cert: str | None = Field(default=None)
+    mqtt_tls_key: str | None = Field(default=None)
+    mqtt_tls_ca: str | None = Field(default=None)
+    # MQTT clean_session false: a broker that queues for offline clients (Mosquitto) delivers
+    # what was published while the controller was away (M-09).
+    mqtt_persistent_session: bool = Field(default=True)
     ocpp_host: str = Field(default="127.0.0.1")
     ocpp_port: int = Field(default=9000, ge=0, le=65535)
     # Basic auth per charge point (OCPP security profile 1); off only on a loopback address.

@@ -670,7 +670,10 @@ async def run_day(
             max_event_ahead_s=3600.0,
             deadband_kw=deadband_kw,
             site_capacity_kw=inputs.site_capacity_kw,
-            planning=planning or PlanningSettings(),
+            # The simulated site meter reports once a slot (the households' load is a series
+            # of slot means), so a reading is trusted for one slot and a minute, not the 60 s
+            # a real meter reporting every few seconds gets.
+            planning=planning or PlanningSettings(site_load_fresh_s=SLOT.total_seconds() + 60),
         )
         controller = ControllerUnderTest(settings, clock, solver)
         runtime = await controller.start()

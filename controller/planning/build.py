@@ -73,6 +73,28 @@ def _connector_limit_kw(vehicle: Vehicle, charger: ChargePoint | None) -> float:
     return limit
 
 
+def inputs_expire_at(
+    state: FleetState, now: datetime, settings: PlanningSettings
+) -> datetime | None:
+    """The next moment an input the planner trusts turns stale, so the plan must be redone.
+
+    The site meter's reading stops counting `site_load_fresh_s` after it was taken, and the
+    head-room series `headroom_stale_s` after it was received; each turn is a change of the
+    problem that no event announces. Returns the earliest such moment after `now` ("just past"
+    the limit), or None when no input will turn stale.
+    """
+    deadlines: list[datetime] = []
+    past = timedelta(milliseconds=1)  # "older than", so just after the limit
+    if state.site_load is not None:
+        deadlines.append(state.site_load.at + timedelta(seconds=settings.site_load_fresh_s) + past)
+    if state.headroom is not None:
+        deadlines.append(
+            state.headroom.received_at + timedelta(seconds=settings.headroom_stale_s) + past
+        )
+    ahead = [d for d in deadlines if d > now]
+    return min(ahead) if ahead else None
+
+
 def build_problem(
     state: FleetState, now: datetime, settings: PlanningSettings
 ) -> tuple[PlanningProblem, list[datetime]]:
@@ -101,6 +123,14 @@ def build_problem(
     if load is not None and (now - load.at).total_seconds() <= settings.site_load_fresh_s:
         # What the households draw now is the best forecast of the current slot.
         headroom[0] = capacity_kw - load.load_kw
+    elif load is not None:
+        # The site meter was reporting and has gone quiet: what runs until the next lease ends
+        # may only count on the safe limit (RELIABILITY P-03: never plan on a last value).
+        lease_end = now + timedelta(seconds=settings.offline_lease_s)
+        for t, start in enumerate(starts):
+            if start >= lease_end:
+                break
+            headroom[t] = min(headroom[t], safe_kw)
     headroom = np.clip(headroom, 0.0, capacity_kw)
 
     upper = np.zeros((n, horizon))

@@ -7,8 +7,13 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from controller.events import ChargerConnected, ChargerDisconnected, DepartureSet
-from controller.planning.build import build_problem
+from controller.events import (
+    ChargerConnected,
+    ChargerDisconnected,
+    DepartureSet,
+    SiteLoadReported,
+)
+from controller.planning.build import build_problem, inputs_expire_at
 from controller.settings import PlanningSettings
 from controller.state import FleetState, apply_event
 from tests.conftest import T0
@@ -72,3 +77,27 @@ def test_targets_carry_the_margin_and_departures_become_whole_slots() -> None:
     assert problem.departure_slot[0] == 8
     assert np.all(problem.upper_kw[0, 8:] == 0.0)
     assert problem.upper_kw[0, 7] > 0.0
+
+
+def test_a_silent_site_meter_plans_the_lease_window_on_the_safe_limit() -> None:
+    """P-03. Households draw 40 kW of a 100 kW connection (safe limit 20 kW), the head-room
+    forecast says 50 kW. While the meter is fresh the current slot gets 100 - 40 = 60 kW; once
+    it is older than `site_load_fresh_s` every slot that starts before the next lease end (15
+    min) is planned on the safe 20 kW, and the slots after it keep the forecast."""
+    meter = SiteLoadReported(event_id="load", at=T0, load_kw=40.0)
+    state = _fold([*small_site(T0, cars=3, capacity_kw=100.0), flat_headroom(T0, T0, 50.0), meter])
+    settings = PlanningSettings()
+    fresh, _ = build_problem(state, T0 + timedelta(seconds=30), settings)
+    assert fresh.headroom_kw[0] == pytest.approx(60.0)
+    assert fresh.headroom_kw[1] == pytest.approx(50.0)
+    now = T0 + timedelta(seconds=settings.site_load_fresh_s + 1)
+    stale, starts = build_problem(state, now, settings)
+    lease_end = now + timedelta(seconds=settings.offline_lease_s)
+    for t, start in enumerate(starts):
+        assert stale.headroom_kw[t] == pytest.approx(20.0 if start < lease_end else 50.0)
+    assert inputs_expire_at(state, T0, settings) == T0 + timedelta(
+        seconds=settings.site_load_fresh_s, milliseconds=1
+    )
+    assert inputs_expire_at(state, now, settings) == T0 + timedelta(
+        seconds=settings.headroom_stale_s, milliseconds=1
+    )

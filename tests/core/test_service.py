@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.errors import RefusalCode, Refused
-from controller.events import CapSite, ForceCharge
+from controller.events import CapSite, ForceCharge, SiteLoadReported
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
 from controller.settings import Settings
@@ -184,3 +184,24 @@ async def test_a_new_slot_is_planned_without_any_event(running: Running, clock: 
     await running.service.settled()
     assert running.service.plans_made == before + 1
     assert running.plans.plans[-1].made_at == T0 + timedelta(minutes=15)
+
+
+async def test_a_site_meter_falling_silent_replans_on_the_safe_limit_without_an_event(
+    running: Running, clock: SimClock
+) -> None:
+    """P-03. The meter says the households draw 20 kW of 100 kW: the current slot may use 80
+    kW, and 3 cars of 11 kW take 33. Nothing more arrives; 61 s later, with no event, the
+    service re-plans and the first slot is held to the safe limit (20 kW)."""
+    now = clock.now()
+    await running.submit_all(small_site(now, cars=3))
+    meter = SiteLoadReported(event_id=next_id("load"), at=now, load_kw=20.0)
+    await running.submit_all([flat_headroom(now, now, 90.0), flat_prices(now, now), meter])
+    await _settle(running, clock)
+    first = running.plans.plans[-1]
+    assert sum(s.kw[0] for s in first.setpoints) == pytest.approx(33.0)
+    made = running.service.plans_made
+    await clock.advance(timedelta(seconds=61))
+    await running.service.settled()
+    assert running.service.plans_made == made + 1
+    after = running.plans.plans[-1]
+    assert sum(s.kw[0] for s in after.setpoints) <= 20.0 + 1e-9
