@@ -87,3 +87,13 @@ def ocpp_transactions(site: str) -> str:
     transaction id.
     """
     return f"{_prefix(site)}:ocpp_tx"
+
+
+def transaction_samples(site: str, transaction_id: int) -> str:
+    """Hash: the meter samples of one OCPP transaction, each stored once (RELIABILITY T-01/T-05).
+
+    Field `{timestamp, RFC 3339 UTC}|{connector}|{measurand}|{phase}|{location}` (the sample's
+    identity; readers sort by the timestamp) -> JSON of the sample (value, unit, context).
+    Expires some weeks after its last write.
+    """
+    return f"{_prefix(site)}:tx_samples:{transaction_id}"

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
@@ -57,8 +58,14 @@ from adapters.ocpp.ports import (
     MeterListener,
     VehicleForTag,
 )
-from adapters.ocpp.transactions import BookedTransaction, TransactionBook
+from adapters.ocpp.transactions import (
+    BookedTransaction,
+    SessionSummary,
+    TransactionBook,
+    summarise,
+)
 from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
+from adapters.ocpp.translate import timestamp as timestamp_of
 from adapters.security.redaction import install_log_redaction
 from adapters.security.tls import common_name, requires_client_certificate
 from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
@@ -359,7 +366,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         """Hand out a transaction id (the same one for a replay) and report the start."""
         at = _at(timestamp, self.central.clock.now())
         vehicle_id = self.central.vehicle_for_tag(id_tag)
-        transaction_id, new = await self.central.transactions.start(
+        transaction_id, new, previous = await self.central.transactions.allocate(
             BookedTransaction(
                 charger_id=self.id,
                 connector_id=connector_id,
@@ -371,6 +378,8 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         )
         if not new:
             self.central.metrics["transactions_replayed"] += 1
+        if previous is not None:
+            await self._close_superseded(previous, transaction_id, at)
         if vehicle_id is not None:
             await self._emit(
                 VehiclePluggedIn(
@@ -399,6 +408,42 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             id_tag_info=datatypes.IdTagInfo(status=self.central.authorize(id_tag)),
         )
 
+    async def _close_superseded(
+        self, previous: TransactionId, successor: TransactionId, at: datetime
+    ) -> None:
+        """T-07: a new start on a connector whose transaction never stopped (its stop was lost
+        in a power failure) closes that one, so no session stays open for ever. Its end is the
+        new start, its register the last reading; a stop arriving later is a duplicate."""
+        book = self.central.transactions
+        record = await book.get(previous)
+        if record is None or record.stopped:
+            return
+        started = timestamp_of(record.started_at)
+        samples = await book.samples(previous)
+        last = [r for s in samples if (r := s.register_wh) is not None and s.at >= started]
+        summary = summarise(
+            started,
+            float(record.meter_start_wh),
+            samples,
+            stopped_at=max(at, started),
+            meter_stop_wh=max([float(record.meter_start_wh), *last]),
+        )
+        note = f"never stopped; closed by transaction {successor} on the same connector"
+        summary = replace(summary, anomalies=(*summary.anomalies, note))
+        await book.settle(previous, summary, "Other")
+        self.central.close_transaction(self.id, record.connector_id, previous)
+        self.central.metrics["transactions_superseded"] += 1
+        log.warning("%s: transaction %s %s", self.id, previous, note)
+        await self._emit(
+            TransactionStopped(
+                event_id=event_id(self.id, "tx", previous, "stop"),
+                at=summary.stopped_at,
+                transaction_id=previous,
+                meter_stop_wh=summary.meter_stop_wh,
+                reason="Other",
+            )
+        )
+
     @_on(Action.stop_transaction)
     async def on_stop_transaction(
         self,
@@ -410,13 +455,34 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         transaction_data: list[dict[str, Any]] | None = None,
         **_: Any,
     ) -> call_result.StopTransaction:
-        """Report the stop (and the samples it carries); an unknown id is accepted and counted."""
+        """Settle the stop from the stored samples and report it (with the samples it carries);
+        an unknown id is accepted and counted (a charge point must not retry it for ever)."""
         at = _at(timestamp, self.central.clock.now())
-        record = await self.central.transactions.update(transaction_id, stopped=True)
+        reason = reason or "Local"
+        book = self.central.transactions
+        record = await book.get(transaction_id)
+        stopped_at, stop_wh = at, float(meter_stop)
         if record is None:
             self.central.metrics["stops_of_unknown_transactions"] += 1
             log.warning("%s: StopTransaction for unknown transaction %s", self.id, transaction_id)
         else:
+            await book.record_samples(transaction_id, record.connector_id, transaction_data or [])
+            if record.stopped and record.stopped_at is not None:
+                # Re-sent (its answer lost) or a second stop: the first one settled it.
+                self.central.metrics["stops_repeated"] += 1
+                stopped_at = timestamp_of(record.stopped_at)
+                stop_wh = float(record.meter_stop_wh or record.meter_start_wh)
+            else:
+                summary = summarise(
+                    timestamp_of(record.started_at),
+                    float(record.meter_start_wh),
+                    await book.samples(transaction_id),
+                    stopped_at=at,
+                    meter_stop_wh=float(meter_stop),
+                )
+                await book.settle(transaction_id, summary, reason)
+                stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
+                self._report_settlement(transaction_id, summary)
             self.central.close_transaction(self.id, record.connector_id, transaction_id)
             for sample in meter_events(
                 self.id, record.connector_id, transaction_id, transaction_data or []
@@ -425,16 +491,37 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         await self._emit(
             TransactionStopped(
                 event_id=event_id(self.id, "tx", transaction_id, "stop"),
-                at=at,
+                at=stopped_at,
                 transaction_id=transaction_id,
-                meter_stop_wh=float(meter_stop),
-                reason=reason or "Local",
+                meter_stop_wh=stop_wh,
+                reason=reason,
             )
         )
         if record is not None and reason == "EVDisconnected":
             await self._unplugged(transaction_id, record, at)
         info = datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
         return call_result.StopTransaction(id_tag_info=info)
+
+    def _report_settlement(self, transaction_id: TransactionId, summary: SessionSummary) -> None:
+        """Count and log what a stop's settlement found wrong (gaps, anomalies)."""
+        metrics = self.central.metrics
+        if summary.gaps:
+            metrics["transactions_with_gaps"] += 1
+            log.warning(
+                "%s: transaction %s has %d gap(s) in its readings (first %s..%s); energy from "
+                "the registers: %.0f Wh",
+                self.id,
+                transaction_id,
+                len(summary.gaps),
+                iso(summary.gaps[0].start),
+                iso(summary.gaps[0].end),
+                summary.energy_wh,
+            )
+        if summary.anomalies:
+            metrics["transactions_with_anomalies"] += 1
+            log.warning(
+                "%s: transaction %s: %s", self.id, transaction_id, "; ".join(summary.anomalies)
+            )
 
     @_on(Action.meter_values)
     async def on_meter_values(
@@ -444,7 +531,14 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         transaction_id: int | None = None,
         **_: Any,
     ) -> call_result.MeterValues:
-        """One `MeterSampled` per sample time."""
+        """Samples of a transaction go to its ledger (each once); one `MeterSampled` per
+        sample time goes to the sink."""
+        if transaction_id is not None:
+            new = await self.central.transactions.record_samples(
+                transaction_id, connector_id, meter_value
+            )
+            if new is None:
+                self.central.metrics["samples_of_unknown_transactions"] += 1
         for sample in meter_events(self.id, connector_id, transaction_id, meter_value):
             if sample.power_kw is not None:
                 self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)

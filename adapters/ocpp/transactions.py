@@ -1,31 +1,242 @@
-"""The central system's transaction book in Redis: ids handed out once, replays recognised.
+"""The central system's transaction book in Redis: ids handed out once, replays recognised,
+every meter sample of a transaction stored once and read back in source-time order.
 
 Transaction ids come from a Redis counter (`INCR`), so they are unique and survive restarts; the
 content of a StartTransaction (charger, connector, timestamp, meterStart) is remembered with its
 id, so a charge point that re-sends a StartTransaction whose answer it lost gets the same id
 (RELIABILITY T-03). Allocation is one Lua script: atomic, one round trip.
+
+The sample ledger (RELIABILITY T-01, T-02, T-05): each sampled value of a transaction's
+MeterValues and StopTransaction `transactionData` is kept under its identity (timestamp,
+connector, measurand, phase, location), written with HSETNX, so a sample a charge point re-sends
+(its answer lost, an offline queue replayed twice) is stored once. Reading sorts by the
+charge point's timestamp, not by arrival. At the stop, `summarise` derives the session's energy
+from the energy registers (meterStop - meterStart, never from counting samples) and flags gaps
+in the readings (a charge point that dropped queued samples) and anomalies (a register that went
+down, a stop stamped before its start).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import asdict, dataclass, replace
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
 
 from adapters import redis_keys as keys
 from adapters.ocpp.aio import redis_call
+from adapters.ocpp.frames import parse_decimal
+from adapters.ocpp.translate import iso, timestamp
 from controller.domain import ChargerId, ConnectorId, TransactionId, VehicleId
 
 # KEYS: book hash, id counter. ARGV: start field, record JSON, connector field.
+# Returns {id, 1 if new, the connector's previous transaction id or 0}.
 ALLOCATE_LUA = """
 local known = redis.call('HGET', KEYS[1], ARGV[1])
-if known then return {tonumber(known), 0} end
+if known then return {tonumber(known), 0, 0} end
+local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
 local id = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], id, 'tx:' .. id, ARGV[2], ARGV[3], id)
-return {id, 1}
+return {id, 1, previous}
 """
+
+# KEYS: book hash, the transaction's sample hash. ARGV: 'tx:{id}', ttl s, field, value, ...
+# Returns how many samples were new, or -1 when the book has no such transaction.
+SAMPLES_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local new = 0
+for i = 3, #ARGV, 2 do
+  new = new + redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return new
+"""
+
+SAMPLES_TTL_S = 35 * 86_400  # a billing period and some
+DEFAULT_MEASURAND = "Energy.Active.Import.Register"  # OCPP 1.6 defaults of SampledValue
+DEFAULT_LOCATION = "Outlet"
+_WH_PER = {"Wh": 1.0, "kWh": 1000.0}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredSample:
+    """One sampled value of a transaction as the charge point sent it."""
+
+    at: datetime
+    connector_id: ConnectorId
+    measurand: str
+    phase: str | None
+    location: str
+    value: str  # as sent (signed data too)
+    unit: str | None = None
+    context: str | None = None
+
+    @property
+    def register_wh(self) -> float | None:
+        """The reading in Wh if this is the connector's total import register, else None."""
+        if (
+            self.measurand != DEFAULT_MEASURAND
+            or self.phase is not None
+            or self.location != DEFAULT_LOCATION
+        ):
+            return None
+        number = parse_decimal(self.value)
+        if number is None:
+            return None
+        return number * _WH_PER.get(self.unit or "Wh", 1.0)
+
+
+def sample_rows(
+    connector_id: ConnectorId, meter_value: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """(identity field, JSON) per sampled value of a MeterValues / transactionData list.
+
+    The identity is (timestamp as UTC, connector, measurand, phase, location) with the OCPP
+    defaults filled in, so the same reading written with or without its defaults, or with
+    another time-zone offset, is one sample. Entries come as the library hands them over
+    (snake_case keys); the frame checker has validated them.
+    """
+    rows: dict[str, str] = {}
+    for entry in meter_value:
+        at = iso(timestamp(str(entry["timestamp"])))
+        for sample in entry.get("sampled_value") or entry.get("sampledValue") or []:
+            measurand = sample.get("measurand") or DEFAULT_MEASURAND
+            phase = sample.get("phase")
+            location = sample.get("location") or DEFAULT_LOCATION
+            key = f"{at}|{connector_id}|{measurand}|{phase or ''}|{location}"
+            rows.setdefault(
+                key,
+                json.dumps(
+                    {
+                        "value": str(sample.get("value", "")),
+                        "unit": sample.get("unit"),
+                        "context": sample.get("context"),
+                    }
+                ),
+            )
+    return list(rows.items())
+
+
+def parse_row(key: str, raw: str) -> StoredSample:
+    """A stored sample from its hash field and value."""
+    at, connector, measurand, phase, location = key.split("|")
+    body = json.loads(raw)
+    return StoredSample(
+        at=timestamp(at),
+        connector_id=int(connector),
+        measurand=measurand,
+        phase=phase or None,
+        location=location,
+        value=str(body["value"]),
+        unit=body.get("unit"),
+        context=body.get("context"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Two consecutive register readings further apart than the session's cadence explains."""
+
+    start: datetime
+    end: datetime
+    energy_wh: float  # the register difference across the gap
+
+    def to_json(self) -> list[Any]:
+        """[start, end, energy Wh] as stored in the book."""
+        return [iso(self.start), iso(self.end), self.energy_wh]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionSummary:
+    """What a stop settles: when, the registers, the energy, gaps and anomalies.
+
+    `stopped_at` and `meter_stop_wh` are the values the central system reports: the charge
+    point's own unless they contradict the start (then the last reading, and an anomaly).
+    """
+
+    stopped_at: datetime
+    meter_start_wh: float
+    meter_stop_wh: float
+    reported_stop_wh: float
+    samples: int
+    readings: int
+    gaps: tuple[Gap, ...] = ()
+    anomalies: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.meter_stop_wh < self.meter_start_wh:
+            raise ValueError("a session summary never has a stop register below its start")
+
+    @property
+    def energy_wh(self) -> float:
+        """Energy delivered, from the registers."""
+        return self.meter_stop_wh - self.meter_start_wh
+
+    @property
+    def gap_flagged(self) -> bool:
+        """Whether readings are missing somewhere in the session."""
+        return bool(self.gaps)
+
+
+def summarise(
+    started_at: datetime,
+    meter_start_wh: float,
+    samples: Sequence[StoredSample],
+    *,
+    stopped_at: datetime,
+    meter_stop_wh: float,
+    gap_factor: float = 3.0,
+    min_gap_s: float = 300.0,
+) -> SessionSummary:
+    """Settle a session from its start, its stored samples and the charge point's stop.
+
+    Energy is meterStop - meterStart. A gap is an interval between consecutive register
+    readings (start and stop included) longer than both `min_gap_s` and `gap_factor` times the
+    median interval. A stop stamped before the start, or a stop register below the start
+    register (a charge point that lost its clock or its register in a power failure), is
+    replaced by the last reading (or the start) and recorded as an anomaly, so the session is
+    closed rather than left open.
+    """
+    anomalies: list[str] = []
+    readings = sorted(
+        (s.at, r) for s in samples if (r := s.register_wh) is not None and s.at >= started_at
+    )
+    for (t0, r0), (_, r1) in itertools.pairwise(readings):
+        if r1 < r0:
+            anomalies.append(f"register went down from {r0:g} Wh at {iso(t0)} to {r1:g} Wh")
+    last_at, last_wh = readings[-1] if readings else (started_at, meter_start_wh)
+    stop_at, stop_wh = stopped_at, meter_stop_wh
+    if stop_at < started_at:
+        anomalies.append(f"stop stamped {iso(stopped_at)}, before the start {iso(started_at)}")
+        stop_at = max(last_at, started_at)
+    if stop_wh < meter_start_wh:
+        anomalies.append(f"meterStop {meter_stop_wh:g} Wh is below meterStart {meter_start_wh:g}")
+        stop_wh = max(last_wh, meter_start_wh)
+    points = [(started_at, meter_start_wh), *readings, (stop_at, stop_wh)]
+    points.sort(key=lambda p: p[0])
+    steps = [(a, b) for a, b in itertools.pairwise(points) if b[0] > a[0]]
+    gaps: list[Gap] = []
+    if steps:
+        typical = statistics.median((b[0] - a[0]).total_seconds() for a, b in steps)
+        limit = max(min_gap_s, gap_factor * typical)
+        gaps = [
+            Gap(a[0], b[0], b[1] - a[1]) for a, b in steps if (b[0] - a[0]).total_seconds() > limit
+        ]
+    return SessionSummary(
+        stopped_at=stop_at,
+        meter_start_wh=meter_start_wh,
+        meter_stop_wh=stop_wh,
+        reported_stop_wh=meter_stop_wh,
+        samples=len(samples),
+        readings=len(readings),
+        gaps=tuple(gaps),
+        anomalies=tuple(anomalies),
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +251,13 @@ class BookedTransaction:
     vehicle_id: VehicleId | None = None
     stopped: bool = False
     unplugged: bool = False
+    # Settled at the stop (absent in records written before the sample ledger existed).
+    stopped_at: str | None = None
+    meter_stop_wh: float | None = None
+    energy_wh: float | None = None
+    stop_reason: str | None = None
+    gaps: list[list[Any]] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)
 
 
 def _text(value: Any) -> str | None:
@@ -53,12 +271,24 @@ class TransactionBook:
 
     def __init__(self, redis: Redis, site: str) -> None:
         self._redis = redis
+        self._site = site
         self._book = keys.ocpp_transactions(site)
         self._seq = keys.transaction_seq(site)
         self._allocate = redis.register_script(ALLOCATE_LUA)
+        self._add_samples = redis.register_script(SAMPLES_LUA)
 
     async def start(self, record: BookedTransaction) -> tuple[TransactionId, bool]:
         """The id for this start: a new one, or the one a replay of it got (then False)."""
+        transaction_id, new, _previous = await self.allocate(record)
+        return transaction_id, new
+
+    async def allocate(
+        self, record: BookedTransaction
+    ) -> tuple[TransactionId, bool, TransactionId | None]:
+        """(id, new, the transaction the connector had before) for this start.
+
+        A replayed start gets its first id, `new` False and no previous transaction.
+        """
         start_field = (
             f"start:{record.charger_id}:{record.connector_id}:{record.started_at}:"
             f"{record.meter_start_wh}"
@@ -68,7 +298,63 @@ class TransactionBook:
             keys=[self._book, self._seq],
             args=[start_field, json.dumps(asdict(record)), conn_field],
         )
-        return int(result[0]), bool(int(result[1]))
+        previous = int(result[2])
+        return int(result[0]), bool(int(result[1])), previous or None
+
+    async def record_samples(
+        self,
+        transaction_id: TransactionId,
+        connector_id: ConnectorId,
+        meter_value: Sequence[Mapping[str, Any]],
+    ) -> int | None:
+        """Store each sampled value once; how many were new, or None for an unknown id."""
+        rows = sample_rows(connector_id, meter_value)
+        if not rows:
+            return 0
+        args: list[str | int] = [f"tx:{transaction_id}", SAMPLES_TTL_S]
+        for key, value in rows:
+            args.extend((key, value))
+        new = int(
+            await self._add_samples(
+                keys=[self._book, keys.transaction_samples(self._site, transaction_id)],
+                args=args,
+            )
+        )
+        return None if new < 0 else new
+
+    async def samples(self, transaction_id: TransactionId) -> list[StoredSample]:
+        """The stored samples of a transaction, in the order of their source timestamps."""
+        raw = await redis_call(
+            self._redis.hgetall(keys.transaction_samples(self._site, transaction_id))
+        )
+        rows = [parse_row(_text(k) or "", _text(v) or "") for k, v in raw.items()]
+        rows.sort(key=lambda s: (s.at, s.connector_id, s.measurand, s.phase or "", s.location))
+        return rows
+
+    async def settle(
+        self,
+        transaction_id: TransactionId,
+        summary: SessionSummary,
+        reason: str,
+    ) -> BookedTransaction | None:
+        """Mark a transaction stopped with what its stop settled; None if unknown."""
+        record = await self.get(transaction_id)
+        if record is None:
+            return None
+        settled = replace(
+            record,
+            stopped=True,
+            stopped_at=iso(summary.stopped_at),
+            meter_stop_wh=summary.meter_stop_wh,
+            energy_wh=summary.energy_wh,
+            stop_reason=reason,
+            gaps=[g.to_json() for g in summary.gaps],
+            anomalies=list(summary.anomalies),
+        )
+        await redis_call(
+            self._redis.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
+        )
+        return settled
 
     async def get(self, transaction_id: TransactionId) -> BookedTransaction | None:
         """The record of a transaction, or None if this book never handed out that id."""

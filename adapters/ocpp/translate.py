@@ -1,7 +1,7 @@
 """From OCPP 1.6 payloads (as the `ocpp` library hands them over, snake_case) to typed events.
 
 Pure functions. Event ids derive from the message's content, not from the connection, so a
-frame replayed after a reconnect (same meter timestamp, same transaction) is applied once.
+frame replayed after a reconnect (same meter timestamp, same measurands) is applied once.
 """
 
 from __future__ import annotations
@@ -94,6 +94,18 @@ def sample_values(
     return energy, power, soc
 
 
+def _measurands(sampled: Sequence[Mapping[str, Any]]) -> str:
+    """A short digest of the (measurand, phase, location) set of one meterValue entry."""
+    keys = sorted(
+        {
+            f"{s.get('measurand') or 'Energy.Active.Import.Register'}/{s.get('phase') or ''}/"
+            f"{s.get('location') or 'Outlet'}"
+            for s in sampled
+        }
+    )
+    return hashlib.sha256("|".join(keys).encode()).hexdigest()[:8]
+
+
 def meter_events(
     charger_id: ChargerId,
     connector_id: ConnectorId,
@@ -108,7 +120,12 @@ def meter_events(
         energy, power, soc = sample_values(entry.get("sampled_value") or [])
         if energy is None and power is None and soc is None:
             continue
-        base = event_id(charger_id, "mv", connector_id, iso(at))
+        # The measurands are part of the identity: a charge point may send SoC and the
+        # register in separate messages with the same timestamp, and both must be applied;
+        # the same reading re-sent (with another message id) gets the same event id.
+        base = event_id(
+            charger_id, "mv", connector_id, iso(at), _measurands(entry.get("sampled_value") or [])
+        )
         eid = base
         n = 1
         while eid in used:

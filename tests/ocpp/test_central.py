@@ -187,7 +187,8 @@ async def test_meter_values_become_meter_samples_in_wh_kw_and_soc_fraction(
     first, second = harness.recorder.of("meter_sampled")
     assert (first.meter_wh, first.power_kw, first.soc) == (12500.0, 4.5, 0.41)
     assert first.transaction_id == 7
-    assert first.event_id == "CP-1:mv:1:2024-03-04T15:59:50Z"
+    assert first.event_id.startswith("CP-1:mv:1:2024-03-04T15:59:50Z:")
+    assert first.event_id != second.event_id
     assert (second.meter_wh, second.power_kw, second.soc) == (12600.0, None, None)
 
 
