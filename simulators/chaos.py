@@ -1,0 +1,1299 @@
+"""Chaos for the full stack: chargers that keep a ledger, faults, and the ledger comparison.
+
+The pieces of the full-stack soak (`benchmarks/soak.py --mode stack`, RELIABILITY.md T-08, L-01..
+L-03, S-12) that a test can use too:
+
+- `LedgerChargePoint`: a `SimChargePoint` that behaves like a real charger about transaction
+  messages (OCPP 1.6 section 4.x: StartTransaction and StopTransaction are re-sent, the same
+  frame content each time, until the central system answers with a CALLRESULT, across
+  reconnections) and writes what was acknowledged into a shared `Ledger`: each start with the
+  transaction id it got, each stop, each MeterValues of a transaction. It also times the path
+  from a StartTransaction's answer to the first TxProfile for that transaction (re-plan
+  event-to-profile) and every round trip with its wall time.
+- `RestartableBroker`: the embedded amqtt broker, stopped and started on the same port.
+- `controller_records` and `compare`: what the controller recorded (the central system's
+  transaction book, the fleet state's transactions, the applied event ids) against the ledger;
+  `Verdict.lost` and `Verdict.duplicated` are the soak's two figures.
+- `StackSoak`: one run: controller (`adapters.bootstrap` wiring, as in `simulators.scenario`), a
+  redis-server that can be killed, a broker that can be restarted, N ledger chargers with one or
+  two car visits each on a simulated day, a wall-paced `SimClock`, and the faults on a schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import random
+import resource
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import aiomqtt
+import numpy as np
+from amqtt.broker import Broker
+from ocpp.exceptions import OCPPError
+from redis.asyncio import Redis
+from websockets.exceptions import ConnectionClosed
+
+from adapters import bootstrap
+from adapters import redis_keys as keys
+from adapters.codec import encode_event
+from adapters.embedded import broker_config, free_port
+from adapters.ocpp.aio import stop_task
+from adapters.ocpp.credentials import CredentialStore
+from adapters.ocpp.translate import meter_events
+from adapters.redis_store import RedisFleetStore
+from controller.clock import SimClock
+from controller.domain import SLOT, ChargePoint, Connector, Site, Transaction, Vehicle
+from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleRegistered
+from controller.planning.planner import SolveFn
+from controller.settings import Settings
+from simulators.chargepoints.car import SimCar
+from simulators.chargepoints.chargepoint import (
+    ChargerSpec,
+    FleetStats,
+    NotOnline,
+    SimChargePoint,
+)
+from simulators.scenario import ControllerUnderTest, charger_id_for, charger_password
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# True in the tasks of one charger's connection (its boot, status, heartbeat and meter loops,
+# the handlers of the central system's CALLs): those calls must not wait for a reconnection,
+# since the reconnection waits for them to end.
+_IN_SESSION: contextvars.ContextVar[bool] = contextvars.ContextVar("in_session", default=False)
+
+SESSION_CALL_ATTEMPTS = 5
+# The simulated span is run through in this share of the wall time; the rest is a tail in which
+# the last messages (and re-sent stops) get through while the faults go on.
+PACE_SHARE = 0.9  # a CALL of the connection's own that keeps failing: reconnect
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartRecord:
+    """A StartTransaction a charger got a CALLRESULT (with a transaction id) for."""
+
+    charger_id: str
+    connector_id: int
+    transaction_id: int
+    meter_start_wh: int
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StopRecord:
+    """A StopTransaction a charger got a CALLRESULT for."""
+
+    charger_id: str
+    transaction_id: int
+    meter_stop_wh: int
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeterRecord:
+    """A MeterValues of a transaction a charger got a CALLRESULT for (the frame's content)."""
+
+    charger_id: str
+    connector_id: int
+    transaction_id: int
+    meter_value: tuple[dict[str, Any], ...]
+
+
+@dataclass(slots=True)
+class Ledger:
+    """What the chargers sent and got a CALLRESULT for, shared by a fleet of ledger chargers.
+
+    `rtt` holds (wall time at the answer, round trip s) of every answered CALL; `retries`
+    counts re-sent transaction messages by action and cause; `event_to_profile_s` the wall
+    time from a StartTransaction's answer to the first TxProfile for that transaction.
+    """
+
+    starts: list[StartRecord] = field(default_factory=list)
+    stops: list[StopRecord] = field(default_factory=list)
+    meters: list[MeterRecord] = field(default_factory=list)
+    retries: Counter[str] = field(default_factory=Counter)
+    meter_values_unanswered: int = 0
+    rtt: list[tuple[float, float]] = field(default_factory=list)
+    event_to_profile_s: list[float] = field(default_factory=list)
+    awaiting_profile: dict[tuple[str, int], float] = field(default_factory=dict)
+    last_ack_wall: float = 0.0
+
+
+class Disconnected(ConnectionError):
+    """The connection a CALL went out on closed before its answer came."""
+
+
+class LedgerChargePoint(SimChargePoint):
+    """A simulated charger that re-sends transaction messages until answered and keeps a ledger.
+
+    Calls made from outside the connection (a driver plugging a car in or out) are retried
+    across reconnections until the central system answers: StartTransaction and
+    StopTransaction with the same content (so a replay is recognised, T-03), and the Authorize
+    and StatusNotification around them. Calls of the connection itself (boot, statuses after
+    a reconnect, heartbeats) are retried a few times on a CALLERROR, then the connection is
+    dropped and made again. A MeterValues that gets a CALLERROR is counted and not re-sent.
+
+    Args:
+        ledger: shared record of what was acknowledged.
+        heartbeat_s: heartbeat interval on the clock, instead of the one the central system
+            gives at boot (a fast simulated clock would otherwise flood it with heartbeats).
+        retry_s: first delay (clock) before a transaction message is re-sent; doubles up to
+            60 s.
+    """
+
+    def __init__(
+        self,
+        spec: ChargerSpec,
+        clock: SimClock,
+        ledger: Ledger,
+        *,
+        heartbeat_s: float | None = None,
+        retry_s: float = 2.0,
+        stats: FleetStats | None = None,
+        rng: random.Random | None = None,
+        reconnect_base_s: float = 1.0,
+        reconnect_max_s: float = 60.0,
+    ) -> None:
+        super().__init__(
+            spec,
+            clock,
+            stats=stats,
+            validate=False,
+            rng=rng,
+            reconnect_base_s=reconnect_base_s,
+            reconnect_max_s=reconnect_max_s,
+        )
+        self.acks = ledger
+        self.heartbeat_s = heartbeat_s
+        self.retry_s = retry_s
+        self.connected_at: list[datetime] = []  # simulated time of each connection's boot/sync
+        self._closed: asyncio.Event | None = None
+
+    async def _session(self, ws: Any) -> None:
+        token = _IN_SESSION.set(True)
+        closed = self._closed = asyncio.Event()
+        self.connected_at.append(self.clock.now())
+        try:
+            await super()._session(ws)
+        finally:
+            closed.set()
+            _IN_SESSION.reset(token)
+
+    async def _heartbeats(self) -> None:
+        if self.heartbeat_s is None:
+            await super()._heartbeats()
+            return
+        while True:
+            await self.clock.sleep_until(self.clock.now() + timedelta(seconds=self.heartbeat_s))
+            await self._call(_heartbeat())
+
+    async def _call(self, payload: Any) -> Any:
+        action = type(payload).__name__
+        if _IN_SESSION.get():
+            return await self._session_call(action, payload)
+        attempt = 0
+        while True:
+            closed = self._closed
+            if self._wire is None or closed is None or closed.is_set():
+                await self.online.wait()
+                continue
+            try:
+                result = await self._answered(action, payload, closed)
+            except (OCPPError, NotOnline, ConnectionClosed, TimeoutError, Disconnected) as exc:
+                self.acks.retries[f"{action}:{type(exc).__name__}"] += 1
+                attempt += 1
+                delay = min(60.0, self.retry_s * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
+                await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay))
+                continue
+            return result
+
+    async def _session_call(self, action: str, payload: Any) -> Any:
+        if action == "MeterValues":
+            try:
+                return await self._answered(action, payload, None)
+            except (OCPPError, TimeoutError):
+                self.acks.meter_values_unanswered += 1
+                return None
+        for attempt in range(1, SESSION_CALL_ATTEMPTS + 1):
+            try:
+                return await self._answered(action, payload, None)
+            except OCPPError:
+                self.acks.retries[f"{action}:session"] += 1
+                delay = self.retry_s * attempt * self.rng.uniform(0.5, 1.0)
+                await self.clock.sleep_until(self.clock.now() + timedelta(seconds=delay))
+        raise TimeoutError(f"{self.spec.charger_id}: {action} kept failing; reconnecting")
+
+    async def _answered(self, action: str, payload: Any, closed: asyncio.Event | None) -> Any:
+        """One CALL; its answer recorded in the ledger. Raises `Disconnected` if `closed` is
+        set before the answer comes."""
+        started = time.perf_counter()
+        if closed is None:
+            result = await SimChargePoint._call(self, payload)
+        else:
+            result = await _unless(closed, SimChargePoint._call(self, payload))
+        now = time.perf_counter()
+        ledger = self.acks
+        ledger.rtt.append((now, now - started))
+        ledger.last_ack_wall = now
+        charger_id = self.spec.charger_id
+        if action == "StartTransaction" and result.id_tag_info["status"] == "Accepted":
+            transaction_id = int(result.transaction_id)
+            ledger.starts.append(
+                StartRecord(
+                    charger_id=charger_id,
+                    connector_id=int(payload.connector_id),
+                    transaction_id=transaction_id,
+                    meter_start_wh=int(payload.meter_start),
+                    timestamp=str(payload.timestamp),
+                )
+            )
+            ledger.awaiting_profile[(charger_id, transaction_id)] = now
+        elif action == "StopTransaction":
+            ledger.stops.append(
+                StopRecord(
+                    charger_id=charger_id,
+                    transaction_id=int(payload.transaction_id),
+                    meter_stop_wh=int(payload.meter_stop),
+                    timestamp=str(payload.timestamp),
+                )
+            )
+        elif action == "MeterValues" and payload.transaction_id is not None:
+            ledger.meters.append(
+                MeterRecord(
+                    charger_id=charger_id,
+                    connector_id=int(payload.connector_id),
+                    transaction_id=int(payload.transaction_id),
+                    meter_value=tuple(payload.meter_value),
+                )
+            )
+        return result
+
+    def set_profile(self, connector_id: int, raw: dict[str, Any]) -> str:
+        """Install a profile; the first TxProfile of a transaction closes its latency clock."""
+        status = super().set_profile(connector_id, raw)
+        purpose = raw.get("charging_profile_purpose", raw.get("chargingProfilePurpose"))
+        transaction_id = raw.get("transaction_id", raw.get("transactionId"))
+        if purpose == "TxProfile" and transaction_id is not None:
+            since = self.acks.awaiting_profile.pop(
+                (self.spec.charger_id, int(transaction_id)), None
+            )
+            if since is not None:
+                self.acks.event_to_profile_s.append(time.perf_counter() - since)
+        return status
+
+    def resynced_since(self, at: datetime) -> bool:
+        """Whether a TxDefaultProfile and a ChargePointMaxProfile arrived at or after `at`."""
+        purposes = {r.purpose for r in self.received if r.at >= at and r.status == "Accepted"}
+        return {"TxDefaultProfile", "ChargePointMaxProfile"} <= purposes
+
+    async def arrive(self, car: SimCar) -> None:
+        """A car plugs into connector 1 and charges (every message re-sent until answered)."""
+        if self.connector(1).car is None:
+            await self.plug_in(1, car)
+
+    async def leave(self) -> None:
+        """The car on connector 1 leaves (StopTransaction re-sent until answered)."""
+        if self.connector(1).car is not None:
+            await self.unplug(1)
+
+
+def _heartbeat() -> Any:
+    from ocpp.v16 import call
+
+    return call.Heartbeat()
+
+
+async def _unless(closed: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, or `Disconnected` as soon as `closed` is set (the work is cancelled)."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise Disconnected("connection closed before the answer")
+    finally:
+        for pending in (task, waiter):
+            if not pending.done():
+                await stop_task(pending)
+
+
+# -- what the controller recorded, and the comparison ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerRecords:
+    """What the controller keeps of transactions: the OCPP book, the fleet state, applied ids."""
+
+    book: dict[int, dict[str, Any]]  # tx id -> booked transaction (charger, connector, ...)
+    transactions: dict[int, Transaction]  # the fleet state's, built from the event log
+    applied: frozenset[str]  # ids of applied events
+    refused: frozenset[str]  # ids of events refused with a reason (dead letters)
+
+
+async def controller_records(redis: Redis, site: str) -> ControllerRecords:
+    """Read the controller's records of `site` from Redis."""
+    raw_book = await redis.hgetall(keys.ocpp_transactions(site))  # type: ignore[misc]
+    book: dict[int, dict[str, Any]] = {}
+    for name, value in raw_book.items():
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name.startswith("tx:"):
+            book[int(name[3:])] = json.loads(value)
+    state = await RedisFleetStore(redis, site).load()
+    applied = await redis.zrange(keys.applied(site), 0, -1)
+    refused: set[str] = set()
+    for _, fields in await redis.xrange(keys.rejected(site)):
+        text = fields.get("event", "")
+        with contextlib.suppress(ValueError, TypeError):
+            refused.add(str(json.loads(text).get("event_id")))
+    return ControllerRecords(
+        book=book,
+        transactions=dict(state.transactions),
+        applied=frozenset(str(a) for a in applied),
+        refused=frozenset(refused),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The ledger against the controller's records.
+
+    `lost`: acknowledged records the controller does not have (a start without its
+    transaction, a stop not reflected, an acknowledged meter sample not applied).
+    `duplicated`: one charger start recorded under more than one transaction id (in the book
+    or the fleet state), or one transaction id handed out for two different starts.
+    `unacknowledged`: transactions the controller recorded that no charger got an answer for
+    (allowed: at-least-once delivery, the charger may have given up).
+    """
+
+    starts: int
+    stops: int
+    meter_values: int
+    lost: int
+    duplicated: int
+    refused: int
+    unacknowledged: int
+    details: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """0 lost and 0 duplicated."""
+        return self.lost == 0 and self.duplicated == 0
+
+
+def _meter_event_ids(record: MeterRecord) -> list[str]:
+    entries = [
+        {
+            "timestamp": entry["timestamp"],
+            "sampled_value": entry.get("sampledValue", entry.get("sampled_value", [])),
+        }
+        for entry in record.meter_value
+    ]
+    return [
+        e.event_id
+        for e in meter_events(
+            record.charger_id, record.connector_id, record.transaction_id, entries
+        )
+    ]
+
+
+def _start_key(charger: str, connector: int, at: datetime | str, meter: float) -> tuple[Any, ...]:
+    moment = at if isinstance(at, datetime) else datetime.fromisoformat(at.replace("Z", "+00:00"))
+    return (charger, connector, moment.astimezone(UTC), round(float(meter), 3))
+
+
+def compare(ledger: Ledger, records: ControllerRecords, *, details: int = 20) -> Verdict:
+    """Each acknowledged record of the ledger against the controller's (see `Verdict`)."""
+    lost: list[str] = []
+    duplicated: list[str] = []
+    refused = 0
+    by_start: dict[tuple[Any, ...], set[int]] = defaultdict(set)
+    for start in ledger.starts:
+        key = _start_key(
+            start.charger_id, start.connector_id, start.timestamp, start.meter_start_wh
+        )
+        by_start[key].add(start.transaction_id)
+        booked = records.book.get(start.transaction_id)
+        state = records.transactions.get(start.transaction_id)
+        if booked is None or booked.get("charger_id") != start.charger_id:
+            lost.append(f"start {start.charger_id} tx {start.transaction_id}: not in the book")
+        elif state is None or state.charger_id != start.charger_id:
+            lost.append(f"start {start.charger_id} tx {start.transaction_id}: not in the state")
+        elif int(state.meter_start_wh) != start.meter_start_wh:
+            lost.append(f"start {start.charger_id} tx {start.transaction_id}: meterStart differs")
+    for stop in ledger.stops:
+        state = records.transactions.get(stop.transaction_id)
+        booked = records.book.get(stop.transaction_id)
+        if state is None or state.meter_stop_wh is None or booked is None:
+            lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: not recorded")
+        elif int(state.meter_stop_wh) != stop.meter_stop_wh or not booked.get("stopped"):
+            lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: meterStop differs")
+    for meter in ledger.meters:
+        for eid in _meter_event_ids(meter):
+            if eid in records.applied:
+                continue
+            if eid in records.refused:
+                refused += 1
+            else:
+                lost.append(f"meter value {eid}: not applied")
+    # One start, several ids: in the ledger (the charger was given two) or in the controller.
+    for key, ids in by_start.items():
+        if len(ids) > 1:
+            duplicated.append(f"start {key[0]} at {key[2].isoformat()}: ids {sorted(ids)}")
+    recorded: dict[tuple[Any, ...], set[int]] = defaultdict(set)
+    for tid, tx in records.transactions.items():
+        recorded[_start_key(tx.charger_id, tx.connector_id, tx.started_at, tx.meter_start_wh)].add(
+            tid
+        )
+    for tid, booked in records.book.items():
+        key = _start_key(
+            booked["charger_id"],
+            int(booked["connector_id"]),
+            booked["started_at"],
+            booked["meter_start_wh"],
+        )
+        recorded[key].add(tid)
+    unacknowledged = 0
+    for key, ids in recorded.items():
+        if len(ids) > 1:
+            duplicated.append(f"start {key[0]} at {key[2].isoformat()}: recorded as {sorted(ids)}")
+        elif key not in by_start:
+            unacknowledged += 1
+    acknowledged_ids = [s.transaction_id for s in ledger.starts]
+    for tid, n in Counter(acknowledged_ids).items():
+        if (
+            n > 1
+            and len({(s.charger_id, s.timestamp) for s in ledger.starts if s.transaction_id == tid})
+            > 1
+        ):
+            duplicated.append(f"tx {tid} handed out for two different starts")
+    return Verdict(
+        starts=len(ledger.starts),
+        stops=len(ledger.stops),
+        meter_values=len(ledger.meters),
+        lost=len(lost),
+        duplicated=len(duplicated),
+        refused=refused,
+        unacknowledged=unacknowledged,
+        details=tuple((lost + duplicated)[:details]),
+    )
+
+
+# -- the servers that fail ----------------------------------------------------------------------
+
+
+class RedisServer(Protocol):
+    """A redis-server process the soak can kill -9 and start again on the same files."""
+
+    socket: str
+
+    def start(self) -> None:
+        """Start (replaying the AOF) and wait until it answers."""
+
+    def kill9(self) -> None:
+        """SIGKILL it."""
+
+    def stop(self) -> None:
+        """Stop it cleanly."""
+
+
+class RestartableBroker:
+    """The embedded amqtt broker (anonymous, loopback) that can be stopped and started again on
+    the same port; like amqtt itself it keeps no session or retained message across a restart."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._broker: Broker | None = None
+
+    @property
+    def url(self) -> str:
+        """`mqtt://host:port`."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start listening (retried for a moment while the old socket is released)."""
+        for attempt in range(50):
+            broker = Broker(broker_config(self.host, self.port))
+            try:
+                await broker.start()
+            except Exception:  # amqtt wraps the bind error in its own exceptions
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
+            self._broker = broker
+            return
+
+    async def stop(self) -> None:
+        """Shut down; every client is disconnected."""
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()
+
+
+class Publisher:
+    """An MQTT client for the site's feeds that reconnects (and re-sends) after a broker loss."""
+
+    def __init__(self, host: str, port: int, prefix: str) -> None:
+        self._host, self._port, self._prefix = host, port, prefix
+        self._client: aiomqtt.Client | None = None
+        self._lock = asyncio.Lock()
+        self.published = 0
+        self.failures = 0
+
+    async def _connected(self) -> aiomqtt.Client:
+        async with self._lock:
+            if self._client is None:
+                client = aiomqtt.Client(
+                    self._host, self._port, identifier=f"chaos-feeds-{os.getpid()}", timeout=5
+                )
+                await client.__aenter__()
+                self._client = client
+            return self._client
+
+    async def _drop(self, client: aiomqtt.Client) -> None:
+        async with self._lock:
+            if self._client is client:
+                self._client = None
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
+
+    async def publish(self, topic: str, payload: dict[str, Any] | str) -> None:
+        """Publish (QoS 1) under the prefix; on a broker loss reconnect and try again."""
+        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+        while True:
+            client: aiomqtt.Client | None = None
+            try:
+                client = await self._connected()
+                await client.publish(f"{self._prefix}/{topic}", text, qos=1)
+                self.published += 1
+                return
+            except aiomqtt.MqttError:
+                self.failures += 1
+                if client is not None:
+                    await self._drop(client)
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        """Disconnect."""
+        client = self._client
+        if client is not None:
+            await self._drop(client)
+
+
+# -- the simulated day --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Visit:
+    """A car at a charger, from arrival to departure (simulated time)."""
+
+    charger_index: int
+    vehicle_id: str
+    capacity_kwh: float
+    arrival_soc: float
+    target_soc: float
+    arrival: datetime
+    departure: datetime
+
+
+def fleet_visits(chargers: int, start: datetime, hours: float, seed: int) -> list[Visit]:
+    """Every charger gets an evening car that leaves in the morning; half of them also a short
+    visit in the afternoon. Arrivals are spread, so starts and stops come all day."""
+    rng = random.Random(seed)
+    span = timedelta(hours=hours)
+    visits: list[Visit] = []
+
+    def visit(index: int, tag: str, arrive: float, leave: float) -> Visit:
+        capacity = rng.choice([39.0, 57.5, 77.0])
+        return Visit(
+            charger_index=index,
+            vehicle_id=f"ev-{index + 1:05d}-{tag}",
+            capacity_kwh=capacity,
+            arrival_soc=rng.uniform(0.2, 0.5),
+            target_soc=0.8,
+            arrival=start + span * arrive,
+            departure=start + span * leave,
+        )
+
+    for index in range(chargers):
+        if rng.random() < 0.5:
+            arrive = rng.uniform(0.01, 0.2)
+            visits.append(visit(index, "a", arrive, arrive + rng.uniform(0.04, 0.1)))
+        visits.append(visit(index, "b", rng.uniform(0.32, 0.55), rng.uniform(0.78, 0.97)))
+    return visits
+
+
+def site_series(chargers: int, start: datetime, slots: int) -> dict[str, list[float]]:
+    """Prices and the head-room forecast per slot: an evening peak in both."""
+    hour = (start.hour + np.arange(slots) / 4.0) % 24
+    evening = np.exp(-((hour - 19.0) ** 2) / 6.0)
+    capacity = 4.0 * chargers
+    load = chargers * (1.0 + 1.5 * evening)
+    return {
+        "price": list(0.12 + 0.18 * evening - 0.07 * ((hour >= 0) & (hour < 6))),
+        "headroom": list(capacity - load),
+        "load": list(load),
+    }
+
+
+# -- one run ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SoakConfig:
+    """A full-stack soak: fleet, duration, faults (wall time), simulated day.
+
+    `drop_fraction_per_min` of the chargers lose their socket (no close frame) in each
+    `minute_s` of wall time. Message rates are on the simulated clock, which runs
+    `sim_hours * 3600 / wall_s` times faster than the wall.
+    """
+
+    chargers: int = 1000
+    wall_s: float = 600.0
+    sim_hours: float = 24.0
+    redis_kills: int = 3
+    redis_down_s: float = 0.5
+    broker_restarts: int = 2
+    broker_down_s: float = 1.0
+    drop_fraction_per_min: float = 0.05
+    minute_s: float = 60.0
+    meter_interval_s: float = 900.0
+    heartbeat_s: float = 3600.0
+    connects_per_s: float = 200.0
+    recovery_timeout_s: float = 60.0
+    restart_down_s: float = 10.0  # S-12: wall seconds the controller stays stopped
+    seed: int = 0
+    start: datetime = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
+
+    def __post_init__(self) -> None:
+        if self.chargers < 1 or self.wall_s <= 0 or self.sim_hours <= 0:
+            raise ValueError("a soak needs chargers, a duration and a simulated span")
+        if not 0.0 <= self.drop_fraction_per_min <= 1.0:
+            raise ValueError("drop_fraction_per_min must be within 0..1")
+
+    @property
+    def speed(self) -> float:
+        """Simulated seconds per wall second."""
+        return self.sim_hours * 3600.0 / self.wall_s
+
+
+@dataclass(slots=True)
+class FaultRecord:
+    """One injected fault: what, when (wall s from the start), how long until recovered."""
+
+    kind: str
+    at_s: float
+    recovery_s: float | None = None
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class SoakReport:
+    """The figures of one run."""
+
+    config: SoakConfig
+    verdict: Verdict | None = None
+    faults: list[FaultRecord] = field(default_factory=list)
+    rtt_ms: dict[str, float] = field(default_factory=dict)
+    rtt_outside_faults_ms: dict[str, float] = field(default_factory=dict)
+    event_to_profile_s: dict[str, float] = field(default_factory=dict)
+    transactions_without_profile: int = 0
+    rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    sim_reached: str = ""
+    calls: dict[str, int] = field(default_factory=dict)
+    charger_errors: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    meter_values_unanswered: int = 0
+    service_counters: dict[str, int] = field(default_factory=dict)
+    dispatch_counters: dict[str, int] = field(default_factory=dict)
+    mqtt_publish_failures: int = 0
+    restart: dict[str, Any] = field(default_factory=dict)
+
+    def rss_growth(self, from_s: float) -> tuple[float, float, float] | None:
+        """(RSS at `from_s`, at the end, growth %) from the samples, if there are any."""
+        after = [r for t, r in self.rss_mib if t >= from_s]
+        if len(after) < 2:
+            return None
+        return after[0], after[-1], 100.0 * (after[-1] - after[0]) / after[0]
+
+
+def _percentiles(values: Iterable[float], scale: float = 1.0) -> dict[str, float]:
+    array = np.asarray(list(values), dtype=float) * scale
+    if array.size == 0:
+        return {}
+    return {
+        "n": float(array.size),
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+        "p99": float(np.percentile(array, 99)),
+        "max": float(array.max()),
+    }
+
+
+def rss_mib() -> float:
+    """This process's resident set size now (MiB)."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class StackSoak:
+    """One full-stack soak run (see the module docstring); `run()` returns its `SoakReport`."""
+
+    SITE = "chaos"
+
+    def __init__(
+        self,
+        config: SoakConfig,
+        redis_server: RedisServer,
+        *,
+        solver: SolveFn | None = None,
+        data_dir: Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.redis_server = redis_server
+        self.solver = solver
+        self.data_dir = data_dir
+        self.progress = progress or (lambda _: None)
+        self.clock = SimClock(config.start)
+        self.ledger = Ledger()
+        self.stats = FleetStats()
+        self.broker = RestartableBroker()
+        self.report = SoakReport(config)
+        self.chargers: list[LedgerChargePoint] = []
+        self.visits = fleet_visits(config.chargers, config.start, config.sim_hours, config.seed)
+        self.controller: ControllerUnderTest | None = None
+        self.publisher: Publisher | None = None
+        self._fault_windows: list[tuple[float, float]] = []
+        self._t0 = 0.0
+        self._charger_tasks: list[asyncio.Task[None]] = []
+        self.records: ControllerRecords | None = None
+
+    # -- set-up --
+
+    @property
+    def runtime(self) -> bootstrap.Runtime:
+        """The running controller."""
+        assert self.controller is not None
+        assert self.controller.runtime is not None
+        return self.controller.runtime
+
+    def _settings(self, data_dir: str) -> Settings:
+        return Settings(
+            site=self.SITE,
+            data_dir=data_dir,
+            redis_url=f"unix://{self.redis_server.socket}",
+            mqtt_url=self.broker.url,
+            ocpp_port=free_port(),
+            ocpp_bcrypt_rounds=4,
+            coalesce_window_s=1.0,
+            max_event_ahead_s=3600.0,
+            deadband_kw=0.5,
+            site_capacity_kw=4.0 * self.config.chargers,
+        )
+
+    def _configuration(self) -> list[Event]:
+        at = self.clock.now()
+        slots = int(self.config.sim_hours * 4) + 96
+        series = site_series(self.config.chargers, self.config.start, slots)
+        events: list[Event] = [
+            SiteConfigured(
+                event_id="chaos-site",
+                at=at,
+                site=Site(
+                    site_id=self.SITE,
+                    capacity_kw=4.0 * self.config.chargers,
+                    safe_limit_kw=float(min(series["headroom"])),
+                ),
+            )
+        ]
+        for index in range(self.config.chargers):
+            charger_id = charger_id_for(index)
+            events.append(
+                ChargerRegistered(
+                    event_id=f"chaos-cp-{charger_id}",
+                    at=at,
+                    charger=ChargePoint(
+                        charger_id=charger_id,
+                        max_power_kw=11.0,
+                        connectors=(Connector(connector_id=1, max_power_kw=11.0),),
+                    ),
+                )
+            )
+        for visit in self.visits:
+            events.append(
+                VehicleRegistered(
+                    event_id=f"chaos-ev-{visit.vehicle_id}",
+                    at=at,
+                    vehicle=Vehicle(
+                        vehicle_id=visit.vehicle_id,
+                        model="chaos",
+                        capacity_kwh=visit.capacity_kwh,
+                        energy_kwh=visit.arrival_soc * visit.capacity_kwh,
+                        energy_at=at,
+                        max_charge_kw=11.0,
+                    ),
+                )
+            )
+        return events
+
+    async def _feeds(self) -> None:
+        """Prices and head-room forecast once, then the measured site load every slot."""
+        assert self.publisher is not None
+        slots = int(self.config.sim_hours * 4) + 96
+        series = site_series(self.config.chargers, self.config.start, slots)
+        start = self.config.start
+        now = self.clock.now().isoformat()
+        await self.publisher.publish(
+            "price",
+            {"at": now, "start": start.isoformat(), "price_eur_per_kwh": series["price"]},
+        )
+        await self.publisher.publish(
+            "site/headroom",
+            {"at": now, "start": start.isoformat(), "headroom_kw": series["headroom"]},
+        )
+        slot = 0
+        while True:
+            at = start + SLOT * slot
+            await self.clock.sleep_until(at)
+            load = series["load"][min(slot, slots - 1)]
+            await self.publisher.publish(
+                "site/load", {"at": self.clock.now().isoformat(), "load_kw": load}
+            )
+            slot += 1
+
+    async def _provision(self) -> None:
+        client = self.runtime.redis.client()
+        try:
+            store = CredentialStore(client, self.SITE, rounds=4)
+            for index in range(self.config.chargers):
+                charger_id = charger_id_for(index)
+                await store.set_password(charger_id, charger_password(charger_id))
+        finally:
+            await client.aclose()
+        assert self.publisher is not None
+        for event in self._configuration():
+            await self.publisher.publish("events", encode_event(event))
+        service = self.runtime.service
+        deadline = time.perf_counter() + 60.0 + self.config.chargers * 0.05
+        while (
+            len(service.state.vehicles) < len(self.visits)
+            or len(service.state.chargers) < self.config.chargers
+        ):
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the controller did not take the fleet's configuration")
+            await asyncio.sleep(0.05)
+
+    async def _connect_chargers(self) -> None:
+        url = self.runtime.central.url().rstrip("/")
+        rng = random.Random(self.config.seed)
+        started = time.perf_counter()
+        for index in range(self.config.chargers):
+            charger_id = charger_id_for(index)
+            charger = LedgerChargePoint(
+                ChargerSpec(
+                    charger_id=charger_id,
+                    max_power_kw=11.0,
+                    meter_interval_s=self.config.meter_interval_s,
+                ),
+                self.clock,
+                self.ledger,
+                heartbeat_s=self.config.heartbeat_s,
+                stats=self.stats,
+                rng=random.Random(rng.random()),
+            )
+            self.chargers.append(charger)
+            self._charger_tasks.append(
+                asyncio.create_task(charger.run(url, charger_password(charger_id)))
+            )
+            pause = started + (index + 1) / self.config.connects_per_s - time.perf_counter()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        async with asyncio.timeout(120.0 + self.config.chargers * 0.05):
+            for charger in self.chargers:
+                await charger.wait_online()
+
+    async def _start(self, data_dir: str) -> None:
+        self.redis_server.start()
+        await self.broker.start()
+        self.controller = ControllerUnderTest(self._settings(data_dir), self.clock, self.solver)
+        await self.controller.start()
+        link = self.runtime.link
+        self.publisher = Publisher(self.broker.host, self.broker.port, link.topics.prefix)
+        await self._provision()
+        self.progress("configuration applied; connecting chargers")
+        await self._connect_chargers()
+        self.progress(f"{len(self.chargers)} chargers online")
+
+    async def _stop(self) -> None:
+        for task in self._charger_tasks:
+            task.cancel()
+        for task in self._charger_tasks:
+            await stop_task(task)
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.controller is not None:
+            await self.controller.stop()
+        await self.broker.stop()
+        self.redis_server.stop()
+
+    # -- the run --
+
+    def _wall(self) -> float:
+        return time.perf_counter() - self._t0
+
+    async def _pace(self, stop: asyncio.Event) -> None:
+        """Move the simulated clock with the wall clock at the configured speed."""
+        wall0, sim0 = time.perf_counter(), self.clock.now()
+        end = self.config.start + timedelta(hours=self.config.sim_hours)
+        while not stop.is_set():
+            elapsed = time.perf_counter() - wall0
+            target = min(end, sim0 + timedelta(seconds=elapsed * self.config.speed / PACE_SHARE))
+            await self.clock.run_until(target)
+            await asyncio.sleep(0.02)
+
+    async def _drive(self, charger: LedgerChargePoint, visits: Sequence[Visit]) -> None:
+        """One charger's day: its cars arrive and leave on the simulated clock."""
+        assert self.publisher is not None
+        for visit in visits:
+            await self.clock.sleep_until(visit.arrival)
+            now = self.clock.now().isoformat()
+            await self.publisher.publish(
+                f"vehicle/{visit.vehicle_id}/departure",
+                {
+                    "at": now,
+                    "departure": visit.departure.isoformat(),
+                    "target_soc": visit.target_soc,
+                },
+            )
+            await charger.arrive(self._car(visit))
+            await self.clock.sleep_until(visit.departure)
+            await charger.leave()
+
+    async def _until(self, done: Callable[[], bool], timeout_s: float) -> float | None:
+        """Wall seconds until `done()` holds (polled every 10 ms), None after `timeout_s`."""
+        started = time.perf_counter()
+        while not done():
+            if time.perf_counter() - started > timeout_s:
+                return None
+            await asyncio.sleep(0.01)
+        return time.perf_counter() - started
+
+    async def _kill_redis(self) -> FaultRecord:
+        record = FaultRecord("redis kill -9", self._wall())
+        began = time.perf_counter()
+        self.redis_server.kill9()
+        await asyncio.sleep(self.config.redis_down_s)
+        await asyncio.to_thread(self.redis_server.start)
+        up = time.perf_counter()
+        applied = self.runtime.service.counters.get("events_applied", 0)
+        acked = len(self.ledger.starts) + len(self.ledger.stops) + len(self.ledger.meters)
+        waits = await asyncio.gather(
+            self._until(
+                lambda: self.runtime.service.counters.get("events_applied", 0) > applied,
+                self.config.recovery_timeout_s,
+            ),
+            self._until(
+                lambda: (
+                    len(self.ledger.starts) + len(self.ledger.stops) + len(self.ledger.meters)
+                    > acked
+                ),
+                self.config.recovery_timeout_s,
+            ),
+        )
+        if None not in waits:
+            record.recovery_s = max(w for w in waits if w is not None)
+        record.detail = (
+            f"down {up - began:.2f} s; restart -> first event applied "
+            f"{_fmt(waits[0])}, first transaction message answered {_fmt(waits[1])}"
+        )
+        self._fault_windows.append((began, time.perf_counter() + 1.0))
+        return record
+
+    async def _restart_broker(self) -> FaultRecord:
+        record = FaultRecord("broker restart", self._wall())
+        began = time.perf_counter()
+        link = self.runtime.link
+        before = link.connections
+        await self.broker.stop()
+        await asyncio.sleep(self.config.broker_down_s)
+        await self.broker.start()
+        waited = await self._until(
+            lambda: link.connections > before and link.connected.is_set(),
+            self.config.recovery_timeout_s,
+        )
+        record.recovery_s = waited
+        record.detail = f"broker up -> controller resubscribed {_fmt(waited)}"
+        self._fault_windows.append((began, time.perf_counter() + 1.0))
+        return record
+
+    async def _drop_one(self, charger: LedgerChargePoint) -> FaultRecord:
+        record = FaultRecord("socket drop", self._wall(), detail=charger.spec.charger_id)
+        sessions = len(charger.connected_at)
+        await charger.drop()
+        record.recovery_s = await self._until(
+            lambda: len(charger.connected_at) > sessions and charger.online.is_set(),
+            self.config.recovery_timeout_s,
+        )
+        return record
+
+    async def _chaos(self) -> None:
+        """The faults, on a wall-time schedule spread over the run."""
+        config = self.config
+        schedule: list[tuple[float, str]] = []
+        for i in range(config.redis_kills):
+            schedule.append(((i + 0.5) / config.redis_kills * config.wall_s, "redis"))
+        for j in range(config.broker_restarts):
+            at = (j + 0.75) / config.broker_restarts * 0.9 * config.wall_s
+            schedule.append((at, "broker"))
+        rng = random.Random(config.seed + 1)
+        minutes = max(1, round(config.wall_s / config.minute_s))
+        per_minute = round(config.drop_fraction_per_min * config.chargers)
+        if config.drop_fraction_per_min > 0:
+            per_minute = max(1, per_minute)
+        for minute in range(minutes):
+            for _ in range(per_minute):
+                at = (minute + rng.random()) * config.wall_s / minutes
+                schedule.append((min(at, config.wall_s * 0.98), "drop"))
+        schedule.sort()
+        drops: list[asyncio.Task[FaultRecord]] = []
+        for at, kind in schedule:
+            pause = at - self._wall()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            if kind == "redis":
+                self.progress(f"{self._wall():.0f} s: kill -9 redis-server")
+                self.report.faults.append(await self._kill_redis())
+            elif kind == "broker":
+                self.progress(f"{self._wall():.0f} s: restart the broker")
+                self.report.faults.append(await self._restart_broker())
+            else:
+                online = [c for c in self.chargers if c.online.is_set()]
+                if online:
+                    drops.append(asyncio.create_task(self._drop_one(rng.choice(online))))
+        for record in await asyncio.gather(*drops):
+            self.report.faults.append(record)
+
+    async def _sample(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.report.rss_mib.append((self._wall(), rss_mib()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
+
+    async def _drain(self) -> None:
+        """Wait until the controller has applied everything the chargers were answered for."""
+        service = self.runtime.service
+        deadline = time.perf_counter() + 120.0
+        quiet_since = time.perf_counter()
+        last = -1
+        while time.perf_counter() < deadline:
+            applied = service.counters.get("events_applied", 0)
+            if applied != last or not service.is_drained:
+                last, quiet_since = applied, time.perf_counter()
+            elif time.perf_counter() - quiet_since > 1.0:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("the controller did not drain its log within 120 s")
+
+    async def run(self) -> SoakReport:
+        """Start everything, run the day with its faults, compare the ledger, stop."""
+        config, report = self.config, self.report
+        cpu0 = sum(os.times()[:2])
+        with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
+            try:
+                await self._start(str(self.data_dir or tmp))
+                stop = asyncio.Event()
+                by_charger: dict[int, list[Visit]] = defaultdict(list)
+                for visit in self.visits:
+                    by_charger[visit.charger_index].append(visit)
+                self._t0 = time.perf_counter()
+                self.ledger.rtt.clear()
+                background = [
+                    asyncio.create_task(self._pace(stop)),
+                    asyncio.create_task(self._sample(stop)),
+                    asyncio.create_task(self._feeds()),
+                ]
+                drivers = [
+                    asyncio.create_task(self._drive(self.chargers[i], by_charger[i]))
+                    for i in sorted(by_charger)
+                ]
+                chaos = asyncio.create_task(self._chaos())
+                await asyncio.sleep(config.wall_s)
+                await chaos
+                report.wall_s = self._wall()
+                report.sim_reached = self.clock.now().isoformat()
+                for task in drivers:
+                    await stop_task(task)
+                stop.set()
+                for task in background:
+                    await stop_task(task)
+                self.progress("faults over; draining the controller's log")
+                await self._drain()
+                await self._judge()
+            finally:
+                await self._stop()
+        report.cpu_s = sum(os.times()[:2]) - cpu0
+        return report
+
+    async def _judge(self) -> None:
+        """Read the controller's records, compare them with the ledger, compute the figures."""
+        client = self.runtime.redis.client()
+        try:
+            self.records = await controller_records(client, self.SITE)
+        finally:
+            await client.aclose()
+        self.report.verdict = compare(self.ledger, self.records)
+        self._figures()
+
+    def _car(self, visit: Visit) -> SimCar:
+        return SimCar(
+            vehicle_id=visit.vehicle_id,
+            id_tag=visit.vehicle_id,
+            capacity_kwh=visit.capacity_kwh,
+            energy_kwh=visit.arrival_soc * visit.capacity_kwh,
+            max_charge_kw=11.0,
+        )
+
+    def _settled(self, since: datetime) -> bool:
+        """Every charger either waits on the clock (back-off) or is online and re-synced."""
+        return all(
+            c.backing_off or (c.online.is_set() and c.resynced_since(since)) for c in self.chargers
+        )
+
+    async def _step(self, since: datetime) -> None:
+        """One simulated second, then (up to 2 s wall) until the fleet has settled."""
+        await self.clock.advance(timedelta(seconds=1))
+        await self._until(lambda: self._settled(since), 2.0)
+
+    async def run_restart(self, max_sim_s: float = 600.0) -> SoakReport:
+        """S-12: every charger connected with a car charging, then the controller restarts.
+
+        While the controller is down the simulated clock runs with the wall clock (a restart
+        takes what it takes); once it is up again time moves in simulated seconds, each one
+        only when every charger is either backing off or back and re-synced, so the figure is
+        the fleet's (back-off and protocol), not this machine's speed. Re-synced: a
+        TxDefaultProfile and a ChargePointMaxProfile accepted after the stop.
+        """
+        report = self.report
+        cpu0 = sum(os.times()[:2])
+        with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
+            try:
+                await self._start(str(self.data_dir or tmp))
+                self._t0 = time.perf_counter()
+                firsts: dict[int, Visit] = {}
+                for visit in self.visits:
+                    firsts.setdefault(visit.charger_index, visit)
+                await asyncio.gather(
+                    *(self.chargers[i].arrive(self._car(v)) for i, v in firsts.items())
+                )
+                before_stop = self.clock.now()
+                for _ in range(30):  # the first profiles go out
+                    await self._step(before_stop)
+                assert self.controller is not None
+                errors_before = Counter(self.stats.errors)
+                stopped_at = self.clock.now()
+                stopped_wall = time.perf_counter()
+                self.progress(f"{len(firsts)} transactions running; restarting the controller")
+                await self.controller.stop()
+                pacer_stop = asyncio.Event()
+
+                async def lockstep() -> None:
+                    while not pacer_stop.is_set():
+                        elapsed = time.perf_counter() - stopped_wall
+                        await self.clock.run_until(stopped_at + timedelta(seconds=elapsed))
+                        await asyncio.sleep(0.01)
+
+                pacer = asyncio.create_task(lockstep())
+                await asyncio.sleep(self.config.restart_down_s)
+                await self.controller.start()
+                pacer_stop.set()
+                await stop_task(pacer)
+                ready_at = self.clock.now()
+                errors_down = Counter(self.stats.errors) - errors_before
+                errors_at_ready = Counter(self.stats.errors)
+                self.progress("controller up again; stepping simulated seconds")
+                all_online: float | None = None
+                all_synced: float | None = None
+                while (self.clock.now() - ready_at).total_seconds() < max_sim_s:
+                    await self._step(stopped_at)
+                    elapsed = (self.clock.now() - ready_at).total_seconds()
+                    if all_online is None and all(c.online.is_set() for c in self.chargers):
+                        all_online = elapsed
+                    if all(
+                        c.online.is_set() and c.resynced_since(stopped_at) for c in self.chargers
+                    ):
+                        all_synced = elapsed
+                        break
+                herd = Counter(self.stats.errors) - errors_at_ready
+                report.restart = {
+                    "chargers": len(self.chargers),
+                    "transactions_running": len(firsts),
+                    "down_sim_s": (ready_at - stopped_at).total_seconds(),
+                    "down_wall_s": time.perf_counter() - stopped_wall,
+                    "all_online_sim_s": all_online,
+                    "all_resynced_sim_s": all_synced,
+                    "not_resynced": sum(
+                        1
+                        for c in self.chargers
+                        if not (c.online.is_set() and c.resynced_since(stopped_at))
+                    ),
+                    "errors_while_down": dict(errors_down),
+                    "errors_after_ready": dict(herd),
+                    "connects": self.stats.connects,
+                }
+                report.wall_s = self._wall()
+                report.sim_reached = self.clock.now().isoformat()
+                await self._drain()
+                await self._judge()
+            finally:
+                await self._stop()
+        report.cpu_s = sum(os.times()[:2]) - cpu0
+        return report
+
+    def _figures(self) -> None:
+        report, ledger = self.report, self.ledger
+        report.rtt_ms = _percentiles((r for _, r in ledger.rtt), 1000.0)
+        windows = self._fault_windows
+
+        def calm(at: float) -> bool:
+            return not any(a <= at <= b for a, b in windows)
+
+        report.rtt_outside_faults_ms = _percentiles((r for t, r in ledger.rtt if calm(t)), 1000.0)
+        report.event_to_profile_s = _percentiles(ledger.event_to_profile_s)
+        report.transactions_without_profile = len(ledger.awaiting_profile)
+        report.calls = dict(self.stats.answered)
+        report.charger_errors = dict(self.stats.errors)
+        report.retries = dict(ledger.retries)
+        report.meter_values_unanswered = ledger.meter_values_unanswered
+        report.service_counters = {
+            k: v for k, v in self.runtime.service.counters.items() if isinstance(v, int)
+        }
+        report.dispatch_counters = dict(self.runtime.dispatcher.counters)
+        assert self.publisher is not None
+        report.mqtt_publish_failures = self.publisher.failures
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (timed out)" if value is None else f"{value:.2f} s"
