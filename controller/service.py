@@ -260,7 +260,12 @@ class ControllerService:
         self._mark_dirty()
 
     async def _persist_count(self, name: str, by: int = 1) -> None:
-        """Add to the stored counter; a store error is counted, not raised (best effort)."""
+        """Add to the stored counter; a store error is counted, not raised (best effort).
+
+        While the store is down only the in-memory counter moves: waiting out the client's
+        retries on every count would hold up planning."""
+        if self._store_down_since is not None:
+            return
         try:
             await self._store.count(name, by)
         except StoreUnavailable as exc:
@@ -358,7 +363,8 @@ class ControllerService:
         solve_s = time.perf_counter() - started
         try:
             try:
-                await self._store.save_plan(plan)
+                if self._store_down_since is None:  # while down, the consumer probes
+                    await self._store.save_plan(plan)
             except StoreUnavailable as exc:
                 self._store_failed(exc, "saving the plan")
             if self._store_down_since is not None:

@@ -75,12 +75,51 @@ def generate_credentials() -> dict[str, MqttCredentials]:
 def write_password_file(path: Path, credentials: dict[str, MqttCredentials]) -> Path:
     """Write `user:argon2-hash` lines (amqtt FileAuthPlugin format), mode 0600."""
     hasher = PasswordHash((Argon2Hasher(),))
+    return _write_private(path, {c.username: hasher.hash(c.password) for c in credentials.values()})
+
+
+def read_password_lines(path: Path) -> dict[str, str]:
+    """The `user:hash` lines of a password file, by user (blank and `#` lines skipped)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, digest = line.partition(":")
+        if not sep or not user or not digest:
+            raise ValueError(f"{path}: a line is not user:hash (user {user!r})")
+        out[user] = digest
+    return out
+
+
+def _write_private(path: Path, lines: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{c.username}:{hasher.hash(c.password)}" for c in credentials.values()]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines) + "\n")
+        out.write("".join(f"{user}:{digest}\n" for user, digest in lines.items()))
     return path
+
+
+def add_user(path: Path, username: str, password: str) -> Path:
+    """Add or replace one principal in a password file (argon2 hash), mode 0600."""
+    if not username or ":" in username or not password:
+        raise ValueError("a user name without ':' and a non-empty password are required")
+    lines = read_password_lines(path) if path.exists() else {}
+    lines[username] = PasswordHash((Argon2Hasher(),)).hash(password)
+    return _write_private(path, lines)
+
+
+def runtime_password_file(source: Path, target: Path) -> MqttCredentials:
+    """Copy the operator's password file to `target` with a fresh controller principal.
+
+    The controller's password is random per run (it never has to be configured or stored);
+    a `voltpool` line in `source` is replaced. Returns the controller's credentials."""
+    lines = read_password_lines(source)
+    controller = MqttCredentials(CONTROLLER, secrets.token_urlsafe(16))
+    lines[CONTROLLER] = PasswordHash((Argon2Hasher(),)).hash(controller.password)
+    _write_private(target, lines)
+    return controller
 
 
 def amqtt_plugins(password_file: Path, prefix: str) -> dict[str, object]:
@@ -109,3 +148,23 @@ def mosquitto_acl_rules(text: str) -> dict[str, set[tuple[str, str]]]:
         elif words[0] == "topic" and len(words) == 3:
             out[user].add((words[1], words[2]))
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adapters.security.mqtt_acl FILE USER`: add USER to the embedded broker's
+    password file, the password read from the environment variable `MQTT_PASSWORD` or, when it
+    is not set, from standard input (never from the command line, which `ps` shows)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[1] not in (TELEMETRY, OPERATOR):
+        print(f"usage: python -m adapters.security.mqtt_acl FILE {{{TELEMETRY}|{OPERATOR}}}")
+        return 2
+    password = os.environ.get("MQTT_PASSWORD") or sys.stdin.readline().rstrip("\n")
+    add_user(Path(args[0]), args[1], password)
+    print(f"{args[1]} written to {args[0]} (argon2, mode 0600)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

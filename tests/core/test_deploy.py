@@ -45,11 +45,12 @@ def test_the_controller_variables_validate_as_settings(
     """The values in the compose file are accepted by the settings class as they stand."""
     environment = compose["services"]["controller"]["environment"]
     for name, value in environment.items():
-        monkeypatch.setenv(name, str(value).replace("${MQTT_PASSWORD:-change-me}", "pw"))
+        monkeypatch.setenv(name, str(value).replace("${MQTT_PASSWORD:?set MQTT_PASSWORD}", "pw"))
     settings = Settings()
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.mqtt_url is not None
-    assert settings.mqtt_url.endswith("@mosquitto:1883")
+    assert settings.mqtt_url.startswith("mqtts://voltpool:pw@")  # TLS off loopback (SEC-07)
+    assert settings.mqtt_url.endswith("@mosquitto:8883")
     assert settings.ocpp_port == 9000
 
 
@@ -62,7 +63,7 @@ def test_images_ports_and_persistence(compose: dict[str, Any]) -> None:
         "yes"
     )
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
-    assert "./deploy/mosquitto:/mosquitto/config" in services["mosquitto"]["volumes"]
+    assert "./deploy/mosquitto:/mosquitto/config:ro" in services["mosquitto"]["volumes"]
     port = Settings.model_fields["ocpp_port"].default
     assert f"{port}:{port}" in services["controller"]["ports"]
     assert services["simulator"]["image"] == services["controller"]["image"]

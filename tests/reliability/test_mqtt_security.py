@@ -100,12 +100,19 @@ async def test_a_principal_may_not_subscribe_outside_its_acl(
 
 
 def test_an_anonymous_broker_may_only_bind_to_loopback(tmp_path: Path) -> None:
-    """SEC-07: a broker without a password file refuses a non-loopback address."""
+    """SEC-07: a broker without a password file refuses a non-loopback address, and one with
+    a password file still needs TLS there."""
     assert broker_config("127.0.0.1", 1883)["plugins"]
     with pytest.raises(ValueError, match="only bind to loopback"):
         broker_config("0.0.0.0", 1883)  # nosec B104: the address being refused
-    secured = broker_config("0.0.0.0", 1883, password_file=tmp_path / "p")  # nosec B104
-    assert "amqtt.plugins.authentication.FileAuthPlugin" in secured["plugins"]  # type: ignore[operator]
+    with pytest.raises(ValueError, match="needs TLS"):
+        broker_config("0.0.0.0", 1883, password_file=tmp_path / "p")  # nosec B104
+    assert (
+        "amqtt.plugins.authentication.FileAuthPlugin"
+        in (
+            broker_config("127.0.0.1", 1883, password_file=tmp_path / "p")["plugins"]  # type: ignore[operator]
+        )
+    )
 
 
 def test_the_password_file_holds_only_slow_hashes_and_is_private(tmp_path: Path) -> None:
