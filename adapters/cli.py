@@ -184,9 +184,13 @@ def study(
         str | None, typer.Option(help="Output directory (default runs/study-<time>).")
     ] = None,
     data_dir: Annotated[str, typer.Option(help="Data directory.")] = "data",
+    workers: Annotated[
+        int, typer.Option(help="Processes planning days in parallel (0: one per CPU core).")
+    ] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """The planner without the protocols over a year: cost, peak, savings, sensitivity."""
+    import os
     from datetime import UTC, datetime
     from pathlib import Path
 
@@ -207,6 +211,7 @@ def study(
         v2g_share=v2g_share,
         headroom_quantile=quantile,
         console=console,
+        workers=workers if workers > 0 else os.cpu_count() or 1,
     )
 
 

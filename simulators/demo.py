@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,8 +225,50 @@ async def run_demo_day(
     )
 
 
+def profile_latency_summary(result: ScenarioResult) -> dict[str, Any]:
+    """p50/p95/max of the plug-in -> first profile latency, on the wall and simulated clocks."""
+    done = [x for x in result.profile_latency if x.wall_s is not None and x.sim_s is not None]
+    wall = np.array([x.wall_s for x in done], dtype=float)
+    sim = np.array([x.sim_s for x in done], dtype=float)
+
+    def q(values: np.ndarray, p: float) -> float | None:
+        return float(np.percentile(values, p)) if values.size else None
+
+    return {
+        "events": len(result.profile_latency),
+        "answered": len(done),
+        "wall_p50_s": q(wall, 50),
+        "wall_p95_s": q(wall, 95),
+        "wall_max_s": q(wall, 100),
+        "sim_p50_s": q(sim, 50),
+        "sim_p95_s": q(sim, 95),
+        "sim_max_s": q(sim, 100),
+    }
+
+
+def describe_profile_latency(summary: dict[str, Any]) -> str:
+    """The latency summary as a sentence."""
+    if not summary["answered"]:
+        return f"no profile followed any of {summary['events']} plug-ins."
+    return (
+        f"wall p50 {1000 * summary['wall_p50_s']:.0f} ms, p95 "
+        f"{1000 * summary['wall_p95_s']:.0f} ms, max {1000 * summary['wall_max_s']:.0f} ms; "
+        f"simulated clock p50 {summary['sim_p50_s']:.1f} s, p95 {summary['sim_p95_s']:.1f} s "
+        f"(the controller's 0.2 s coalescing window and the steps), over "
+        f"{summary['answered']} of {summary['events']} plug-ins (the others' cars left, or the "
+        "run ended, before any profile)."
+    )
+
+
 def write_day(
-    out: Path, demo: DemoDay, day: FleetDay, basis: CostBasis, *, wall_s: float, cars: int
+    out: Path,
+    demo: DemoDay,
+    day: FleetDay,
+    basis: CostBasis,
+    *,
+    wall_s: float,
+    cars: int,
+    run_times: dict[str, float] | None = None,
 ) -> Path:
     """report.md, steps.csv, cars.csv, demo.json and the two plots for one day."""
     out.mkdir(parents=True, exist_ok=True)
@@ -312,12 +355,20 @@ def write_day(
     managed = demo.rows[0]
     plan = demo.rows[1]
     lat = np.asarray(result.latency_s, dtype=float)
+    prof = profile_latency_summary(result)
     lines = [
         f"# voltpool demo: {cars} cars, {tag}",
         "",
         f"Simulated {span * result.step_s / 3600:.1f} h from local noon through OCPP 1.6-J "
-        f"(WebSockets), MQTT and Redis on a simulated clock, {result.step_s:.0f} s steps; wall "
-        f"time {wall_s:.0f} s. Site: {day.capacity_kw:,.0f} kW connection shared with the "
+        f"(WebSockets), MQTT and Redis on a simulated clock, {result.step_s:.0f} s steps; the "
+        f"day took {wall_s:.0f} s wall"
+        + (
+            f" and {run_times['day_cpu_s']:.0f} s CPU in this process"
+            if run_times and "day_cpu_s" in run_times
+            else ""
+        )
+        + " (start-up of the chargers included). Site: "
+        f"{day.capacity_kw:,.0f} kW connection shared with the "
         f"households; {day.charger_kw:.2f} kW charger per car. Prices: NL day-ahead of the date. "
         "Head-room: the GAM's 95 %-assured value told to the controller; violations counted "
         "against the realised household load (a GAM sample path) with 1 kW tolerance.",
@@ -373,7 +424,14 @@ def write_day(
         f"{result.dispatch.get('profiles_sent', 0)} (accepted "
         f"{result.dispatch.get('profiles_accepted', 0)}, rejected "
         f"{result.dispatch.get('profiles_rejected', 0)}, timed out "
-        f"{result.dispatch.get('profiles_timed_out', 0)}). Event-to-plan latency (wall): "
+        f"{result.dispatch.get('profiles_timed_out', 0)}); the simulated chargers received "
+        f"{result.profiles_received} SetChargingProfile requests.",
+        "",
+        "**Event-to-profile latency** (measured outside the controller: a car plugs in, i.e. "
+        "its MQTT departure and SoC and its charger's StatusNotification and StartTransaction, "
+        "until that charger receives its first SetChargingProfile): "
+        + describe_profile_latency(prof)
+        + " Event-to-plan latency (the service's own record, wall): "
         + (
             f"median {1000 * np.median(lat):.0f} ms, p95 {1000 * np.percentile(lat, 95):.0f} ms, "
             f"max {1000 * lat.max():.0f} ms over {lat.size} events."
@@ -422,6 +480,9 @@ def write_day(
             "median": float(np.median(lat)) if lat.size else None,
             "p95": float(np.percentile(lat, 95)) if lat.size else None,
         },
+        "profile_latency": prof,
+        "profiles_received": result.profiles_received,
+        "run": run_times or {},
     }
     (out / f"demo-{tag}.json").write_text(json.dumps(payload, indent=1, default=str))
     demo.files = [path, power_png, soc_png, out / f"steps-{tag}.csv", out / f"cars-{tag}.csv"]
@@ -461,6 +522,7 @@ def run_demo(
         d = first + timedelta(days=k)
         fleet_day = factory.day(d)
         started = time.perf_counter()
+        cpu = time.process_time()
 
         def tick(now: datetime, result: ScenarioResult, d: date = d) -> None:
             if progress is not None:
@@ -476,9 +538,10 @@ def run_demo(
             )
         )
         wall = time.perf_counter() - started
+        times = {"day_wall_s": wall, "day_cpu_s": time.process_time() - cpu}
         rows, needed = compare(fleet_day, result, hours, basis)
         demo = DemoDay(day=d, result=result, rows=rows, needed_kwh=needed)
-        write_day(out, demo, fleet_day, basis, wall_s=wall, cars=len(vehicles))
+        write_day(out, demo, fleet_day, basis, wall_s=wall, cars=len(vehicles), run_times=times)
         outcome.append(demo)
     index = ["# voltpool demo runs", ""] + [
         f"- [{d.day.isoformat()}](report-{d.day.isoformat()}.md)" for d in outcome
@@ -510,6 +573,7 @@ def run_demo_cli(
         # One INFO line per charger boot would bury the progress bar.
         for name in ("adapters", "controller", "simulators"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    started, cpu = time.perf_counter(), os.times()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = Path(out or f"runs/{stamp}")
     start = date.fromisoformat(first)
@@ -575,9 +639,22 @@ def run_demo_cli(
             )
         console.print(table)
         res = demo.result
+        prof = profile_latency_summary(res)
         console.print(
             f"profiles sent {res.dispatch.get('profiles_sent', 0):,}, events "
-            f"{res.counters.get('events_received', 0):,}, wall {res.wall_s:.0f} s"
+            f"{res.counters.get('events_received', 0):,}, wall {res.wall_s:.0f} s; "
+            f"event-to-profile latency: {describe_profile_latency(prof)}"
         )
+    ended = os.times()
+    times = {
+        "wall_s": time.perf_counter() - started,
+        "cpu_user_s": ended.user - cpu.user + ended.children_user - cpu.children_user,
+        "cpu_system_s": ended.system - cpu.system + ended.children_system - cpu.children_system,
+    }
+    (run_dir / "run.json").write_text(json.dumps(times, indent=1))
+    console.print(
+        f"whole run: {times['wall_s']:.0f} s wall, {times['cpu_user_s']:.0f} s user + "
+        f"{times['cpu_system_s']:.0f} s system CPU (this process and the Redis server it ran)"
+    )
     console.print(f"report: {run_dir / 'report.md'}")
     return demos

@@ -135,6 +135,65 @@ class CarResult:
         return missing if missing > 0.05 else 0.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileLatency:
+    """One event (a car plugging in) and the first charging profile its charger got after it.
+
+    `sim_s` is on the scenario's `SimClock` (what the controller's coalescing window and the
+    steps make of it); `wall_s` is real time on this machine. Both None when the charger got no
+    profile before the car left or the run ended.
+    """
+
+    charger_id: str
+    at: datetime
+    sim_s: float | None
+    wall_s: float | None
+
+
+class TimedChargePoint(SimChargePoint):
+    """A simulated charge point that also notes the wall time each charging profile arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received_wall_s: list[float] = []  # perf_counter() of each entry of `received`
+
+    def set_profile(self, connector_id: int, raw: dict[str, Any]) -> str:
+        """Install the profile as the simulator does, and note when it came (wall clock)."""
+        status = super().set_profile(connector_id, raw)
+        self.received_wall_s.append(time.perf_counter())
+        return status
+
+
+def profile_latencies(
+    plug_ins: Sequence[tuple[int, datetime, float]], chargers: Sequence[TimedChargePoint]
+) -> list[ProfileLatency]:
+    """For each (charger index, simulated time, wall time) plug-in, the first profile after it.
+
+    A profile counts when it arrived at or after the plug-in on both clocks; only the first
+    one after each plug-in is taken (later refreshes are not a response to that event).
+    """
+    out = []
+    for index, at, wall in plug_ins:
+        charger = chargers[index]
+        found = next(
+            (
+                (r.at, w)
+                for r, w in zip(charger.received, charger.received_wall_s, strict=True)
+                if r.at >= at and w >= wall
+            ),
+            None,
+        )
+        out.append(
+            ProfileLatency(
+                charger_id=charger.spec.charger_id,
+                at=at,
+                sim_s=None if found is None else (found[0] - at).total_seconds(),
+                wall_s=None if found is None else found[1] - wall,
+            )
+        )
+    return out
+
+
 @dataclass(slots=True)
 class ScenarioResult:
     """The run's record: metered power per step beside the plan, per-car outcomes, counters."""
@@ -157,6 +216,11 @@ class ScenarioResult:
     step_latency_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     counters_before_restart: dict[str, int] = field(default_factory=dict)
+    # Event-to-profile latency, measured from outside the controller: per plug-in, from the
+    # car plugging in (the charger's StatusNotification/StartTransaction, the car's MQTT
+    # departure and SoC) to the first SetChargingProfile that charger received afterwards.
+    profile_latency: list[ProfileLatency] = field(default_factory=list)
+    profiles_received: int = 0  # SetChargingProfile requests the simulated chargers received
 
     def _array(self, name: str) -> FloatArray:
         return np.asarray(getattr(self, name), dtype=float)
@@ -255,7 +319,8 @@ class DayRunner:
         self.progress = progress
         self.result = ScenarioResult(strategy=strategy, step_s=step_s)
         self.stats = FleetStats()
-        self.chargers: list[SimChargePoint] = []
+        self.chargers: list[TimedChargePoint] = []
+        self._plug_ins: list[tuple[int, datetime, float]] = []  # charger, sim time, wall time
         self._tasks: list[asyncio.Task[None]] = []
         self._published = 0
         self._arrival_energy: dict[str, float] = {}
@@ -359,7 +424,7 @@ class DayRunner:
         url = self.runtime.central.url().rstrip("/")
         for index in range(len(self.inputs.cars)):
             charger_id = charger_id_for(index)
-            charger = SimChargePoint(
+            charger = TimedChargePoint(
                 ChargerSpec(
                     charger_id=charger_id,
                     max_power_kw=self.inputs.charger_kw,
@@ -418,6 +483,7 @@ class DayRunner:
     async def _arrive(self, index: int, car: CarDay) -> None:
         charger = self.chargers[index]
         now = self.clock.now()
+        self._plug_ins.append((index, now, time.perf_counter()))
         await self._publish(
             f"vehicle/{car.vehicle_id}/departure",
             {
@@ -523,6 +589,8 @@ class DayRunner:
             "errors": dict(self.stats.errors),
         }
         self.result.latency_s = list(service.latencies_s)
+        self.result.profile_latency = profile_latencies(self._plug_ins, self.chargers)
+        self.result.profiles_received = sum(len(c.received) for c in self.chargers)
         self.result.wall_s = time.perf_counter() - started
 
     async def _simulate(self) -> None:

@@ -67,16 +67,42 @@ SOLVE_OPTIONS_V2G = OptimiserOptions(
 )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SolvePolicy:
+    """How the study's optimiser runs: its time budget per LP and whether the peak stage runs.
+
+    The study is offline, so the budget is generous. `peak_flattening=False` stops after the
+    money stage (the cost is the same; among cost-optimal plans the peak is then not the
+    lowest): the big-fleet sensitivity rows use it, and their table says so.
+    """
+
+    time_limit_s: float = 120.0
+    peak_flattening: bool = True
+
+    def __post_init__(self) -> None:
+        if self.time_limit_s <= 0.0:
+            raise ValueError(f"time_limit_s {self.time_limit_s} must be positive")
+
+    def options(self, v2g: bool) -> OptimiserOptions:
+        """The optimiser's options for a problem with (or without) V2G cars."""
+        base = SOLVE_OPTIONS_V2G if v2g else SOLVE_OPTIONS
+        return dataclasses.replace(
+            base, time_limit_s=self.time_limit_s, peak_flattening=self.peak_flattening
+        )
+
+
+DEFAULT_POLICY = SolvePolicy()
+
 # One solver per kind of problem: each warm-starts from the previous problem of its kind (a V2G
 # problem warm-started from a charge-only basis can take a hundred times longer).
 _SOLVERS: dict[bool, FastSolver] = {}
 
 
-def solve(problem: PlanningProblem) -> Schedule:
+def solve(problem: PlanningProblem, policy: SolvePolicy = DEFAULT_POLICY) -> Schedule:
     """The managed plan: the service's optimiser (fast exact path) with the study's options."""
     kind = bool(problem.v2g.any())
     solver = _SOLVERS.setdefault(kind, FastSolver())
-    return solver.solve(problem, SOLVE_OPTIONS_V2G if kind else SOLVE_OPTIONS)
+    return solver.solve(problem, policy.options(kind))
 
 
 def cycling_pays(problem: PlanningProblem) -> bool:
@@ -197,6 +223,7 @@ def plan_day(
     v2g_share: float = 1.0,
     forecast_pass: bool = True,
     keep_schedules: bool = False,
+    policy: SolvePolicy = DEFAULT_POLICY,
 ) -> tuple[DayResult, dict[str, tuple[PlanningProblem, Schedule]]]:
     """Every strategy on `day`; returns the result and (when asked) the problems and schedules."""
     started = time.perf_counter()
@@ -208,7 +235,7 @@ def plan_day(
         "unmanaged_full": (full, unmanaged(full)),
         "edf": (base, earliest_deadline_first(base)),
         "llf": (base, least_laxity_first(base)),
-        "managed": (base, solve(base)),
+        "managed": (base, solve(base, policy)),
     }
     outcomes = {k: outcome(k, p, s, day, basis) for k, (p, s) in plans.items()}
     if v2g_share > 0:
@@ -228,8 +255,8 @@ def plan_day(
             ),
         )
         managed_plan = plans["managed"][1]
-        s_spot = solve(spot_problem) if cycling_pays(spot_problem) else managed_plan
-        s_allin = solve(allin_problem) if cycling_pays(allin_problem) else managed_plan
+        s_spot = solve(spot_problem, policy) if cycling_pays(spot_problem) else managed_plan
+        s_allin = solve(allin_problem, policy) if cycling_pays(allin_problem) else managed_plan
         o_spot = outcome("managed_v2g", spot_problem, s_spot, day, basis)
         o_allin = outcome("managed_v2g", base, s_allin, day, basis)
         # Each basis reads the plan made for it (the fee changes what cycling is worth).
@@ -250,12 +277,14 @@ def plan_day(
         need_kwh=float(day.need_kwh.sum()),
     )
     if forecast_pass:
-        result.forecast = forecast_comparison(day, basis)
+        result.forecast = forecast_comparison(day, basis, policy)
     result.solve_s = time.perf_counter() - started
     return result, kept
 
 
-def forecast_comparison(day: FleetDay, basis: CostBasis) -> dict[str, float]:
+def forecast_comparison(
+    day: FleetDay, basis: CostBasis, policy: SolvePolicy = DEFAULT_POLICY
+) -> dict[str, float]:
     """Managed on forecasts, lived against what happened, vs the same day in hindsight.
 
     The forecast plan knows the expected next-day trips (Gamma mean x P(driving)) and the
@@ -264,8 +293,8 @@ def forecast_comparison(day: FleetDay, basis: CostBasis) -> dict[str, float]:
     """
     fc_problem = build_problem(day, ProblemOptions(forecast_targets=True))
     hs_problem = build_problem(day, ProblemOptions(real_headroom=True))
-    fc = outcome("forecast", fc_problem, solve(fc_problem), day, basis)
-    hs = outcome("hindsight", hs_problem, solve(hs_problem), day, basis)
+    fc = outcome("forecast", fc_problem, solve(fc_problem, policy), day, basis)
+    hs = outcome("hindsight", hs_problem, solve(hs_problem, policy), day, basis)
     return {
         "forecast_cost_spot": fc.cost_eur["spot"],
         "hindsight_cost_spot": hs.cost_eur["spot"],
@@ -295,6 +324,16 @@ class StudyOptions:
     forecast_pass: bool = True
     households_scale: float = 1.0
     dates: tuple[date, ...] = ()  # explicit dates of `year` instead of `days` sampled ones
+    policy: SolvePolicy = DEFAULT_POLICY
+    # Processes planning days in parallel (1: in this process). Each builds the same
+    # `DayFactory` (same seed), so a day's inputs do not depend on which process plans it.
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers {self.workers} must be at least 1")
+        if self.days < 1 and not self.dates:
+            raise ValueError("a study needs at least one day")
 
 
 def sample_days(year: int, days: int) -> list[date]:
@@ -307,17 +346,9 @@ def sample_days(year: int, days: int) -> list[date]:
     return [first + timedelta(days=int(k)) for k in dict.fromkeys(picks.tolist())]
 
 
-def run_study(
-    models: ForecastModels,
-    vehicles: Sequence[Any],
-    options: StudyOptions,
-    *,
-    progress: Callable[[int, int, DayResult], None] | None = None,
-    check: Callable[[FleetDay, dict[str, tuple[PlanningProblem, Schedule]]], None] | None = None,
-) -> list[DayResult]:
-    """Plan every sampled day with every strategy; `check` sees each day's problems and plans."""
-    dates = list(options.dates) or sample_days(options.year, options.days)
-    factory = DayFactory(
+def _factory(models: ForecastModels, vehicles: Sequence[Any], options: StudyOptions) -> DayFactory:
+    """The study's day factory: the whole year's trips, drawn once from `options.seed`."""
+    return DayFactory(
         models,
         vehicles,
         options.site,
@@ -326,7 +357,67 @@ def run_study(
         seed=options.seed,
         households_scale=options.households_scale,
     )
+
+
+def _plan(factory: DayFactory, options: StudyOptions, d: date) -> DayResult:
+    """One day of the study, every strategy, without keeping the schedules."""
+    result, _ = plan_day(
+        factory.day(d),
+        options.basis,
+        v2g_share=options.v2g_share,
+        forecast_pass=options.forecast_pass,
+        policy=options.policy,
+    )
+    return result
+
+
+# A worker process's factory and options (set once by `_start_worker`).
+_WORKER: list[tuple[DayFactory, StudyOptions]] = []
+
+
+def _start_worker(models: ForecastModels, vehicles: Sequence[Any], options: StudyOptions) -> None:
+    """Initialise a worker: quiet logs, the same day factory as the parent would build."""
+    logging.getLogger().setLevel(logging.WARNING)
+    _WORKER[:] = [(_factory(models, vehicles, options), options)]
+
+
+def _plan_in_worker(d: date) -> DayResult:
+    """Plan one day in a worker process."""
+    factory, options = _WORKER[0]
+    return _plan(factory, options, d)
+
+
+def run_study(
+    models: ForecastModels,
+    vehicles: Sequence[Any],
+    options: StudyOptions,
+    *,
+    progress: Callable[[int, int, DayResult], None] | None = None,
+    check: Callable[[FleetDay, dict[str, tuple[PlanningProblem, Schedule]]], None] | None = None,
+) -> list[DayResult]:
+    """Plan every sampled day with every strategy; `check` sees each day's problems and plans.
+
+    With `options.workers` > 1 (and no `check`, which needs the schedules here) the days are
+    planned in that many processes; the results come back in date order either way.
+    """
+    dates = list(options.dates) or sample_days(options.year, options.days)
     results: list[DayResult] = []
+    if options.workers > 1 and check is None and len(dates) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(
+            max_workers=min(options.workers, len(dates)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(models, tuple(vehicles), options),
+        ) as pool:
+            for k, result in enumerate(pool.map(_plan_in_worker, dates)):
+                results.append(result)
+                if progress is not None:
+                    progress(k + 1, len(dates), result)
+        return results
+    factory = _factory(models, vehicles, options)
     for k, d in enumerate(dates):
         day = factory.day(d)
         result, kept = plan_day(
@@ -335,6 +426,7 @@ def run_study(
             v2g_share=options.v2g_share,
             forecast_pass=options.forecast_pass,
             keep_schedules=check is not None,
+            policy=options.policy,
         )
         if check is not None:
             check(day, kept)
@@ -450,10 +542,20 @@ class SensitivityRow:
     shortfall_kwh: float
     violation_slots: int
     unmanaged_violation_slots: int
+    v2g_solved: bool = True  # False: V2G not planned for this variant (its columns are empty)
+    note: str = ""  # how this variant was solved, when not as the others
+    wall_s: float = 0.0
 
 
 def _summary_row(
-    factor: str, value: str, cars: int, results: Sequence[DayResult]
+    factor: str,
+    value: str,
+    cars: int,
+    results: Sequence[DayResult],
+    *,
+    v2g_solved: bool = True,
+    note: str = "",
+    wall_s: float = 0.0,
 ) -> SensitivityRow:
     spot = {r["strategy"]: r for r in strategy_table(results, "spot")}
     allin = {r["strategy"]: r for r in strategy_table(results, "allin")}
@@ -471,7 +573,15 @@ def _summary_row(
         shortfall_kwh=spot["managed"]["shortfall_kwh"],
         violation_slots=spot["managed"]["violation_slots"],
         unmanaged_violation_slots=spot["unmanaged"]["violation_slots"],
+        v2g_solved=v2g_solved,
+        note=note,
+        wall_s=wall_s,
     )
+
+
+# The big-fleet rows are about fleet size: they plan without V2G (a cold V2G LP of thousands of
+# cars takes many minutes) and give each LP half an hour. Their table row says so.
+BIG_FLEET_POLICY = SolvePolicy(time_limit_s=1800.0)
 
 
 def sensitivity(
@@ -485,18 +595,22 @@ def sensitivity(
     years: Sequence[int] = (2019, 2021, 2022, 2023, 2024),
     v2g_shares: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
     big_fleet_days: int = 4,
+    big_fleet_from: int = 1000,
+    big_fleet_policy: SolvePolicy = BIG_FLEET_POLICY,
     rows: list[SensitivityRow] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[SensitivityRow]:
     """One factor at a time around `base`, each on `days` sampled days (fewer for big fleets).
 
-    Rows are appended to `rows` (when given) as each variant finishes, then `progress` is told.
+    Fleets of `big_fleet_from` cars or more are planned without V2G and with
+    `big_fleet_policy`; above that size on at most `big_fleet_days` days. Rows are appended to
+    `rows` (when given) as each variant finishes, then `progress` is told.
     """
     rows = [] if rows is None else rows
     quick = dataclasses.replace(base, days=days, forecast_pass=False)
     seed_cars = base.cars or 278
 
-    def run(factor: str, value: str, options: StudyOptions, cars: int) -> None:
+    def run(factor: str, value: str, options: StudyOptions, cars: int, note: str = "") -> None:
         started = time.perf_counter()
         try:
             results = run_study(models, fleet(cars), options)
@@ -506,11 +620,20 @@ def sensitivity(
                     f"{factor}={value}: failed after {time.perf_counter() - started:.0f} s: {exc}"
                 )
             return
-        rows.append(_summary_row(factor, value, cars, results))
-        if progress is not None:
-            progress(
-                f"{factor}={value}: {len(results)} days in {time.perf_counter() - started:.0f} s"
+        wall = time.perf_counter() - started
+        rows.append(
+            _summary_row(
+                factor,
+                value,
+                cars,
+                results,
+                v2g_solved=options.v2g_share > 0 or factor == "V2G share",
+                note=note,
+                wall_s=wall,
             )
+        )
+        if progress is not None:
+            progress(f"{factor}={value}: {len(results)} days in {wall:.0f} s")
 
     for q in quantiles:
         site = dataclasses.replace(base.site, headroom_quantile=q)
@@ -519,9 +642,14 @@ def sensitivity(
         run("price year", str(y), dataclasses.replace(quick, year=y), seed_cars)
     for share in v2g_shares:
         run("V2G share", f"{share:.2f}", dataclasses.replace(quick, v2g_share=share), seed_cars)
-    for n in fleet_sizes:  # last: the big fleets take longest and may hit the time limit
-        d = days if n <= 1000 else min(days, big_fleet_days)
-        run("fleet size (cars)", str(n), dataclasses.replace(quick, cars=n, days=d), n)
+    for n in fleet_sizes:  # last: the big fleets take longest
+        if n < big_fleet_from:
+            run("fleet size (cars)", str(n), dataclasses.replace(quick, cars=n), n)
+            continue
+        d = days if n <= big_fleet_from else min(days, big_fleet_days)
+        big = dataclasses.replace(quick, cars=n, days=d, v2g_share=0.0, policy=big_fleet_policy)
+        note = f"no V2G; LP time limit {big_fleet_policy.time_limit_s:.0f} s"
+        run("fleet size (cars)", str(n), big, n, note)
     return rows
 
 
@@ -694,6 +822,7 @@ def write_report(
                     "peak kW managed / unmanaged",
                     "shortfall kWh",
                     "violation slots managed / unmanaged",
+                    "solved as",
                 ],
                 [
                     [
@@ -703,11 +832,12 @@ def write_report(
                         s.cars,
                         rp.pct(s.saving_spot),
                         rp.pct(s.saving_allin),
-                        rp.pct(s.saving_v2g_spot),
-                        rp.pct(s.saving_v2g_allin),
+                        rp.pct(s.saving_v2g_spot) if s.v2g_solved else "–",
+                        rp.pct(s.saving_v2g_allin) if s.v2g_solved else "–",
                         f"{s.managed_peak_kw:,.0f} / {s.unmanaged_peak_kw:,.0f}",
                         s.shortfall_kwh,
                         f"{s.violation_slots} / {s.unmanaged_violation_slots}",
+                        s.note or "–",
                     ]
                     for s in sens
                 ],
@@ -782,6 +912,7 @@ def run_cli(
     v2g_share: float,
     headroom_quantile: float,
     console: Any,
+    workers: int = 1,
 ) -> Path:
     """What `voltpool study` runs: the year, the sensitivity table, the written report."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -797,6 +928,7 @@ def run_cli(
         days=days,
         site=site,
         v2g_share=v2g_share,
+        workers=workers,
         basis=CostBasis(
             fee_eur_per_kwh=fee_eur_per_kwh,
             export_refund_eur_per_kwh=export_refund_eur_per_kwh,

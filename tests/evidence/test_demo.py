@@ -80,3 +80,24 @@ def test_the_files_agree_with_what_the_chargers_metered(demo: tuple[DemoDay, Pat
     shortfall = sum(float(c["metered_shortfall_kwh"]) for c in cars)
     assert shortfall >= managed["shortfall_kwh"] - 1e-6  # the table counts cars that left
     assert written["dispatch"].get("profiles_sent", 0) > 0
+
+
+def test_every_plug_in_gets_its_first_profile_within_its_step(demo: tuple[DemoDay, Path]) -> None:
+    """Event-to-profile latency, measured at the simulated chargers, is in the report."""
+    day, out = demo
+    result = day.result
+    written = json.loads((out / f"demo-{day.day.isoformat()}.json").read_text())
+    latency = written["profile_latency"]
+    # One event per car that plugged in during the span; every one was answered by a profile.
+    assert latency["events"] == len(result.profile_latency) == len(result.cars) > 0
+    assert latency["answered"] == latency["events"]
+    for x in result.profile_latency:
+        assert x.sim_s is not None
+        assert x.wall_s is not None
+        # The runner waits for quiet after each step: the profile comes within the step.
+        assert 0.0 <= x.sim_s <= result.step_s, x
+        assert x.wall_s > 0.0, x
+    assert latency["wall_p50_s"] <= latency["wall_p95_s"] <= latency["wall_max_s"]
+    # Every profile the dispatcher sent reached a charger, and nothing else did.
+    assert written["profiles_received"] == written["dispatch"]["profiles_sent"]
+    assert "Event-to-profile latency" in (out / "report.md").read_text()

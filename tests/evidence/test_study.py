@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import date
 from pathlib import Path
@@ -60,18 +61,44 @@ def week(evidence_models: ForecastModels) -> tuple[list[DayResult], list[str]]:
             check_schedule(name, problem, schedule)
         checked.append(day.day.isoformat())
 
-    vehicles = seed_fleet(DATA, CARS, 1000.0)
-    # A tight site so that the head-room binds in the evening and the rules matter.
-    site = SiteSpec(capacity_kw=760.0)
-    options = StudyOptions(
-        cars=CARS,
-        year=2024,
-        site=site,
-        v2g_share=0.5,
-        dates=tuple(date(2024, 3, 4 + k) for k in range(7)),
-    )
-    results = run_study(evidence_models, vehicles, options, check=check)
+    results = run_study(evidence_models, seed_fleet(DATA, CARS, 1000.0), WEEK_OPTIONS, check=check)
     return results, checked
+
+
+# A tight site so that the head-room binds in the evening and the rules matter.
+WEEK_OPTIONS = StudyOptions(
+    cars=CARS,
+    year=2024,
+    site=SiteSpec(capacity_kw=760.0),
+    v2g_share=0.5,
+    dates=tuple(date(2024, 3, 4 + k) for k in range(7)),
+)
+
+
+def test_days_planned_in_worker_processes_equal_the_days_planned_here(
+    evidence_models: ForecastModels, week: tuple[list[DayResult], list[str]]
+) -> None:
+    """Two days of the week in two spawned processes: same inputs, same costs and peaks."""
+    options = dataclasses.replace(WEEK_OPTIONS, dates=WEEK_OPTIONS.dates[:2], workers=2)
+    ticks: list[int] = []
+    parallel = run_study(
+        evidence_models,
+        seed_fleet(DATA, CARS, 1000.0),
+        options,
+        progress=lambda k, n, r: ticks.append(k),
+    )
+    assert ticks == [1, 2]
+    for here, there in zip(week[0][:2], parallel, strict=True):
+        assert here.day == there.day
+        assert here.need_kwh == pytest.approx(there.need_kwh, abs=1e-9)
+        assert here.price_spread_eur_per_kwh == there.price_spread_eur_per_kwh
+        for name, outcome in here.outcomes.items():
+            other = there.outcomes[name]
+            for basis in ("spot", "allin"):  # optima are unique in value, not in schedule
+                assert other.cost_eur[basis] == pytest.approx(outcome.cost_eur[basis], abs=1e-4)
+            assert other.shortfall_kwh == pytest.approx(outcome.shortfall_kwh, abs=1e-4)
+            if name in ("unmanaged", "unmanaged_full", "edf", "llf"):  # deterministic rules
+                assert other.peak_kw == outcome.peak_kw
 
 
 def test_every_schedule_of_every_day_respects_the_constraints(
