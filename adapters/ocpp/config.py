@@ -123,8 +123,18 @@ class LeaseConfig:
     tx_profile_id_base: int = 100  # TxProfile id = base + connector id
     discharge_vendor_id: str = "org.voltpool"
     discharge_message_id: str = "DischargeLimit"
+    # "when_needed": a lease is re-sent before it ends only if what the charger falls back to
+    # after it (min(plan, safe share)) differs from the plan beyond the deadband; otherwise it
+    # lapses, and the charger keeps doing what the plan says anyway. "always": every lease is
+    # re-sent before it ends (the behaviour before; the benchmark compares the two).
+    refresh: Literal["when_needed", "always"] = "when_needed"
+    # False: a plan wakes only the chargers whose inputs it changed (setpoints from now on,
+    # running transactions, safe share, budget); True: every charger (for comparison).
+    wake_all_on_plan: bool = False
 
     def __post_init__(self) -> None:
+        if self.refresh not in ("when_needed", "always"):
+            raise InvalidEvent(f"lease refresh {self.refresh!r}: when_needed or always")
         if not 60 <= self.lease_window_s <= 86_400:
             raise InvalidEvent(f"lease window {self.lease_window_s} s outside 60..86400")
         if not 0 <= self.refresh_margin_s < self.lease_window_s:

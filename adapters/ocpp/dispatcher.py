@@ -8,7 +8,13 @@ what the charger accepted:
 - at boot and on every reconnect nothing is assumed installed, and the TxDefaultProfile (safe
   share) and ChargePointMaxProfile (circuit limit) go first, before any TxProfile;
 - a profile is sent only when it differs beyond the deadband (or switches on/off), or when its
-  lease ends within the refresh margin (leases are refreshed from the latest plan);
+  lease ends within the refresh margin *and* what the charger falls back to after the lease
+  (min(plan, safe share)) differs from the plan; a lease whose fallback is the plan anyway
+  lapses, and the charger is looked at again every lease window minus the margin, so a plan
+  value above the safe share still reaches it at least the margin before it applies;
+- a plan wakes only the chargers whose inputs it changed (their setpoints from now on, their
+  running transactions, safe share, budget); what a charger wants is built once per plan and
+  second (`wanted`), not once per look;
 - decreases go before increases, across chargers too: while any charger still has a decrease
   to send (or in flight), no other charger is sent an increase; a decrease that fails is
   retried later and no longer holds the others (it is counted and the charger marked);
@@ -41,6 +47,7 @@ from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
 from adapters.ocpp.profiles import (
     OutgoingProfile,
     band_in_unit,
+    circuits_kw,
     default_profile,
     differs,
     from_limit,
@@ -48,14 +55,63 @@ from adapters.ocpp.profiles import (
     safe_share_per_connector_kw,
     tx_profile,
 )
-from controller.domain import ChargerId
-from controller.planning.plan import Plan
+from controller.domain import ChargePoint, ChargerId
+from controller.planning.plan import Plan, Setpoint
 from controller.ports import Clock
 from controller.state import FleetState
 
 log = logging.getLogger(__name__)
 
 ORDER = {"default": 0, "max": 1}
+COURSE_TOLERANCE_KW = 1e-3  # setpoint moves smaller than this do not wake a charger
+
+
+@dataclass(frozen=True, slots=True)
+class _Basis:
+    """What a charger's wanted profiles are built from, besides the time."""
+
+    plan: Plan | None
+    setpoints: dict[int, Setpoint]
+    charger: ChargePoint | None
+    safe_kw: float
+    running: tuple[tuple[int, int], ...]
+    factor: float
+    epoch: int
+
+
+def _slot_at(plan: Plan, at: datetime) -> int:
+    return max(0, bisect.bisect_right(plan.slot_starts, at) - 1)
+
+
+def _same_course(old: _Basis, new: _Basis, now: datetime) -> bool:
+    """Whether both plans ask the same of the charger's connectors from `now` on (the part of
+    the horizon both cover, within `COURSE_TOLERANCE_KW`)."""
+    if old.setpoints.keys() != new.setpoints.keys():
+        return False
+    if not new.setpoints:
+        return True
+    if old.plan is None or new.plan is None:
+        return old.plan is new.plan
+    i, j = _slot_at(old.plan, now), _slot_at(new.plan, now)
+    a, b = old.plan.slot_starts, new.plan.slot_starts
+    if i + 1 < len(a) and j + 1 < len(b) and a[i + 1] != b[j + 1]:
+        return False  # slot boundaries that do not line up
+    for connector_id, setpoint in new.setpoints.items():
+        before, after = old.setpoints[connector_id].kw[i:], setpoint.kw[j:]
+        if any(abs(x - y) > COURSE_TOLERANCE_KW for x, y in zip(before, after, strict=False)):
+            return False
+    return True
+
+
+def _same_basis(old: _Basis, new: _Basis, now: datetime) -> bool:
+    return (
+        old.charger == new.charger
+        and old.safe_kw == new.safe_kw
+        and old.running == new.running
+        and old.epoch == new.epoch
+        and (old.factor == new.factor or not new.setpoints)
+        and _same_course(old, new, now)
+    )
 
 
 @dataclass(slots=True)
@@ -70,6 +126,12 @@ class _Link:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     trigger_status: bool = False
     task: asyncio.Task[None] | None = None
+    # TxProfile slots whose lease was let lapse (its fallback is the plan), and when to look
+    # at each again.
+    lapsed: set[str] = field(default_factory=set)
+    recheck_at: dict[str, datetime] = field(default_factory=dict)
+    basis: _Basis | None = None  # the inputs of the last plan that woke the worker
+    held: bool = False  # an increase waits for the others' decreases
 
 
 class LeaseDispatcher:
@@ -106,6 +168,14 @@ class LeaseDispatcher:
         self.compliance = ComplianceMonitor(compliance or ComplianceConfig())
         self.budget_factor = 1.0  # the scale applied to compliant setpoints (1: none)
         self._decreasing: set[ChargerId] = set()  # chargers with a decrease not yet settled
+        self._index: dict[ChargerId, dict[int, Setpoint]] = {}  # the plan's setpoints
+        self._circuits: tuple[object, float] = (None, 0.0)  # (chargers mapping, their sum)
+        self._factor_key: tuple[Plan | None, int, int] | None = None
+        self._epoch = 0  # bumped when the budget's rogue draw changes
+        # per charger: (plan, the other inputs, the profiles built from them)
+        self._wanted: dict[
+            ChargerId, tuple[Plan | None, tuple[object, ...], list[OutgoingProfile]]
+        ] = {}
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -115,20 +185,34 @@ class LeaseDispatcher:
         """Take a new plan: every connected charger's worker reconciles against it."""
         self._plan = plan
         self._state = state
+        index: dict[ChargerId, dict[int, Setpoint]] = {}
+        for setpoint in plan.setpoints:
+            index.setdefault(setpoint.charger_id, {})[setpoint.connector_id] = setpoint
+        self._index = index
         self.counters["plans"] += 1
         now = self.clock.now()
+        woken: list[_Link] = []
         for charger_id, known in self._links.items():
+            basis = self._basis(charger_id, now)
+            if (
+                not self.config.wake_all_on_plan
+                and known.basis is not None
+                and _same_basis(known.basis, basis, now)
+            ):
+                self.counters["plan_chargers_unchanged"] += 1
+                continue
+            known.basis = basis
+            woken.append(known)
             wanted = self.wanted(charger_id, now) or []
             if any(self._due(known, p, now) and self._change(known, p, now) < 0 for p in wanted):
                 self._decreasing.add(charger_id)
+        for link in woken:
+            link.idle.clear()
+            link.wake.set()
         for charger_id in self.central.online():
-            link = self._links.get(charger_id)
-            if link is None:
+            if charger_id not in self._links:
                 # Connected before the dispatcher knew it (or before any plan): bring it up now.
                 self._start_link(charger_id, trigger_status=False)
-            else:
-                link.idle.clear()
-                link.wake.set()
 
     # -- ChargerListener --
 
@@ -140,6 +224,7 @@ class LeaseDispatcher:
     async def charger_gone(self, charger_id: ChargerId) -> None:
         """Disconnected: stop its worker; what it accepted last stays in Redis."""
         link = self._links.pop(charger_id, None)
+        self._wanted.pop(charger_id, None)
         self._release(charger_id)
         if link is not None and link.task is not None:
             await stop_task(link.task)
@@ -156,6 +241,8 @@ class LeaseDispatcher:
         if link is not None and charger is not None:
             limit_kw = self._limit_in_force_kw(link, connector_id, at)
         changed = self.compliance.observe((charger_id, connector_id), power_kw, limit_kw, at)
+        if changed or self.compliance.is_flagged(charger_id):
+            self._epoch += 1  # the measured draw the budget counts has moved
         if not changed:
             return
         if self.compliance.is_flagged(charger_id):
@@ -236,47 +323,79 @@ class LeaseDispatcher:
         """The fleet state the profiles are built from."""
         return self._state_fn() if self._state_fn is not None else self._state
 
-    def wanted(self, charger_id: ChargerId, now: datetime) -> list[OutgoingProfile] | None:
-        """The profiles voltpool wants on a charger now, in sending order; None if unknown."""
-        state = self.state
-        charger = state.chargers.get(charger_id)
-        if charger is None:
-            return None
-        safe_kw = safe_share_per_connector_kw(state, charger_id)
-        profiles = [
-            default_profile(charger, safe_kw, now, self.config),
-            max_profile(charger, now, self.config),
-        ]
+    def _safe_kw(self, state: FleetState, charger_id: ChargerId) -> float:
+        """The charger's safe share per connector, the fleet's circuit sum cached per state."""
+        if self._circuits[0] is not state.chargers:
+            self._circuits = (state.chargers, circuits_kw(state))
+        return safe_share_per_connector_kw(state, charger_id, self._circuits[1])
+
+    def _running(self, charger_id: ChargerId, charger: ChargePoint | None) -> dict[int, int]:
         # The central system's book is fresher than the fleet state (a stop it took may not be
         # applied yet); the state is the fallback when the book could not be read.
         running = self.central.active_transactions(charger_id)
         if running is None:
+            connectors = charger.connectors if charger is not None else ()
             running = {
-                c.connector_id: c.transaction_id
-                for c in charger.connectors
-                if c.transaction_id is not None
+                c.connector_id: c.transaction_id for c in connectors if c.transaction_id is not None
             }
+        return running
+
+    def _factor(self, now: datetime) -> float:
+        """The budget factor on compliant setpoints now, computed once per plan, slot and
+        change of the rogue draw."""
         plan = self._plan
-        factor = self._budget(plan, now) if plan is not None else 1.0
-        if factor < self.budget_factor - 1e-9:
-            self.counters["budget_reductions"] += 1
-        self.budget_factor = factor
-        for connector_id, transaction_id in sorted(running.items()):
-            setpoint = None
-            if plan is not None:
-                setpoint = next(
-                    (
-                        s
-                        for s in plan.setpoints
-                        if s.charger_id == charger_id and s.connector_id == connector_id
-                    ),
-                    None,
-                )
-            if (
-                setpoint is not None
-                and factor < 1.0
-                and (charger_id, connector_id) not in self.compliance.non_compliant()
-            ):
+        if plan is None:
+            return 1.0
+        key = (plan, _slot_at(plan, now), self._epoch)
+        old = self._factor_key
+        if old is None or old[0] is not plan or old[1:] != key[1:]:
+            factor = self._budget(plan, now)
+            if factor < self.budget_factor - 1e-9:
+                self.counters["budget_reductions"] += 1
+            self.budget_factor = factor
+            self._factor_key = key
+        return self.budget_factor
+
+    def _basis(self, charger_id: ChargerId, now: datetime) -> _Basis:
+        state = self.state
+        charger = state.chargers.get(charger_id)
+        return _Basis(
+            plan=self._plan,
+            setpoints=self._index.get(charger_id, {}),
+            charger=charger,
+            safe_kw=self._safe_kw(state, charger_id) if charger is not None else 0.0,
+            running=tuple(sorted(self._running(charger_id, charger).items())),
+            factor=self._factor(now),
+            epoch=self._epoch,
+        )
+
+    def wanted(self, charger_id: ChargerId, now: datetime) -> list[OutgoingProfile] | None:
+        """The profiles voltpool wants on a charger now, in sending order; None if unknown.
+
+        Built once per plan, whole second and inputs (a charger's worker looks more than once
+        per plan: the plan's own decrease check, each pass of its reconcile loop).
+        """
+        basis = self._basis(charger_id, now)
+        charger = basis.charger
+        if charger is None:
+            return None
+        plan = basis.plan
+        second = now.replace(microsecond=0)
+        key = (charger, basis.safe_kw, basis.running, basis.factor, basis.epoch, second)
+        cached = self._wanted.get(charger_id)
+        if cached is not None and cached[0] is plan and cached[1] == key:
+            return list(cached[2])
+        self.counters["wanted_built"] += 1
+        safe_kw = basis.safe_kw
+        profiles = [
+            default_profile(charger, safe_kw, now, self.config),
+            max_profile(charger, now, self.config),
+        ]
+        factor = basis.factor
+        rogue = self.compliance.non_compliant() if factor < 1.0 else {}
+        for connector_id, transaction_id in basis.running:
+            setpoint = basis.setpoints.get(connector_id)
+            if setpoint is not None and factor < 1.0 and (charger_id, connector_id) not in rogue:
                 # Budget the rogue connectors' measured draw: scale this one down (charging only).
                 setpoint = replace(
                     setpoint, kw=tuple(kw * factor if kw > 0.0 else kw for kw in setpoint.kw)
@@ -286,7 +405,8 @@ class LeaseDispatcher:
                     charger, connector_id, transaction_id, setpoint, plan, safe_kw, now, self.config
                 )
             )
-        return profiles
+        self._wanted[charger_id] = (plan, key, profiles)
+        return list(profiles)
 
     # -- the worker --
 
@@ -299,18 +419,32 @@ class LeaseDispatcher:
         link.task = asyncio.ensure_future(self._work(link))
 
     def _due(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
+        """Whether the profile must be sent now: it differs beyond the deadband from what the
+        charger has, or its lease ends within the margin and the fallback after it is not the
+        plan (any lease, with `refresh="always"`)."""
         retry = link.retry_at.get(profile.slot)
         if retry is not None and retry > now:
             return False
         old = link.sent.get(profile.slot)
         charger = self.state.chargers.get(link.charger_id)
         band = band_in_unit(self.config.deadband_kw, charger) if charger is not None else 0.0
-        if differs(old, profile, now, band):
+        lapsed = profile.slot in link.lapsed
+        if differs(old, profile, now, band, lease_moves=not lapsed):
             return True
-        if old is not None and old.lease_end is not None:
-            margin = timedelta(seconds=self.config.refresh_margin_s)
-            return old.lease_end - now <= margin
-        return False
+        if not self._lease_ending(link, profile, now):
+            return False
+        if self.config.refresh == "always":
+            return True
+        assert old is not None
+        return differs(old, profile, now, band, lease_moves=False)
+
+    def _lease_ending(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
+        """The installed lease of this slot ends within the refresh margin (and has not been
+        let lapse already)."""
+        old = link.sent.get(profile.slot)
+        if old is None or old.lease_end is None or profile.slot in link.lapsed:
+            return False
+        return old.lease_end - now <= timedelta(seconds=self.config.refresh_margin_s)
 
     def _change(self, link: _Link, profile: OutgoingProfile, now: datetime) -> float:
         """How much a TxProfile raises (> 0) or lowers (< 0) the connector's limit now, in its
@@ -327,8 +461,10 @@ class LeaseDispatcher:
         self._decreasing.discard(charger_id)
         if not self._decreasing:
             for other in self._links.values():
-                other.idle.clear()
-                other.wake.set()
+                if other.held:
+                    other.held = False
+                    other.idle.clear()
+                    other.wake.set()
 
     def _order(
         self, link: _Link, profiles: list[OutgoingProfile], now: datetime
@@ -345,7 +481,11 @@ class LeaseDispatcher:
     def _next_wake(self, link: _Link) -> datetime | None:
         times = list(link.retry_at.values())
         margin = timedelta(seconds=self.config.refresh_margin_s)
-        times += [p.lease_end - margin for p in link.sent.values() if p.lease_end is not None]
+        for slot, profile in link.sent.items():
+            if slot in link.lapsed:
+                times.append(link.recheck_at[slot])
+            elif profile.lease_end is not None:
+                times.append(profile.lease_end - margin)
         return min(times) if times else None
 
     async def _work(self, link: _Link) -> None:
@@ -383,8 +523,25 @@ class LeaseDispatcher:
             del link.sent[slot]
             link.failures.pop(slot, None)
             link.retry_at.pop(slot, None)
+            link.lapsed.discard(slot)
+            link.recheck_at.pop(slot, None)
             await self._remember(link.charger_id, slot, None)
         due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
+        recheck = now + timedelta(seconds=self.config.lease_window_s - self.config.refresh_margin_s)
+        due_slots = {p.slot for p in due}
+        for profile in wanted:
+            if (
+                profile.slot not in due_slots
+                and profile.slot not in link.retry_at
+                and self._lease_ending(link, profile, now)
+            ):
+                # Its fallback is the plan: let the lease lapse rather than re-send it.
+                link.lapsed.add(profile.slot)
+                self.counters["leases_lapsed"] += 1
+        for slot in link.lapsed:
+            # Looked at now: the next look is due before a plan value above the fallback
+            # could come within the margin of applying.
+            link.recheck_at[slot] = recheck
         if not any(self._change(link, p, now) < 0 for p in due):
             self._release(link.charger_id)
         held = False
@@ -393,6 +550,7 @@ class LeaseDispatcher:
             kept = [p for p in due if self._change(link, p, now) <= 0]
             held = len(kept) < len(due)
             if held:
+                link.held = True
                 self.counters["increases_held"] += 1
             due = kept
         if due:
@@ -454,6 +612,8 @@ class LeaseDispatcher:
                 link.sent[profile.slot] = profile
                 link.failures.pop(profile.slot, None)
                 link.retry_at.pop(profile.slot, None)
+                link.lapsed.discard(profile.slot)
+                link.recheck_at.pop(profile.slot, None)
                 if not link.failures:
                     self.not_following.discard(charger_id)
                 await self._remember(charger_id, profile.slot, profile)

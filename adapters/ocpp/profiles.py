@@ -59,22 +59,33 @@ def from_limit(limit: float, charger: ChargePoint, unit: RateUnit | None = None)
     return limit * watts_per_unit(charger, unit or charger.rate_unit) / 1000.0
 
 
-def safe_share_kw(state: FleetState, charger_id: ChargerId) -> float:
-    """The charger's share of the site's safe limit, in proportion to its circuit limit."""
+def circuits_kw(state: FleetState) -> float:
+    """The sum of every charger's circuit limit: what safe shares are proportioned over."""
+    return sum(c.max_power_kw for c in state.chargers.values())
+
+
+def safe_share_kw(state: FleetState, charger_id: ChargerId, total_kw: float | None = None) -> float:
+    """The charger's share of the site's safe limit, in proportion to its circuit limit.
+
+    `total_kw` is `circuits_kw(state)` when the caller has it already (it is a sum over the
+    fleet: per charger and per plan it would make the dispatch quadratic in the fleet size).
+    """
     charger = state.chargers.get(charger_id)
     if charger is None or state.site is None:
         return 0.0
-    total = sum(c.max_power_kw for c in state.chargers.values())
+    total = circuits_kw(state) if total_kw is None else total_kw
     if total <= 0.0:
         return 0.0
     return min(charger.max_power_kw, state.site.safe_limit_kw * charger.max_power_kw / total)
 
 
-def safe_share_per_connector_kw(state: FleetState, charger_id: ChargerId) -> float:
+def safe_share_per_connector_kw(
+    state: FleetState, charger_id: ChargerId, total_kw: float | None = None
+) -> float:
     """The safe share of one connector: a TxDefaultProfile on connector 0 applies to each."""
     charger = state.chargers.get(charger_id)
     count = max(1, len(charger.connectors)) if charger is not None else 1
-    return safe_share_kw(state, charger_id) / count
+    return safe_share_kw(state, charger_id, total_kw) / count
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -165,9 +176,22 @@ class OutgoingProfile:
         )
 
 
-def differs(old: OutgoingProfile | None, new: OutgoingProfile, at: datetime, band: float) -> bool:
+def differs(
+    old: OutgoingProfile | None,
+    new: OutgoingProfile,
+    at: datetime,
+    band: float,
+    *,
+    lease_moves: bool = True,
+) -> bool:
     """Whether `new` is worth sending over `old`: another structure, or a limit at some time
-    from `at` on that moves by more than `band` (in the profile's unit), or switches on/off."""
+    from `at` on that moves by more than `band` (in the profile's unit), or switches on/off.
+
+    With `lease_moves` (the default) the times between the two lease ends are not compared:
+    there the profiles differ only because the lease moved on, and the refresh margin decides
+    when to extend a lease. `lease_moves=False` compares every time from `at` on: what the
+    charger does once `old`'s lease has lapsed (its fallback) against what `new` asks for.
+    """
     if old is None:
         return True
     if (old.purpose, old.unit, old.transaction_id, old.connector_id, old.profile_id) != (
@@ -183,7 +207,7 @@ def differs(old: OutgoingProfile | None, new: OutgoingProfile, at: datetime, ban
     # Between the two lease ends the profiles differ only because the lease moved on; the
     # refresh margin, not the deadband, decides when to extend a lease.
     shifted: tuple[datetime, datetime] | None = None
-    if old.lease_end is not None and new.lease_end is not None:
+    if lease_moves and old.lease_end is not None and new.lease_end is not None:
         shifted = (min(old.lease_end, new.lease_end), max(old.lease_end, new.lease_end))
     for t in sorted({at, *old.changes_after(at), *new.changes_after(at)}):
         if shifted is not None and shifted[0] <= t < shifted[1]:

@@ -217,9 +217,10 @@ async def test_a_charger_that_does_not_answer_is_counted_and_retried(
 async def test_small_changes_stay_within_the_deadband_and_leases_are_refreshed(
     redis: Redis, clock: SimClock
 ) -> None:
-    """7 -> 7.3 kW: nothing sent; 7 -> 8 kW: sent; 13 min later the lease is renewed."""
+    """7 -> 7.3 kW: nothing sent; 7 -> 8 kW: sent; 13 min later the lease is renewed (the
+    fallback after it, the 5 kW safe share, is not the plan)."""
     async with (
-        rig(redis, clock, charger("CP-1")) as r,
+        rig(redis, clock, charger("CP-1"), safe_limit_kw=5.0) as r,
         simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
     ):
         await brought_up(r, sim)
