@@ -27,7 +27,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
@@ -75,6 +75,7 @@ from controller.events import (
     ChargerDisconnected,
     ConnectorStatusChanged,
     Event,
+    MeterSampled,
     TransactionStarted,
     TransactionStopped,
     VehiclePluggedIn,
@@ -209,6 +210,8 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
     def bad_frame(self, verdict: Verdict) -> None:
         """Count a rejected frame; log at most one line per period per charge point."""
         self.central.metrics[f"frames_{verdict.kind}"] += 1
+        if verdict.counter:
+            self.central.metrics[verdict.counter] += 1
         if verdict.code:
             self.central.metrics[f"callerror_{verdict.code}"] += 1
         now = time.monotonic()
@@ -235,6 +238,10 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             CallFailed: the charge point answered with a CALLERROR.
         """
         action = type(payload).__name__
+        if self.boot_status == "Rejected":
+            # OCPP 1.6 §4.2: while a charge point is Rejected the central system sends nothing.
+            self.central.metrics["calls_withheld_rejected"] += 1
+            raise ChargerUnreachable(f"{self.id}: boot Rejected, {action} not sent")
         unique_id = str(uuid.uuid4())
         self.checker.sent_call(unique_id)
         calling = asyncio.ensure_future(self.call(payload, suppress=False, unique_id=unique_id))
@@ -283,13 +290,30 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
     async def on_boot_notification(
         self, charge_point_vendor: str, charge_point_model: str, **_: Any
     ) -> call_result.BootNotification:
-        """Accept known charge points; unknown ones get the configured status."""
-        known = await self.central.is_known(self.id)
-        status = "Accepted" if known else self.central.config.unknown_boot_status
+        """Accept known charge points; unknown ones get the configured status.
+
+        S-04: a charge point Rejected less than the retry interval ago is Rejected again
+        without a second look (and counted); nothing is sent to it while it is Rejected.
+        """
+        central = self.central
+        now = central.clock.now()
+        not_before = central.rejected_until.get(self.id)
+        if not_before is not None and now < not_before:
+            central.metrics["boots_before_retry_interval"] += 1
+            status = "Rejected"
+        else:
+            known = await central.is_known(self.id)
+            status = "Accepted" if known else central.config.unknown_boot_status
         self.boot_status = status
-        if status == "Accepted":
-            self.checker.boot_accepted = True
-        await self.central.record_connection(self, online=True)
+        # A new boot starts the registration afresh: only Accepted lets other calls in (S-03).
+        self.checker.boot_accepted = status == "Accepted"
+        if status == "Rejected":
+            central.rejected_until[self.id] = now + timedelta(
+                seconds=central.config.pending_retry_s
+            )
+        else:
+            central.rejected_until.pop(self.id, None)
+        await central.record_connection(self, online=True)
         log.info("%s: boot %s (%s %s)", self.id, status, charge_point_vendor, charge_point_model)
         interval = (
             self.central.config.heartbeat_interval_s
@@ -466,6 +490,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             self.central.metrics["stops_of_unknown_transactions"] += 1
             log.warning("%s: StopTransaction for unknown transaction %s", self.id, transaction_id)
         else:
+            samples = self._samples(record.connector_id, transaction_id, transaction_data or [])
             await book.record_samples(transaction_id, record.connector_id, transaction_data or [])
             if record.stopped and record.stopped_at is not None:
                 # Re-sent (its answer lost) or a second stop: the first one settled it.
@@ -484,9 +509,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
                 self._report_settlement(transaction_id, summary)
             self.central.close_transaction(self.id, record.connector_id, transaction_id)
-            for sample in meter_events(
-                self.id, record.connector_id, transaction_id, transaction_data or []
-            ):
+            for sample in samples:
                 await self._emit(sample)
         await self._emit(
             TransactionStopped(
@@ -501,6 +524,21 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             await self._unplugged(transaction_id, record, at)
         info = datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
         return call_result.StopTransaction(id_tag_info=info)
+
+    def _samples(
+        self,
+        connector_id: ConnectorId,
+        transaction_id: TransactionId | None,
+        entries: list[dict[str, Any]],
+    ) -> list[MeterSampled]:
+        """The events of a meterValue list, before anything is written. A value the event
+        model refuses (a power beyond +-10 MW passes the schema) is answered
+        PropertyConstraintViolation, not InternalError, so the charger does not retry it."""
+        try:
+            return meter_events(self.id, connector_id, transaction_id, entries)
+        except InvalidEvent as exc:
+            self.central.metrics["samples_refused"] += 1
+            raise PropertyConstraintViolationError(description=str(exc)[:200]) from exc
 
     def _report_settlement(self, transaction_id: TransactionId, summary: SessionSummary) -> None:
         """Count and log what a stop's settlement found wrong (gaps, anomalies)."""
@@ -533,13 +571,14 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
     ) -> call_result.MeterValues:
         """Samples of a transaction go to its ledger (each once); one `MeterSampled` per
         sample time goes to the sink."""
+        samples = self._samples(connector_id, transaction_id, meter_value)
         if transaction_id is not None:
             new = await self.central.transactions.record_samples(
                 transaction_id, connector_id, meter_value
             )
             if new is None:
                 self.central.metrics["samples_of_unknown_transactions"] += 1
-        for sample in meter_events(self.id, connector_id, transaction_id, meter_value):
+        for sample in samples:
             if sample.power_kw is not None:
                 self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)
             await self._emit(sample)
@@ -615,6 +654,8 @@ class CentralSystem:
         self._listeners: list[ChargerListener] = []
         self._meter_listeners: list[MeterListener] = []
         self._per_ip: Counter[str] = Counter()  # open connections per remote address
+        # S-04: charge points answered Rejected, and when they may boot again.
+        self.rejected_until: dict[ChargerId, datetime] = {}
         install_log_redaction()  # websockets logs handshake headers (Authorization) at DEBUG
         self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
         self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know

@@ -25,6 +25,7 @@ The answers, per the OCPP-J 1.6 CALLERROR table (documented in docs/ocpp.md):
 | anything but BootNotification before a boot was accepted | `SecurityError` |
 | CALLRESULT/CALLERROR for no CALL we have outstanding | dropped and counted, never answered |
 | CALLERROR with an unknown code or a non-object details | passed on as `GenericError` / `{}` |
+| CALLERROR with a 2.0.1 spelling (`FormatViolation`) | passed on with the 1.6 spelling |
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Verdict:
     code: str = ""
     unique_id: str = ""
     action: str = ""
+    counter: str = ""  # a specific counter to add to, besides the kind (e.g. unmatched answers)
 
 
 def call_error(unique_id: str, code: CallErrorCode, description: str) -> str:
@@ -119,8 +121,24 @@ def _reply(unique_id: str, code: CallErrorCode, reason: str, action: str = "") -
     )
 
 
-def _drop(reason: str) -> Verdict:
-    return Verdict("drop", reason=reason)
+def _drop(reason: str, counter: str = "") -> Verdict:
+    return Verdict("drop", reason=reason, counter=counter)
+
+
+# A charge point speaking OCPP 2.0.1 spellings in its CALLERRORs means the 1.6 code.
+_CODE_SPELLINGS = {
+    "FormatViolation": CallErrorCode.FORMATION_VIOLATION.value,
+    "OccurrenceConstraintViolation": CallErrorCode.OCCURENCE_CONSTRAINT_VIOLATION.value,
+}
+
+
+def inbound_error_code(code: object) -> str:
+    """The 1.6 code a charge point's CALLERROR means: its own if 1.6 knows it, the 1.6
+    spelling of a 2.0.1 one, else `GenericError` (RELIABILITY O-14)."""
+    if not isinstance(code, str):
+        return CallErrorCode.GENERIC_ERROR.value
+    code = _CODE_SPELLINGS.get(code, code)
+    return code if code in ONE_SIX_CODES else CallErrorCode.GENERIC_ERROR.value
 
 
 def _reject_constant(name: str) -> float:
@@ -452,10 +470,13 @@ class FrameChecker:
         """A CALLRESULT or CALLERROR: let it through only if it answers our outstanding CALL."""
         unique_id = message[1] if len(message) > 1 else None
         if not isinstance(unique_id, str) or unique_id not in self._outstanding:
-            return _drop("answer to no outstanding CALL (late, unknown or malformed id)")
+            return _drop(
+                "answer to no outstanding CALL (late, unknown or malformed id)",
+                "answers_unmatched",
+            )
         if message[0] == 3:
             if len(message) != 3 or not isinstance(message[2], dict):
-                return _drop("CALLRESULT is not [3, id, {payload}]")
+                return _drop("CALLRESULT is not [3, id, {payload}]", "answers_malformed")
             self._outstanding.discard(unique_id)
             return Verdict(
                 "result", json.dumps(message, separators=(",", ":")), unique_id=unique_id
@@ -466,7 +487,7 @@ class FrameChecker:
         normalised = [
             4,
             unique_id,
-            code if isinstance(code, str) and code in ONE_SIX_CODES else "GenericError",
+            inbound_error_code(code),
             description if isinstance(description, str) else "",
             details if isinstance(details, dict) else {},
         ]

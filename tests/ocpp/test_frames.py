@@ -198,6 +198,10 @@ CORPUS: dict[str, tuple[str | bytes, tuple[str, str] | None]] = {
         ("mv", "PropertyConstraintViolation"),
     ),
     "SoC of 140 %": (meter("140", "SoC"), ("mv", "PropertyConstraintViolation")),
+    "power of 100 MW": (
+        meter("1e8", "Power.Active.Import"),
+        ("mv", "PropertyConstraintViolation"),
+    ),
     "meter timestamp not a date": (
         meter("5", ts="yesterday"),
         ("mv", "PropertyConstraintViolation"),
