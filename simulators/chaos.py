@@ -31,6 +31,7 @@ import random
 import resource
 import tempfile
 import time
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -108,12 +109,14 @@ class StopRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeterRecord:
-    """A MeterValues of a transaction a charger got a CALLRESULT for (the frame's content)."""
+    """A MeterValues of a transaction a charger got a CALLRESULT for: the ids of the events
+    its samples must have become (`meter_event_ids`; the frame itself is not kept, so a long
+    soak's ledger stays small)."""
 
     charger_id: str
     connector_id: int
     transaction_id: int
-    meter_value: tuple[dict[str, Any], ...]
+    event_ids: tuple[str, ...]
 
 
 @dataclass(slots=True)
@@ -130,7 +133,8 @@ class Ledger:
     meters: list[MeterRecord] = field(default_factory=list)
     retries: Counter[str] = field(default_factory=Counter)
     meter_values_unanswered: int = 0
-    rtt: list[tuple[float, float]] = field(default_factory=list)
+    rtt_at: array[float] = field(default_factory=lambda: array("d"))  # wall time of answer
+    rtt_s: array[float] = field(default_factory=lambda: array("d"))
     event_to_profile_s: list[float] = field(default_factory=list)
     awaiting_profile: dict[tuple[str, int], float] = field(default_factory=dict)
     last_ack_wall: float = 0.0
@@ -250,7 +254,8 @@ class LedgerChargePoint(SimChargePoint):
             result = await _unless(closed, SimChargePoint._call(self, payload))
         now = time.perf_counter()
         ledger = self.acks
-        ledger.rtt.append((now, now - started))
+        ledger.rtt_at.append(now)
+        ledger.rtt_s.append(now - started)
         ledger.last_ack_wall = now
         charger_id = self.spec.charger_id
         if action == "StartTransaction" and result.id_tag_info["status"] == "Accepted":
@@ -280,7 +285,12 @@ class LedgerChargePoint(SimChargePoint):
                     charger_id=charger_id,
                     connector_id=int(payload.connector_id),
                     transaction_id=int(payload.transaction_id),
-                    meter_value=tuple(payload.meter_value),
+                    event_ids=meter_event_ids(
+                        charger_id,
+                        int(payload.connector_id),
+                        int(payload.transaction_id),
+                        payload.meter_value,
+                    ),
                 )
             )
         return result
@@ -288,6 +298,8 @@ class LedgerChargePoint(SimChargePoint):
     def set_profile(self, connector_id: int, raw: dict[str, Any]) -> str:
         """Install a profile; the first TxProfile of a transaction closes its latency clock."""
         status = super().set_profile(connector_id, raw)
+        if len(self.received) > 64:  # the simulator keeps them all; the soak needs the latest
+            del self.received[:32]
         purpose = raw.get("charging_profile_purpose", raw.get("chargingProfilePurpose"))
         transaction_id = raw.get("transaction_id", raw.get("transactionId"))
         if purpose == "TxProfile" and transaction_id is not None:
@@ -398,20 +410,20 @@ class Verdict:
         return self.lost == 0 and self.duplicated == 0
 
 
-def _meter_event_ids(record: MeterRecord) -> list[str]:
+def meter_event_ids(
+    charger_id: str, connector_id: int, transaction_id: int, meter_value: Sequence[dict[str, Any]]
+) -> tuple[str, ...]:
+    """The ids of the `MeterSampled` events the central system makes of a MeterValues."""
     entries = [
         {
             "timestamp": entry["timestamp"],
             "sampled_value": entry.get("sampledValue", entry.get("sampled_value", [])),
         }
-        for entry in record.meter_value
+        for entry in meter_value
     ]
-    return [
-        e.event_id
-        for e in meter_events(
-            record.charger_id, record.connector_id, record.transaction_id, entries
-        )
-    ]
+    return tuple(
+        e.event_id for e in meter_events(charger_id, connector_id, transaction_id, entries)
+    )
 
 
 def _start_key(charger: str, connector: int, at: datetime | str, meter: float) -> tuple[Any, ...]:
@@ -446,7 +458,7 @@ def compare(ledger: Ledger, records: ControllerRecords, *, details: int = 20) ->
         elif int(state.meter_stop_wh) != stop.meter_stop_wh or not booked.get("stopped"):
             lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: meterStop differs")
     for meter in ledger.meters:
-        for eid in _meter_event_ids(meter):
+        for eid in meter.event_ids:
             if eid in records.applied:
                 continue
             if eid in records.refused:
@@ -1098,6 +1110,7 @@ class StackSoak:
 
     async def _sample(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self.stats.rtt_s.clear()  # the ledger keeps its own round trips, compactly
             self.report.rss_mib.append((self._wall(), rss_mib()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 5.0)
@@ -1129,7 +1142,7 @@ class StackSoak:
                 for visit in self.visits:
                     by_charger[visit.charger_index].append(visit)
                 self._t0 = time.perf_counter()
-                self.ledger.rtt.clear()
+                del self.ledger.rtt_at[:], self.ledger.rtt_s[:]
                 background = [
                     asyncio.create_task(self._pace(stop)),
                     asyncio.create_task(self._sample(stop)),
@@ -1274,13 +1287,15 @@ class StackSoak:
 
     def _figures(self) -> None:
         report, ledger = self.report, self.ledger
-        report.rtt_ms = _percentiles((r for _, r in ledger.rtt), 1000.0)
+        report.rtt_ms = _percentiles(ledger.rtt_s, 1000.0)
         windows = self._fault_windows
 
         def calm(at: float) -> bool:
             return not any(a <= at <= b for a, b in windows)
 
-        report.rtt_outside_faults_ms = _percentiles((r for t, r in ledger.rtt if calm(t)), 1000.0)
+        report.rtt_outside_faults_ms = _percentiles(
+            (r for t, r in zip(ledger.rtt_at, ledger.rtt_s, strict=True) if calm(t)), 1000.0
+        )
         report.event_to_profile_s = _percentiles(ledger.event_to_profile_s)
         report.transactions_without_profile = len(ledger.awaiting_profile)
         report.calls = dict(self.stats.answered)

@@ -24,6 +24,7 @@ from simulators.chaos import (
     SoakReport,
     StackSoak,
     compare,
+    meter_event_ids,
 )
 from tests.reliability.redis_process import RedisProcess
 
@@ -94,18 +95,26 @@ def test_the_comparison_sees_a_lost_start_stop_and_meter_value(soaked: StackSoak
     # Its start and its stop are both gone.
     assert (verdict.lost, verdict.duplicated) == (2, 0)
     without_meter = dataclasses.replace(records, applied=frozenset())
-    assert compare(ledger, without_meter).lost == sum(len(m.meter_value) for m in ledger.meters)
+    assert compare(ledger, without_meter).lost == sum(len(m.event_ids) for m in ledger.meters)
     phantom = MeterRecord(
         charger_id="CP-0001",
         connector_id=1,
         transaction_id=victim,
-        meter_value=(
-            {
-                "timestamp": "2024-03-04T12:00:01Z",
-                "sampledValue": [{"value": "1.0", "measurand": "Energy.Active.Import.Register"}],
-            },
+        event_ids=meter_event_ids(
+            "CP-0001",
+            1,
+            victim,
+            [
+                {
+                    "timestamp": "2024-03-04T12:00:01Z",
+                    "sampledValue": [
+                        {"value": "1.0", "measurand": "Energy.Active.Import.Register"}
+                    ],
+                }
+            ],
         ),
     )
+    assert len(phantom.event_ids) == 1
     ledger.meters.append(phantom)
     try:
         assert compare(ledger, records).lost == 1
