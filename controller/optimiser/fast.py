@@ -11,7 +11,6 @@ simplex optimum on the exact floating-point data, never the flow's rounded one.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from controller.optimiser.model import (
 )
 from controller.optimiser.options import DEFAULT_OPTIONS, OptimiserOptions
 from controller.optimiser.prepare import Prepared, prepare
-from controller.optimiser.repair import repair_min_rate
 from controller.optimiser.stages import OptimiserFailed, StageResult, clean, finish, site_profile
 from controller.planning.problem import FloatArray, IntArray, PlanningProblem, Schedule
 
@@ -47,6 +45,13 @@ _LOWER, _BASIC, _UPPER, _ZERO = (
     int(_STATUS.kUpper),
     int(_STATUS.kZero),
 )
+# A warm start may take this long (times the last cold start, at least the floor) before it is
+# abandoned for a cold one: a warm V2G start has been seen to take 10-25 times a cold one.
+_WARM_FACTOR = 3.0
+# A dual this small (times 1 + the largest cost coefficient) counts as zero: HiGHS's dual
+# feasibility tolerance.
+_DUAL_ZERO = 1e-7
+_WARM_FLOOR_S = 0.5
 _BY_CODE = {int(s): s for s in (_STATUS.kLower, _STATUS.kBasic, _STATUS.kUpper, _STATUS.kZero)}
 
 
@@ -68,6 +73,8 @@ class _Loaded:
     row_lower: FloatArray = field(default_factory=lambda: np.zeros(0))
     row_upper: FloatArray = field(default_factory=lambda: np.zeros(0))
     at_cost_basis: bool = False  # HiGHS's basis is the money stage's (nothing ran after it)
+    # Second model only: the objective its basis is optimal for ("ramp", "peak" or "").
+    warm_objective: str = ""
 
 
 class FastSolver:
@@ -80,44 +87,54 @@ class FastSolver:
         self._lock = threading.Lock()
         self._codes: dict[str, int] = {}
         self._loaded: _Loaded | None = None
+        self._second: _Loaded | None = None  # the same LP for the second stage (peak, ramps)
+        # (columns, seconds) of the last money stage started without an old basis: what a
+        # warm start may take before it is abandoned for a cold one.
+        self._cold: tuple[int, float] | None = None
         self.last_start = ""  # how the last solve started: "warm", "remapped", "flow", "cold"
 
     def solve(self, problem: PlanningProblem, options: OptimiserOptions | None = None) -> Schedule:
-        """The lexicographically optimal schedule of `problem` (see `controller.optimiser`)."""
+        """The lexicographically optimal schedule of `problem` (see `controller.optimiser`).
+
+        `options.time_limit_s` is the budget of the whole solve: the money stages must end in
+        it (else `OptimiserFailed`), the second stage gets what is left and is skipped, and
+        reported in `details`, when nothing is.
+        """
         options = options or DEFAULT_OPTIONS
         started = time.perf_counter()
         prepared = prepare(problem)
         with self._lock:
-            result, repaired = self._solve(prepared, options)
-        return finish(
-            prepared, result, options, elapsed_s=time.perf_counter() - started, repaired=repaired
-        )
+            result = self._solve(prepared, options, started + options.time_limit_s)
+        return finish(prepared, result, options, elapsed_s=time.perf_counter() - started)
 
     def forget(self) -> None:
-        """Drop the loaded model (the next solve starts cold)."""
+        """Drop the loaded models (the next solve starts cold)."""
         with self._lock:
             self._loaded = None
+            self._second = None
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _solve(
-        self, prepared: Prepared, options: OptimiserOptions
-    ) -> tuple[StageResult, tuple[FloatArray, FloatArray, dict[str, float]] | None]:
+    def _solve(self, prepared: Prepared, options: OptimiserOptions, deadline: float) -> StageResult:
         problem = prepared.problem
         if problem.n_vehicles == 0:
-            return _empty(prepared, "highs"), None
+            return _empty(prepared, "highs")
         try:
-            return self._attempt(prepared, options, warm=options.warm_start)
+            return self._attempt(prepared, options, warm=options.warm_start, deadline=deadline)
         except OptimiserFailed:
+            started = self.last_start
             self._loaded = None
-            if not options.warm_start:
+            self._second = None
+            if started not in ("warm", "remapped") or time.perf_counter() >= deadline:
                 raise
-            # A warm start that runs into the time limit is retried once from scratch.
-            return self._attempt(prepared, options, warm=False)
+            # A warm start that ran over what a cold start takes is retried once from scratch.
+            result = self._attempt(prepared, options, warm=False, deadline=deadline)
+            result.extra["warm_start_abandoned"] = 1.0
+            return result
 
     def _attempt(
-        self, prepared: Prepared, options: OptimiserOptions, *, warm: bool
-    ) -> tuple[StageResult, tuple[FloatArray, FloatArray, dict[str, float]] | None]:
+        self, prepared: Prepared, options: OptimiserOptions, *, warm: bool, deadline: float
+    ) -> StageResult:
         problem = prepared.problem
         first_slot = int(slot_floor(problem.start).timestamp() // SLOT_S)
         key = layout_key(prepared, first_slot)
@@ -167,11 +184,47 @@ class FastSolver:
         loaded.prices = problem.price_eur_per_kwh.copy()
         loaded.first_slot = first_slot
         self._loaded = loaded if options.warm_start else None
-        result = _stages(loaded, prepared, options, flatten=not options.min_rate_repair)
-        repaired = None
-        if options.min_rate_repair:
-            repaired = _repair_rounds(loaded, prepared, options, result)
-        return result, repaired
+        money_deadline = deadline
+        cold = self._cold
+        size = loaded.layout.n_cols
+        if self.last_start in ("warm", "remapped") and cold is not None:
+            if size <= 2 * cold[0] and cold[0] <= 2 * size:
+                # A warm start is worth it only while it is faster than starting afresh.
+                money_deadline = min(
+                    deadline, time.perf_counter() + max(_WARM_FLOOR_S, _WARM_FACTOR * cold[1])
+                )
+        began = time.perf_counter()
+        result, solution = _stages(loaded, prepared, options, _Counter(money_deadline))
+        if self.last_start in ("cold", "flow"):
+            self._cold = (size, time.perf_counter() - began)
+        if options.peak_flattening:
+            second = self._second_model(loaded, options, warm=warm)
+            _second_stage(loaded, second, prepared, options, result, solution, _Counter(deadline))
+        return result
+
+    def _second_model(self, money: _Loaded, options: OptimiserOptions, *, warm: bool) -> _Loaded:
+        """The second-stage model for `money`'s layout, carried over from the last one if any."""
+        old = self._second if warm else None
+        if old is not None and old.layout.key == money.layout.key:
+            return old
+        layout, values = money.layout, money.values
+        second = _Loaded(
+            _new_highs(layout, values, options),
+            layout,
+            values,
+            np.zeros(layout.n_cols),
+            col_lower=values.col_lower.copy(),
+            col_upper=values.col_upper.copy(),
+            row_lower=values.row_lower.copy(),
+            row_upper=values.row_upper.copy(),
+        )
+        if old is not None and old.warm_objective == "ramp":
+            # The last ramp-optimal basis, matched by vehicle and slot: a dual simplex start.
+            basis = _remap(old, layout, values)
+            if basis is not None and _set_basis(second.highs, *basis):
+                second.warm_objective = "ramp"
+        self._second = second if options.warm_start else None
+        return second
 
     def _vehicle_codes(self, vehicle_ids: tuple[str, ...]) -> IntArray:
         codes = self._codes
@@ -355,31 +408,19 @@ def _consistent(
 
 
 def _stages(
-    loaded: _Loaded,
-    prepared: Prepared,
-    options: OptimiserOptions,
-    *,
-    save_basis: bool = True,
-    values: Values | None = None,
-    flatten: bool = True,
-    soften: bool = True,
-) -> StageResult:
-    """Run the lexicographic stages on the loaded model (targets hard first).
+    loaded: _Loaded, prepared: Prepared, options: OptimiserOptions, counter: _Counter
+) -> tuple[StageResult, _Solution]:
+    """Run the lexicographic stages up to money on the loaded model (targets hard first).
 
-    `flatten=False` stops after the money stage (the min-rate repair flattens once, at its end);
-    `soften=False` fails at once if the targets cannot all be met (a repair pattern that costs
-    energy is not worth the soft stages).
+    Returns the result and HiGHS's solution of the money stage (values and duals).
     """
     highs, layout = loaded.highs, loaded.layout
-    values = values or loaded.values
-    counter = _Counter(options.time_limit_s)
+    values = loaded.values
     _objective(loaded, values.cost_vector)
     status = _run(highs, counter)
     shortfall, worst = 0.0, 0.0
     if status not in ("optimal", "infeasible"):
         _expect(status, "cost stage")
-    if status == "infeasible" and not soften:
-        raise OptimiserFailed("targets not reachable with these bounds")
     if status == "infeasible":
         # Some target cannot be met inside h_t: free the shortfall columns and rank.
         scaled = shortfall_scaled(layout, prepared)
@@ -405,14 +446,13 @@ def _stages(
         _objective(loaded, values.cost_vector)
         _expect(_run(highs, counter), "cost stage")
     cost = _objective_value(highs)
-    if save_basis:
-        loaded.cost_basis = highs.getBasis()
-    loaded.at_cost_basis = save_basis
-    solution = highs.getSolution()
+    loaded.cost_basis = highs.getBasis()
+    loaded.at_cost_basis = True
+    solution = _Solution.read(highs, layout, duals=options.peak_flattening)
     g_slice = slice(layout.g0, layout.g0 + layout.t_count)
-    net = np.asarray(solution.col_value[g_slice])
-    price = np.maximum(0.0, -np.asarray(solution.col_dual[g_slice]))
-    charge, discharge = _powers(layout, prepared, np.asarray(solution.col_value))
+    net = solution.col_value[g_slice]
+    price = np.maximum(0.0, -solution.g_dual)
+    charge, discharge = _powers(layout, prepared, solution.col_value)
     peak, ramp = site_profile(charge, discharge)
     result = StageResult(
         charge_kw=charge,
@@ -430,220 +470,193 @@ def _stages(
         solves=counter.solves,
         iterations=counter.iterations,
     )
-    if flatten and options.peak_flattening:
-        _flatten(loaded, prepared, options, result, values, None, solution)
-    return result
+    return result, solution
 
 
-def _flatten(
-    loaded: _Loaded,
+@dataclass(frozen=True, slots=True)
+class _Solution:
+    """HiGHS's solution as numpy arrays, read once (each read copies a Python list)."""
+
+    col_value: FloatArray
+    g_dual: FloatArray  # reduced costs of the site columns g
+    col_dual: FloatArray  # empty unless read with duals
+    row_value: FloatArray
+    row_dual: FloatArray
+
+    @classmethod
+    def read(cls, highs: Any, layout: Layout, *, duals: bool) -> _Solution:
+        """Values (and, with `duals`, the row values and all duals) of the last run."""
+        solution = highs.getSolution()
+        col_value = np.asarray(solution.col_value)
+        col_dual_list = solution.col_dual
+        g_dual = np.asarray(col_dual_list[layout.g0 : layout.g0 + layout.t_count])
+        if not duals:
+            empty = np.zeros(0)
+            return cls(col_value, g_dual, empty, empty, empty)
+        return cls(
+            col_value,
+            g_dual,
+            np.asarray(col_dual_list),
+            np.asarray(solution.row_value),
+            np.asarray(solution.row_dual),
+        )
+
+
+def _peak_certificate(
+    layout: Layout,
+    prepared: Prepared,
+    values: Values,
+    solution: _Solution,
+) -> tuple[float, float] | None:
+    """(least peak among the money-optimal plans, margin kW), when the money duals prove it.
+
+    If a peak slot t sits at its head-room h_t with a reduced cost d_t != 0, every
+    money-optimal plan keeps g_t = h_t (complementary slackness), so none has a lower peak:
+    the current peak is the second stage's optimum, with no LP. The stages keep each optimum
+    up to a slack eps; a plan that spends eps more money could lower g_t by eps / |d_t| at most
+    (the reduced-cost bound), which is returned as the margin (for eps = 1: scale it). None
+    when no peak slot is pinned so: then the peak LP decides.
+    """
+    g_slice = slice(layout.g0, layout.g0 + layout.t_count)
+    net, dual = solution.col_value[g_slice], np.abs(solution.g_dual)
+    peak = float(max(0.0, net.max(initial=0.0)))
+    if peak <= 1e-9:
+        return 0.0, 0.0  # K >= 0 is a bound of its own
+    scale = 1.0 + float(np.abs(values.cost_vector).max(initial=0.0))
+    pinned = (
+        (net >= peak - 1e-9)
+        & (np.abs(net - prepared.headroom_kw) <= 1e-9)
+        & (dual > _DUAL_ZERO * scale)
+    )
+    if not pinned.any():
+        return None
+    return peak, 1.0 / float(dual[pinned].max())
+
+
+def _second_stage(
+    money: _Loaded,
+    second: _Loaded,
     prepared: Prepared,
     options: OptimiserOptions,
     result: StageResult,
-    values: Values,
-    idle: IntArray | None,
-    solution: Any,
+    solution: _Solution,
+    counter: _Counter,
 ) -> None:
-    """The second stage, from the money stage's optimum loaded now: least peak, least ramps.
+    """Least peak, then least ramps, among the money-optimal plans, on the second model.
 
-    Among the cost-optimal plans means on the money stage's optimal face (every column and row
-    with a non-zero dual stays where it is) and, as a guard, money <= optimum + slack. `idle`
-    columns that the money stage left at 0 stay at 0 (the min-rate repair's undecided slots).
-    Updates `result` in place.
+    `second` holds the same LP as `money`; it gets the money stage's bounds (shortfall and
+    fairness included) plus the guard money <= optimum + slack, which *is* the set of
+    money-optimal plans (up to the slack, as in the reference). The peak comes from the money
+    stage's duals when they prove it (`_peak_certificate`), else from a peak LP started at the
+    money basis (primal feasible there). The ramp LP restarts from the second model's own last
+    ramp-optimal basis when it has one (same objective, so the dual simplex needs only the
+    pivots the event calls for), else from the money basis. Updates `result` in place; a stage
+    that fails (time budget) leaves the plan of the stage before and is reported.
     """
-    highs, layout = loaded.highs, loaded.layout
-    counter = _Counter(options.time_limit_s)
-    loaded.at_cost_basis = False
-    highs.setOptionValue("simplex_strategy", 4)  # primal: the basis stays feasible
+    layout = money.layout
+    cost = result.cost_eur
+    certificate = _peak_certificate(layout, prepared, money.values, solution)
+    peak = None
+    if certificate is not None:
+        peak = certificate[0]
+        result.extra["peak_margin_kw"] = options.slack(cost) * certificate[1]
+    ramps = options.ramp_smoothing and layout.t_count > 1
+    result.extra["peak_certified"] = 1.0 if peak is not None else 0.0
+    if peak is not None and not ramps:
+        result.peak_kw = peak
+        return
+    _sync(second, money, solution)
+    highs = second.highs
+    _rows(second, _index(layout.cost_row), _one(-INF), _one(cost + options.slack(cost)))
+    plan: _Solution | None = None
+    stage = "peak stage"
     try:
-        _fix_face(loaded, solution, values)
-        if idle is not None and len(idle):
-            unused = idle[np.asarray(solution.col_value)[idle] <= 1e-12]
-            zeros = np.zeros(len(unused))
-            _cols(loaded, unused, zeros, zeros)
-        cost = result.cost_eur
-        _rows(loaded, _index(layout.cost_row), _one(-INF), _one(cost + options.slack(cost)))
-        objective = np.zeros(layout.n_cols)
-        objective[layout.k_col] = 1.0
-        _objective(loaded, objective)
-        _expect(_run(highs, counter), "peak stage")
-        result.peak_kw = _objective_value(highs)
-        solution = highs.getSolution()
-        if options.ramp_smoothing and layout.t_count > 1:
-            _fix_face(loaded, solution, values)
-            peak = result.peak_kw + options.slack(result.peak_kw)
-            _cols(loaded, _index(layout.k_col), _one(0.0), _one(peak))
+        if peak is None:
+            _cols(second, _index(layout.k_col), _one(0.0), _one(INF))
+            objective = np.zeros(layout.n_cols)
+            objective[layout.k_col] = 1.0
+            _objective(second, objective)
+            second.warm_objective = ""
+            highs.setBasis(money.cost_basis)
+            highs.setOptionValue("simplex_strategy", 4)  # primal: the basis is feasible
+            _expect(_run(highs, counter), stage)
+            peak = _objective_value(highs)
+            second.warm_objective = "peak"
+            plan = _Solution.read(highs, layout, duals=False)
+        result.peak_kw = peak
+        _cols(second, _index(layout.k_col), _one(0.0), _one(peak + options.slack(peak)))
+        if ramps:
+            stage = "ramp stage"
             objective = np.zeros(layout.n_cols)
             objective[layout.r0 : layout.r0 + layout.t_count - 1] = 1.0
-            _objective(loaded, objective)
-            _expect(_run(highs, counter), "ramp stage")
+            _objective(second, objective)
+            if second.warm_objective == "ramp":
+                highs.setOptionValue("simplex_strategy", 1)  # dual: the basis is dual feasible
+            else:
+                if plan is None:
+                    highs.setBasis(money.cost_basis)
+                highs.setOptionValue("simplex_strategy", 4)
+            second.warm_objective = ""
+            _expect(_run(highs, counter), stage)
             result.ramp_kw = _objective_value(highs)
-            solution = highs.getSolution()
+            second.warm_objective = "ramp"
+            plan = _Solution.read(highs, layout, duals=False)
+    except OptimiserFailed:
+        second.warm_objective = ""
+        result.extra["second_stage_skipped"] = 1.0
+        result.extra["ramp_stage_skipped" if stage == "ramp stage" else "peak_stage_skipped"] = 1.0
     finally:
         highs.setOptionValue("simplex_strategy", 1)
-    result.charge_kw, result.discharge_kw = _powers(
-        layout, prepared, np.asarray(solution.col_value)
-    )
     result.solves += counter.solves
     result.iterations += counter.iterations
+    if plan is not None:
+        result.charge_kw, result.discharge_kw = _powers(layout, prepared, plan.col_value)
+    if "peak_stage_skipped" in result.extra:
+        result.peak_kw = result.cost_stage_peak_kw
+    if "second_stage_skipped" in result.extra or not ramps:
+        result.ramp_kw = site_profile(result.charge_kw, result.discharge_kw)[1]
 
 
-def _repair_rounds(
-    loaded: _Loaded, prepared: Prepared, options: OptimiserOptions, result: StageResult
-) -> tuple[FloatArray, FloatArray, dict[str, float]]:
-    """Min-rate repair by re-solving.
+def _sync(second: _Loaded, money: _Loaded, solution: _Solution) -> None:
+    """Give the second model the money model's coefficients and bounds, on the optimal face.
 
-    Each sliver (0 < power < min, charge or discharge) is decided on (>= min) or off (0),
-    every running slot keeps >= min, and the whole lexicographic solve runs again with these
-    bounds, so the LP itself moves a sliver's energy where it costs least. Slots not yet
-    decided cost a hair more in the money stage and those left idle by it are frozen before
-    the flattening stages (which would otherwise spread load into new slivers). Up to three
-    rounds, then the greedy repair of `repair_min_rate` for whatever is left."""
-    layout, values = loaded.layout, loaded.values
-    p = prepared.problem
-    nx, nv = layout.nx, layout.nv
-    cols = np.concatenate([np.arange(nx), layout.v0 + np.arange(nv)]).astype(np.int64)
-    car = np.concatenate([layout.x_car, layout.v_car])
-    slot = np.concatenate([layout.x_slot, layout.v_slot])
-    is_charge = np.arange(len(cols)) < nx
-    dt = p.dt_h[slot]
-    minimum = p.min_kw[car]
-    base_lower, base_upper = values.col_lower[cols], values.col_upper[cols]
-    usable = base_upper >= minimum * dt - 1e-12
-    forced = base_lower > 0.0
-    lower, upper = base_lower.copy(), base_upper.copy()
-    charge, discharge = result.charge_kw, result.discharge_kw
-    rounds = 0
-    good, good_cost = values, result.cost_eur
-    good_basis = loaded.cost_basis
-    current_is_good = True  # the model holds the money-stage optimum of `good` now
-    tie_break = 1e-5 * (1.0 + float(np.abs(values.cost_vector).max(initial=0.0)))
-    for _ in range(3):
-        power = np.concatenate(
-            [charge[layout.x_car, layout.x_slot], discharge[layout.v_car, layout.v_slot]]
+    Every column and row whose dual in the money stage is not zero keeps its value in every
+    money-optimal plan (complementary slackness), so it is fixed there; what remains free is
+    exactly the money stage's optimal face. Only the bounds that differ from what the second
+    model holds are sent: from one event to the next the face changes little.
+    """
+    layout = money.layout
+    changed = np.nonzero(money.values.coeffs != second.values.coeffs)[0]
+    for k in changed:
+        second.highs.changeCoeff(
+            int(layout.var_rows[k]), int(layout.var_cols[k]), float(money.values.coeffs[k])
         )
-        sliver = (power > 1e-7) & (power < minimum - 1e-7) & ~forced
-        if not sliver.any():
-            break
-        running = (power >= minimum - 1e-7) & ~forced & usable
-        # On: the sliver is at least half the minimum, or (charge) the other cars running in
-        # its slot can give up the difference, which the LP then takes at the same slot price.
-        spare = np.bincount(
-            slot[is_charge],
-            weights=np.where(running, power - minimum, 0.0)[is_charge],
-            minlength=layout.t_count,
-        )
-        helped = is_charge & (spare[slot] >= minimum - power)
-        on = sliver & usable & ((power >= 0.5 * minimum) | helped)
-        lower = np.where(running | on, np.maximum(lower, minimum * dt), lower)
-        upper = np.where(sliver & ~on, lower, upper)
-        # Charge forced on must fit the head-room and the battery; where not, it goes off.
-        load = np.bincount(slot[is_charge], weights=lower[is_charge], minlength=layout.t_count)
-        crowded = is_charge & (load[slot] > prepared.headroom_kw[slot] * dt + 1e-9)
-        energy = np.bincount(
-            car[is_charge], weights=(lower * p.eta_ch[car])[is_charge], minlength=layout.n
-        )
-        full = is_charge & (energy[car] > prepared.room_kwh[car] + 1e-9)
-        undo = on & (crowded | full)
-        lower = np.where(undo, base_lower, lower)
-        upper = np.where(undo, base_lower, upper)
-        undecided = ~forced & (upper > lower) & (lower <= 0.0)
-        cost_vector = values.cost_vector.copy()
-        cost_vector[cols[undecided]] += tie_break
-        col_lower, col_upper = values.col_lower.copy(), values.col_upper.copy()
-        col_lower[cols], col_upper[cols] = lower, upper
-        bounded = Values(
-            col_lower=col_lower,
-            col_upper=col_upper,
-            row_lower=values.row_lower,
-            row_upper=values.row_upper,
-            coeffs=values.coeffs,
-            cost_vector=cost_vector,
-            short_vector=values.short_vector,
-        )
-        _apply(loaded, bounded)
-        current_is_good = False
-        loaded.at_cost_basis = False
-        if loaded.cost_basis is not None:
-            # The money stage's basis stays dual feasible under new bounds: a few dual pivots.
-            loaded.highs.setBasis(loaded.cost_basis)
-        try:
-            again = _stages(
-                loaded,
-                prepared,
-                options,
-                save_basis=False,
-                values=bounded,
-                flatten=False,
-                soften=not result.feasible,
-            )
-        except OptimiserFailed:
-            break
-        if again.shortfall_kwh > result.shortfall_kwh + options.slack(result.shortfall_kwh):
-            break  # the pattern costs energy the LP plan delivered: keep the previous round
-        rounds += 1
-        charge, discharge = again.charge_kw, again.discharge_kw
-        good, good_cost = bounded, again.cost_eur
-        good_basis = loaded.highs.getBasis()
-        current_is_good = True
-    if options.peak_flattening:
-        # Flatten once, over the last good pattern (or the plain LP when nothing was repaired).
-        flat = dataclasses.replace(result, cost_eur=good_cost)
-        try:
-            if not current_is_good:
-                loaded.at_cost_basis = False
-                _apply(loaded, good)
-                loaded.highs.setBasis(good_basis)
-                _objective(loaded, good.cost_vector)
-                _expect(_run(loaded.highs, _Counter(options.time_limit_s)), "cost stage")
-            solution = loaded.highs.getSolution()
-            # Whatever runs now keeps >= min and whatever is idle stays idle: flattening then
-            # only reshapes power among running slots and cannot make new slivers.
-            value = np.asarray(solution.col_value)[cols]
-            pattern_lower = good.col_lower[cols]
-            limited = (minimum > 1e-9) & ~forced  # chargers with a minimum rate
-            running = limited & (value >= minimum * dt - 1e-9) & usable
-            pattern_lower = np.where(
-                running, np.maximum(pattern_lower, minimum * dt), pattern_lower
-            )
-            idle = cols[limited & (value <= 1e-12) & (good.col_upper[cols] > 0.0)]
-            col_lower = good.col_lower.copy()
-            col_lower[cols] = np.minimum(pattern_lower, value)
-            _cols(loaded, cols, col_lower[cols], good.col_upper[cols])
-            _flatten(loaded, prepared, options, flat, good, idle, solution)
-            charge, discharge = flat.charge_kw, flat.discharge_kw
-            result.peak_kw, result.ramp_kw = flat.peak_kw, flat.ramp_kw
-            result.solves, result.iterations = flat.solves, flat.iterations
-        except OptimiserFailed:
-            result.extra["flattening_skipped"] = 1.0
-    _apply(loaded, values)
-    left, left_discharge, info = repair_min_rate(prepared, charge, discharge)
-    info["repair_lp_rounds"] = float(rounds)
-    return left, left_discharge, info
-
-
-def _fix_face(loaded: _Loaded, solution: Any, values: Values) -> None:
-    """Hold every column and row whose dual is not zero at its value (complementary slackness:
-    every optimal solution of the stage just solved keeps them there)."""
-    col_dual = np.asarray(solution.col_dual)
-    row_dual = np.asarray(solution.row_dual)
-    scale = 1.0 + float(np.abs(values.cost_vector).max(initial=0.0))
-    tol = 1e-7 * scale
-    cols = np.nonzero(np.abs(col_dual) > tol)[0]
-    if len(cols):
-        at = np.asarray(solution.col_value)[cols]
-        _cols(loaded, cols, at, at)
-    rows = np.nonzero(np.abs(row_dual) > tol)[0]
-    if len(rows):
-        at = np.asarray(solution.row_value)[rows]
-        _rows(loaded, rows, at, at)
+    second.values = money.values
+    scale = 1.0 + float(np.abs(money.values.cost_vector).max(initial=0.0))
+    zero = _DUAL_ZERO * scale
+    col_lower, col_upper = money.col_lower.copy(), money.col_upper.copy()
+    fixed = np.abs(solution.col_dual) > zero
+    col_lower[fixed] = col_upper[fixed] = solution.col_value[fixed]
+    row_lower, row_upper = money.row_lower.copy(), money.row_upper.copy()
+    fixed = np.abs(solution.row_dual) > zero
+    row_lower[fixed] = row_upper[fixed] = solution.row_value[fixed]
+    cols = np.nonzero((col_lower != second.col_lower) | (col_upper != second.col_upper))[0]
+    _cols(second, cols, col_lower[cols], col_upper[cols])
+    rows = np.nonzero((row_lower != second.row_lower) | (row_upper != second.row_upper))[0]
+    _rows(second, rows, row_lower[rows], row_upper[rows])
 
 
 @dataclass(slots=True)
 class _Counter:
-    time_limit_s: float
+    """LP runs and simplex iterations of a solve, and the deadline they share."""
+
+    deadline: float  # time.perf_counter() by which the runs must end
     solves: int = 0
     iterations: int = 0
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline."""
+        return self.deadline - time.perf_counter()
 
 
 def _objective(loaded: _Loaded, objective: FloatArray) -> None:
@@ -656,8 +669,11 @@ def _objective(loaded: _Loaded, objective: FloatArray) -> None:
 
 
 def _run(highs: Any, counter: _Counter) -> str:
+    left = counter.remaining()
+    if left <= 0.0:
+        return "skipped: time budget spent"
     # HiGHS's time limit counts the instance's total run time, so it moves with every run.
-    highs.setOptionValue("time_limit", highs.getRunTime() + counter.time_limit_s)
+    highs.setOptionValue("time_limit", highs.getRunTime() + left)
     highs.run()
     counter.solves += 1
     counter.iterations += int(highs.getInfo().simplex_iteration_count)

@@ -16,6 +16,7 @@ from controller.errors import VoltpoolError
 from controller.optimiser.options import OptimiserOptions
 from controller.optimiser.prepare import Prepared
 from controller.optimiser.repair import repair_min_rate
+from controller.optimiser.rounding import round_slivers
 from controller.planning.problem import (
     FloatArray,
     Schedule,
@@ -75,12 +76,12 @@ def finish(
     options: OptimiserOptions,
     *,
     elapsed_s: float,
-    repaired: tuple[FloatArray, FloatArray, dict[str, float]] | None = None,
 ) -> Schedule:
     """The `Schedule` of an LP answer, with every figure in `details`.
 
-    `repaired` is a min-rate plan the solver made itself (charge, discharge, figures); without
-    it, and with `options.min_rate_repair`, the greedy repair of `repair_min_rate` is used.
+    With `options.min_rate_repair` the LP's plan is made one a charger can follow: first by
+    the free moves of `round_slivers` (same money, same site profile or, within a car, a site
+    no higher than the plan's peak), then what is left by the greedy `repair_min_rate`.
     """
     problem = prepared.problem
     lp_charge, lp_discharge = result.charge_kw, result.discharge_kw
@@ -88,10 +89,21 @@ def finish(
     lp_money = bought - sold + worn + demand
     charge, discharge = lp_charge, lp_discharge
     repair_info: dict[str, float] = {}
-    if repaired is not None:
-        charge, discharge, repair_info = repaired
-    elif options.min_rate_repair:
-        charge, discharge, repair_info = repair_min_rate(prepared, lp_charge, lp_discharge)
+    if options.min_rate_repair:
+        cap = prepared.headroom_kw
+        if options.peak_flattening or problem.demand_charge_eur_per_kw > 0.0:
+            peak = site_profile(lp_charge, lp_discharge)[0]
+            cap = np.minimum(cap, peak)  # keep the second stage's peak (and the demand charge)
+        charge, discharge, rounding_info = round_slivers(
+            prepared, lp_charge, lp_discharge, site_cap_kw=cap
+        )
+        if rounding_info["rounding_left"] > 0.0:
+            charge, discharge, repair_info = repair_min_rate(prepared, charge, discharge)
+        else:
+            repair_info = dict.fromkeys(
+                ("repair_cars", "repair_moves", "repair_dropped_kwh", "min_rate_violations"), 0.0
+            )
+        repair_info.update(rounding_info)
     lp_short = shortfalls(problem, energy_trajectory(problem, lp_charge, lp_discharge))
     schedule = schedule_from_power(
         problem,
