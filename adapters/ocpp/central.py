@@ -66,6 +66,12 @@ from adapters.ocpp.transactions import (
 )
 from adapters.ocpp.translate import event_id, iso, meter_events, timestamp
 from adapters.ocpp.translate import timestamp as timestamp_of
+from adapters.security.events import (
+    MAX_PRINCIPAL,
+    SecurityEventKind,
+    SecurityLog,
+    observe_tls_handshakes,
+)
 from adapters.security.redaction import install_log_redaction
 from adapters.security.tls import common_name, requires_client_certificate
 from controller.domain import ChargerId, ConnectorId, ConnectorStatus, TransactionId
@@ -86,6 +92,7 @@ from controller.ports import Clock
 log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("ocpp1.6")
+UNKNOWN_OR_WRONG = "unknown charge point or wrong password"
 VOLTPOOL_VENDOR = "org.voltpool"
 
 
@@ -155,11 +162,12 @@ class GuardedConnection:
                 # SEC-05: a flooding charger is cut off (1008 policy violation); others go on.
                 central = self._session.central
                 central.metrics["closed_rate_limit"] += 1
-                log.warning(
-                    "security: %s exceeded %.0f frames/s (burst %d); closing with 1008",
-                    self._session.id,
-                    self._rate,
-                    int(self._burst),
+                central.security_event(
+                    SecurityEventKind.RATE_LIMITED,
+                    principal=self._session.id,
+                    remote=_peer_ip(self._ws),
+                    reason=f"over {self._rate:.0f} frames/s (burst {int(self._burst)}); "
+                    "closed with 1008",
                 )
                 raise RateLimited(self._session.id)
             verdict = self._checker.check(raw)
@@ -624,6 +632,10 @@ class CentralSystem:
         clock: the time stamped on events without a timestamp and sent in replies.
         chargers: the fleet's configuration of a charge point, if known (connector ids).
         vehicle_for_tag: the vehicle an idTag belongs to.
+        security: the security event log (SEC-11); by default one stamped by `clock`. Failed
+            handshakes (credentials, ids, certificates, TLS downgrades), rate-limit and
+            oversized-frame closures and key rotations are recorded there and counted in
+            `metrics` as `security_{kind}`.
     """
 
     def __init__(
@@ -637,8 +649,11 @@ class CentralSystem:
         chargers: ChargerLookup | None = None,
         vehicle_for_tag: VehicleForTag | None = None,
         credentials: CredentialStore | None = None,
+        security: SecurityLog | None = None,
     ) -> None:
         self.config = config or OcppConfig()
+        # SEC-11: refusals, closures and key changes go to the security event log.
+        self.security = security or SecurityLog(now=clock.now)
         self.redis = redis
         self.site = site
         self.sink = sink
@@ -665,9 +680,21 @@ class CentralSystem:
 
     # -- lifecycle --
 
+    def security_event(
+        self, kind: SecurityEventKind, *, principal: str = "", remote: str = "", reason: str = ""
+    ) -> None:
+        """Record a security event (SEC-11) and count it (`security_{kind}`)."""
+        self.security.record(kind, principal=principal, remote=remote, reason=reason)
+        self.metrics[f"security_{kind.value}"] += 1
+
+    def _tls_failed(self, kind: SecurityEventKind, reason: str) -> None:
+        self.security_event(kind, reason=reason)
+
     async def start(self) -> None:
         """Listen; `port` holds the bound port (useful with port 0)."""
         cfg = self.config
+        if cfg.ssl_context is not None:
+            observe_tls_handshakes(cfg.ssl_context, self._tls_failed)
         self._server = await serve(
             self._serve_connection,
             cfg.host,
@@ -803,14 +830,21 @@ class CentralSystem:
         charger_id = self._charger_id_of(request.path)
         if charger_id is None:
             self.metrics["handshakes_refused_path"] += 1
+            self.security_event(
+                SecurityEventKind.INVALID_ID,
+                principal=urlsplit(request.path).path[-MAX_PRINCIPAL:],
+                remote=_peer_ip(connection),
+                reason="path is not /ocpp/{id} with a valid id (HTTP 404, no lookup)",
+            )
             return connection.respond(http.HTTPStatus.NOT_FOUND, "No such charge point path\n")
         cap = self.config.max_connections_per_ip
         if cap and self._per_ip[_peer_ip(connection)] >= cap:
             self.metrics["handshakes_refused_ip_cap"] += 1
-            log.warning(
-                "security: refused %s: %d connections from its address already",
-                charger_id,
-                cap,
+            self.security_event(
+                SecurityEventKind.RATE_LIMITED,
+                principal=charger_id,
+                remote=_peer_ip(connection),
+                reason=f"{cap} connections from its address already; refused with 503",
             )
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if requires_client_certificate(self.config.ssl_context):
@@ -820,11 +854,11 @@ class CentralSystem:
             if cn == charger_id:
                 return None
             self.metrics["handshakes_refused_cert"] += 1
-            log.warning(
-                "security: refused %s at the handshake: client certificate CN %r is not the "
-                "charge point id",
-                charger_id,
-                cn,
+            self.security_event(
+                SecurityEventKind.INVALID_CERTIFICATE,
+                principal=charger_id,
+                remote=_peer_ip(connection),
+                reason=f"client certificate CN {cn!r} is not the charge point id",
             )
             return connection.respond(http.HTTPStatus.FORBIDDEN, "Certificate does not match\n")
         if not self.config.require_auth:
@@ -833,7 +867,17 @@ class CentralSystem:
         if refusal is None:
             return None
         self.metrics["handshakes_refused_auth"] += 1
-        log.warning("security: refused %s at the handshake: %s", charger_id, refusal)
+        kind = SecurityEventKind.AUTH_FAILED
+        if refusal == UNKNOWN_OR_WRONG:
+            with contextlib.suppress(RedisError):
+                if not await self.credentials.known(charger_id):
+                    kind, refusal = SecurityEventKind.UNKNOWN_ID, "no such charge point"
+        self.security_event(
+            kind,
+            principal=charger_id,
+            remote=_peer_ip(connection),
+            reason=f"at the handshake: {refusal} (HTTP 401)",
+        )
         response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "Invalid credentials\n")
         response.headers["WWW-Authenticate"] = build_www_authenticate_basic("voltpool")
         return response
@@ -854,7 +898,7 @@ class CentralSystem:
             ok = await self.credentials.verify(charger_id, password)
         except RedisError:
             return "credential store unavailable"
-        return None if ok else "unknown charge point or wrong password"
+        return None if ok else UNKNOWN_OR_WRONG
 
     # -- connections --
 
@@ -921,8 +965,11 @@ class CentralSystem:
             sent = exc.sent.code if exc.sent is not None else None
             if 1009 in (code, sent):
                 self.metrics["frames_oversized"] += 1
-                log.warning(
-                    "%s: closed for a frame over %d bytes", charger_id, self.config.max_frame_bytes
+                self.security_event(
+                    SecurityEventKind.OVERSIZED_FRAME,
+                    principal=charger_id,
+                    remote=_peer_ip(websocket),
+                    reason=f"a frame over {self.config.max_frame_bytes} bytes; closed with 1009",
                 )
         finally:
             self._release_ip(session)  # before it shows offline: a reconnect may come at once
@@ -1136,7 +1183,14 @@ class CentralSystem:
         if status != "Accepted":
             await self.credentials.discard_staged(charger_id)
         self.metrics[f"password_rotations_{status.lower()}"] += 1
-        log.warning("security: AuthorizationKey rotation of %s: %s", charger_id, status)
+        self.security_event(
+            SecurityEventKind.KEY_ROTATION,
+            principal=charger_id,
+            remote=_peer_ip(self.session(charger_id).websocket)
+            if self.is_online(charger_id)
+            else "",
+            reason=f"ChangeConfiguration(AuthorizationKey) answered {status}",
+        )
         return status
 
     async def change_configuration(self, charger_id: ChargerId, key: str, value: str) -> str:
