@@ -364,6 +364,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 error_code=error_code,
             )
         )
+        self.central.status_seen(self.id, connector_id, status, at)
         if status == "Available" and connector_id > 0:
             latest = await self.central.transactions.latest_on(self.id, connector_id)
             if latest is not None:
@@ -528,8 +529,13 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 reason=reason,
             )
         )
-        if record is not None and reason == "EVDisconnected":
-            await self._unplugged(transaction_id, record, at)
+        if record is not None and (
+            reason == "EVDisconnected"
+            or self.central.vacated_after(self.id, record.connector_id, record.started_at)
+        ):
+            # A replayed stop whose connector already reported Available (a charger that
+            # reported its present status before replaying its offline queue): the car left.
+            await self._unplugged(transaction_id, record, stopped_at)
         info = datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
         return call_result.StopTransaction(id_tag_info=info)
 
@@ -669,6 +675,8 @@ class CentralSystem:
         self._listeners: list[ChargerListener] = []
         self._meter_listeners: list[MeterListener] = []
         self._per_ip: Counter[str] = Counter()  # open connections per remote address
+        # The latest status each connector reported, with its timestamp (replayed stops).
+        self._status: dict[tuple[ChargerId, ConnectorId], tuple[str, datetime]] = {}
         # S-04: charge points answered Rejected, and when they may boot again.
         self.rejected_until: dict[ChargerId, datetime] = {}
         install_log_redaction()  # websockets logs handshake headers (Authorization) at DEBUG
@@ -792,6 +800,20 @@ class CentralSystem:
         if id_tag is not None and self.vehicle_for_tag(id_tag) is not None:
             return "Accepted"
         return "Accepted" if self.config.accept_unknown_id_tags else "Invalid"
+
+    def status_seen(
+        self, charger_id: ChargerId, connector_id: ConnectorId, status: str, at: datetime
+    ) -> None:
+        """Remember a connector's reported status unless a later one is known."""
+        known = self._status.get((charger_id, connector_id))
+        if known is None or at >= known[1]:
+            self._status[(charger_id, connector_id)] = (status, at)
+
+    def vacated_after(self, charger_id: ChargerId, connector_id: ConnectorId, since: str) -> bool:
+        """Whether the connector reported Available later than `since` (a transaction's start,
+        RFC 3339): its car has left, whatever order the messages came in."""
+        known = self._status.get((charger_id, connector_id))
+        return known is not None and known[0] == "Available" and known[1] > timestamp(since)
 
     def open_transaction(
         self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId

@@ -108,7 +108,8 @@ async def test_an_offline_replay_with_four_hour_old_timestamps_is_stored_once_an
 ) -> None:
     """T-01: Start, 40 MeterValues and Stop from 4 h ago, replayed across a reconnect with
     re-sent and swapped messages: every sample stored once, read back in source-time order,
-    the session's energy equal to the sender's ledger, the transaction closed in the state."""
+    the session's energy equal to the sender's ledger, the transaction closed in the state,
+    and the car (gone before the charger came back) not left plugged in."""
     ledger = SenderLedger(meter_start_wh=10_000, started_at=T0 - timedelta(hours=4))
     ledger.meter(40, timedelta(minutes=1), seed=7)
     entries = [meter_value(*r) for r in ledger.readings]
@@ -119,6 +120,9 @@ async def test_an_offline_replay_with_four_hour_old_timestamps_is_stored_once_an
     # The link dropped before the answers to 21..25 arrived: the charger sends them again.
     order = [*range(20, 25), 26, 25, *range(27, 37)]  # 25 and 26 swapped
     async with harness.connect("CP-1", boot=False) as ws:
+        # Back online, it reports its present status first: the car has left meanwhile.
+        available = {"connectorId": 1, "errorCode": "NoError", "status": "Available"}
+        assert (await ask(ws, frame("st", "StatusNotification", available)))[0] == 3
         for n, i in enumerate(order):
             assert (await ask(ws, meter_frame(f"b{n}", tx, [entries[i]])))[0] == 3
         batch = meter_frame("batch", tx, entries[37:40])  # three samples in one message
@@ -145,6 +149,29 @@ async def test_an_offline_replay_with_four_hour_old_timestamps_is_stored_once_an
     assert connector is not None
     assert connector.transaction_id is None
     assert harness.central.active_transactions("CP-1") == {}
+    assert harness.recorder.state.vehicles["ev-1"].charger_id is None
+    assert [e.vehicle_id for e in harness.recorder.of("vehicle_unplugged")] == ["ev-1"]
+
+
+async def test_a_replayed_session_after_an_available_status_does_not_leave_the_car_plugged_in(
+    harness: Harness,
+) -> None:
+    """A charger back online reports its present status (Available: the car left while it was
+    offline) before replaying its queue: Start (plugs the car in at its old time), MeterValues,
+    Stop(Local). The stop, on a connector that reported Available after the start, unplugs the
+    car; otherwise the planner would keep planning for a car that left hours ago."""
+    began = T0 - timedelta(hours=2)
+    async with harness.connect("CP-3") as ws:
+        available = {"connectorId": 1, "errorCode": "NoError", "status": "Available"}
+        assert (await ask(ws, frame("st", "StatusNotification", available)))[0] == 3
+        tx = await start(ws, "s", began, 3_000, "TAG-1")
+        assert harness.recorder.state.vehicles["ev-1"].charger_id == "CP-3"
+        entry = meter_value(began + timedelta(minutes=30), 6_000, 6_000)
+        assert (await ask(ws, meter_frame("m", tx, [entry])))[0] == 3
+        assert await stop(ws, "x", tx, began + timedelta(minutes=40), 7_000) == [3, "x", {}]
+    assert harness.recorder.state.vehicles["ev-1"].charger_id is None
+    (unplugged,) = harness.recorder.of("vehicle_unplugged")
+    assert unplugged.at == began + timedelta(minutes=40)
 
 
 async def test_a_replay_with_dropped_samples_takes_energy_from_the_registers_and_flags_the_gap(
