@@ -278,10 +278,11 @@ def broker_config(
         )
     listeners: dict[str, object] = {"default": listener}
     if local_port is not None:
-        listeners["local"] = {
-            "type": "tcp",
-            "bind": f"127.0.0.1:{local_port}",
-            "max_connections": 0,
+        # amqtt copies the "default" listener's settings into the others wherever they keep a
+        # field's default (ssl=False included): the plain loopback one must be "default".
+        listeners = {
+            "default": {"type": "tcp", "bind": f"127.0.0.1:{local_port}", "max_connections": 0},
+            "network": listener,
         }
     if password_file is None:
         plugins: dict[str, object] = {

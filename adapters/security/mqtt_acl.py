@@ -72,9 +72,18 @@ def generate_credentials() -> dict[str, MqttCredentials]:
     }
 
 
-def write_password_file(path: Path, credentials: dict[str, MqttCredentials]) -> Path:
-    """Write `user:argon2-hash` lines (amqtt FileAuthPlugin format), mode 0600."""
-    hasher = PasswordHash((Argon2Hasher(),))
+def write_password_file(
+    path: Path,
+    credentials: dict[str, MqttCredentials],
+    *,
+    time_cost: int = 3,
+    memory_cost_kib: int = 65_536,
+) -> Path:
+    """Write `user:argon2-hash` lines (amqtt FileAuthPlugin format), mode 0600.
+
+    The argon2 cost defaults are argon2-cffi's (3 passes over 64 MiB); tests pass lower ones
+    (a broker verifies every CONNECT at the cost stored in the hash)."""
+    hasher = PasswordHash((Argon2Hasher(time_cost=time_cost, memory_cost=memory_cost_kib),))
     return _write_private(path, {c.username: hasher.hash(c.password) for c in credentials.values()})
 
 
