@@ -384,22 +384,23 @@ async def test_voltpool_starts_its_broker_off_loopback_only_with_passwords_and_t
     telemetry = MqttCredentials(TELEMETRY, generate_credentials()[TELEMETRY].password)
     add_user(users, TELEMETRY, telemetry.password)
     assert set(read_password_lines(users)) == {TELEMETRY}
-    base = {"mqtt_host": ANY_ADDRESS, "data_dir": str(tmp_path / "var")}
+    base = Settings(mqtt_host=ANY_ADDRESS, data_dir=str(tmp_path / "var"))
     for refused in (
-        Settings(**base),
-        Settings(**base, mqtt_password_file=str(users)),
-        Settings(**base, mqtt_tls_cert=str(chain), mqtt_tls_key=str(key)),
+        base,
+        base.model_copy(update={"mqtt_password_file": str(users)}),
+        base.model_copy(update={"mqtt_tls_cert": str(chain), "mqtt_tls_key": str(key)}),
     ):
         with pytest.raises(ValueError, match="loopback"):
             async with broker_endpoint(refused):
                 pass
     port = free_port()
-    settings = Settings(
-        **base,
-        mqtt_port=port,
-        mqtt_password_file=str(users),
-        mqtt_tls_cert=str(chain),
-        mqtt_tls_key=str(key),
+    settings = base.model_copy(
+        update={
+            "mqtt_port": port,
+            "mqtt_password_file": str(users),
+            "mqtt_tls_cert": str(chain),
+            "mqtt_tls_key": str(key),
+        }
     )
     async with broker_endpoint(settings) as endpoint:
         runtime = tmp_path / "var" / "mqtt" / "passwd"
