@@ -27,6 +27,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -132,6 +133,7 @@ class Harness:
         self.first_crash: tuple[bytes, str] | None = None
         self.verdicts: Counter[str] = Counter()
         self.refusals = 0
+        self.refusal_reasons: Counter[str] = Counter()
         self.slowest = (0.0, b"")  # wall time
         self.slowest_cpu = (0.0, b"")  # this thread's CPU time: less shaken by neighbours
         self.started = time.perf_counter()
@@ -144,8 +146,11 @@ class Harness:
         begun_cpu = time.thread_time()
         try:
             self._run(data)
-        except InvalidEvent:
+        except InvalidEvent as refusal:
             self.refusals += 1
+            self.refusal_reasons[
+                re.sub(r"[-+]?\d[\d.e+-]*", "#", str(refusal).split(": ", 1)[-1])
+            ] += 1
         except Exception as exc:  # a crash: counted, its first input kept
             name = f"{type(exc).__name__}: {str(exc)[:120]}"
             self.crashes[type(exc).__name__] += 1
@@ -162,7 +167,7 @@ class Harness:
     def _run(self, data: bytes) -> None:
         from ocpp.charge_point import camel_to_snake_case
 
-        from adapters.ocpp.transactions import sample_rows
+        from adapters.ocpp.transactions import parse_row, sample_rows
         from adapters.ocpp.translate import meter_events, timestamp
 
         try:
@@ -181,11 +186,13 @@ class Harness:
         if action == "MeterValues":
             entries = payload["meter_value"]
             meter_events("CP", payload["connector_id"], payload.get("transaction_id"), entries)
-            sample_rows(payload["connector_id"], entries)
+            for key, value in sample_rows(payload["connector_id"], entries, lambda _m: True):
+                parse_row(key, value).register_wh  # noqa: B018  (the round trip must hold)
         elif action == "StopTransaction":
             entries = payload.get("transaction_data") or []
             meter_events("CP", 1, payload["transaction_id"], entries)
-            sample_rows(1, entries)
+            for key, value in sample_rows(1, entries, lambda _m: True):
+                parse_row(key, value).register_wh  # noqa: B018
             timestamp(payload["timestamp"])
         elif action in ("StartTransaction", "StatusNotification") and "timestamp" in payload:
             timestamp(payload["timestamp"])
@@ -201,7 +208,7 @@ class Harness:
         if self.first_crash is not None:
             print(f"first crash          {self.first_crash[1]} on {self.first_crash[0][:200]!r}")
         print(f"verdicts             {dict(sorted(self.verdicts.items()))}")
-        print(f"InvalidEvent refusals {self.refusals}")
+        print(f"InvalidEvent refusals {self.refusals} {dict(self.refusal_reasons.most_common(3))}")
         print(f"slowest input, wall  {slow_s * 1000:.2f} ms ({len(slow_input)} bytes)")
         print(f"slowest input, CPU   {cpu_s * 1000:.2f} ms ({len(cpu_input)} bytes)")
         if final:

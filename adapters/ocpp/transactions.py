@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -57,7 +57,8 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return new
 """
 
-SAMPLES_TTL_S = 35 * 86_400  # a billing period and some
+SAMPLES_TTL_S = 7 * 86_400  # while the transaction runs (refreshed by every write)
+SETTLED_SAMPLES_TTL_S = 86_400  # after its stop: the settlement is in the book record
 DEFAULT_MEASURAND = "Energy.Active.Import.Register"  # OCPP 1.6 defaults of SampledValue
 DEFAULT_LOCATION = "Outlet"
 _WH_PER = {"Wh": 1.0, "kWh": 1000.0}
@@ -91,10 +92,19 @@ class StoredSample:
         return number * _WH_PER.get(self.unit or "Wh", 1.0)
 
 
+def ledger_measurand(measurand: str) -> bool:
+    """The default of what the ledger keeps: energy registers (what a session is billed and
+    settled on) and SoC. Powers, currents and voltages are left out: at about 150 bytes a
+    sample in Redis they would triple its memory and settle nothing."""
+    return measurand.endswith(".Register") or measurand == "SoC"
+
+
 def sample_rows(
-    connector_id: ConnectorId, meter_value: Sequence[Mapping[str, Any]]
+    connector_id: ConnectorId,
+    meter_value: Sequence[Mapping[str, Any]],
+    keep: Callable[[str], bool] = ledger_measurand,
 ) -> list[tuple[str, str]]:
-    """(identity field, JSON) per sampled value of a MeterValues / transactionData list.
+    """(identity field, JSON) per kept sampled value of a MeterValues / transactionData list.
 
     The identity is (timestamp as UTC, connector, measurand, phase, location) with the OCPP
     defaults filled in, so the same reading written with or without its defaults, or with
@@ -106,19 +116,16 @@ def sample_rows(
         at = iso(timestamp(str(entry["timestamp"])))
         for sample in entry.get("sampled_value") or entry.get("sampledValue") or []:
             measurand = sample.get("measurand") or DEFAULT_MEASURAND
+            if not keep(measurand):
+                continue
             phase = sample.get("phase")
             location = sample.get("location") or DEFAULT_LOCATION
             key = f"{at}|{connector_id}|{measurand}|{phase or ''}|{location}"
-            rows.setdefault(
-                key,
-                json.dumps(
-                    {
-                        "value": str(sample.get("value", "")),
-                        "unit": sample.get("unit"),
-                        "context": sample.get("context"),
-                    }
-                ),
-            )
+            body = {"value": str(sample.get("value", ""))}
+            for name in ("unit", "context"):
+                if sample.get(name) is not None:
+                    body[name] = str(sample[name])
+            rows.setdefault(key, json.dumps(body, separators=(",", ":")))
     return list(rows.items())
 
 
@@ -267,9 +274,29 @@ def _text(value: Any) -> str | None:
 
 
 class TransactionBook:
-    """Transaction ids and records of one site, in the hash `redis_keys.ocpp_transactions`."""
+    """Transaction ids and records of one site, in the hash `redis_keys.ocpp_transactions`, and
+    the sample ledger of each transaction (`redis_keys.transaction_samples`).
 
-    def __init__(self, redis: Redis, site: str) -> None:
+    The ledger keeps the measurands `keep_measurand` accepts (energy registers and SoC by
+    default). Samples are kept `samples_ttl_s` after their last write while the transaction runs and
+    `settled_samples_ttl_s` after its stop (its energy, gaps and anomalies stay in the book
+    record); export them before that if they are needed for billing.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        site: str,
+        *,
+        samples_ttl_s: int = SAMPLES_TTL_S,
+        settled_samples_ttl_s: int = SETTLED_SAMPLES_TTL_S,
+        keep_measurand: Callable[[str], bool] = ledger_measurand,
+    ) -> None:
+        if samples_ttl_s < 1 or settled_samples_ttl_s < 1:
+            raise ValueError("sample retention must be at least one second")
+        self._samples_ttl_s = samples_ttl_s
+        self._keep = keep_measurand
+        self._settled_ttl_s = settled_samples_ttl_s
         self._redis = redis
         self._site = site
         self._book = keys.ocpp_transactions(site)
@@ -308,10 +335,10 @@ class TransactionBook:
         meter_value: Sequence[Mapping[str, Any]],
     ) -> int | None:
         """Store each sampled value once; how many were new, or None for an unknown id."""
-        rows = sample_rows(connector_id, meter_value)
+        rows = sample_rows(connector_id, meter_value, self._keep)
         if not rows:
             return 0
-        args: list[str | int] = [f"tx:{transaction_id}", SAMPLES_TTL_S]
+        args: list[str | int] = [f"tx:{transaction_id}", self._samples_ttl_s]
         for key, value in rows:
             args.extend((key, value))
         new = int(
@@ -354,6 +381,8 @@ class TransactionBook:
         await redis_call(
             self._redis.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
         )
+        samples_key = keys.transaction_samples(self._site, transaction_id)
+        await redis_call(self._redis.expire(samples_key, self._settled_ttl_s))
         return settled
 
     async def get(self, transaction_id: TransactionId) -> BookedTransaction | None:

@@ -135,7 +135,7 @@ async def test_an_offline_replay_with_four_hour_old_timestamps_is_stored_once_an
 
     stored = await harness.central.transactions.samples(tx)
     assert registers(stored) == [(at, float(wh)) for at, wh, _ in ledger.readings]
-    assert len(stored) == 80  # 40 registers + 40 powers, none twice
+    assert len(stored) == 40  # 40 registers, none twice (powers are not kept in the ledger)
     assert [s.at for s in stored] == sorted(s.at for s in stored)
     record = await harness.central.transactions.get(tx)
     assert record is not None
@@ -199,7 +199,9 @@ async def test_a_replay_with_dropped_samples_takes_energy_from_the_registers_and
     assert record.gaps == [[iso(before[0]), iso(after[0]), float(after[1] - before[1])]]
     assert harness.central.metrics["transactions_with_gaps"] == 1
     assert harness.recorder.state.transactions[tx].energy_kwh == ledger.energy_wh / 1000
-    assert len(await harness.central.transactions.samples(tx)) == 2 * len(kept)
+    assert len(await harness.central.transactions.samples(tx)) == len(kept)
+    ttl = await redis_call(harness.redis.ttl(keys.transaction_samples(SITE, tx)))
+    assert 0 < ttl <= 86_400  # settled: kept a day, the settlement lives in the book
 
 
 async def test_a_duplicate_sample_is_stored_once_and_another_measurand_at_the_same_time_is_kept(
@@ -227,6 +229,8 @@ async def test_a_duplicate_sample_is_stored_once_and_another_measurand_at_the_sa
             assert (await ask(ws, meter_frame(f"m{n}", tx, [entry])))[0] == 3
     field_count = await redis_call(harness.redis.hlen(keys.transaction_samples(SITE, tx)))
     assert field_count == 2
+    ttl = await redis_call(harness.redis.ttl(keys.transaction_samples(SITE, tx)))
+    assert 86_400 < ttl <= 7 * 86_400  # running: a week after the last sample
     stored = await harness.central.transactions.samples(tx)
     assert [(s.measurand, s.value) for s in stored] == [(ENERGY, "1500"), ("SoC", "55")]
     assert harness.recorder.state.vehicles["ev-1"].soc == pytest.approx(0.55)
@@ -382,7 +386,8 @@ def test_summarise_flags_only_intervals_far_above_the_cadence() -> None:
 
 
 def test_the_stored_samples_json_carries_no_more_than_the_reading() -> None:
-    """A ledger row keeps value, unit and context, nothing of the connection."""
+    """A ledger row keeps value, unit and context (when given), nothing of the connection; a
+    power is not kept by default, every measurand is when asked."""
     ((key, raw),) = sample_rows(
         2,
         [
@@ -393,4 +398,12 @@ def test_the_stored_samples_json_carries_no_more_than_the_reading() -> None:
         ],
     )
     assert key == "2024-03-04T15:00:00.250Z|2|SoC||Outlet"
-    assert json.loads(raw) == {"value": "41", "unit": None, "context": "Sample.Clock"}
+    power = [
+        {
+            "timestamp": "2024-03-04T15:00:00Z",
+            "sampled_value": [{"value": "7", "measurand": "Power.Active.Import"}],
+        }
+    ]
+    assert sample_rows(2, power) == []
+    assert len(sample_rows(2, power, keep=lambda _m: True)) == 1
+    assert json.loads(raw) == {"value": "41", "context": "Sample.Clock"}
