@@ -246,8 +246,12 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             CallFailed: the charge point answered with a CALLERROR.
         """
         action = type(payload).__name__
-        if self.boot_status == "Rejected":
-            # OCPP 1.6 §4.2: while a charge point is Rejected the central system sends nothing.
+        rejected = self.boot_status == "Rejected" or (
+            self.boot_status is None and self.id in self.central.rejected_until
+        )
+        if rejected:
+            # OCPP 1.6 §4.2: while a charge point is Rejected the central system sends nothing
+            # (also on a new connection of it, until a boot is answered otherwise).
             self.central.metrics["calls_withheld_rejected"] += 1
             raise ChargerUnreachable(f"{self.id}: boot Rejected, {action} not sent")
         unique_id = str(uuid.uuid4())

@@ -203,38 +203,41 @@ async def test_a_rejected_charger_is_sent_nothing_and_its_early_boot_is_rejected
     redis: Redis, clock: SimClock
 ) -> None:
     """S-04: after Boot Rejected (interval 60 s) every central-system call is withheld (0
-    frames reach the charger), its calls get SecurityError; a boot 30 s later is Rejected
+    frames reach the charger, also on a new connection before it boots again), its calls get
+    SecurityError; a boot 30 s later is Rejected
     without a second look even though the charger was registered meanwhile (and that answer
     restarts the interval); once a full interval has passed the boot is Accepted and calls flow
     again."""
-    async with (
-        profile0(redis, clock, "Rejected") as h,
-        h.connect("NEWBIE", headers={}, boot=False) as ws,
-    ):
-        first = await ask(ws, frame("b1", "BootNotification", BOOT))
-        assert (first[2]["status"], first[2]["interval"]) == ("Rejected", 60)
-        with pytest.raises(ChargerUnreachable):
-            await h.central.trigger_message("NEWBIE", "StatusNotification")
-        with pytest.raises(ChargerUnreachable):
-            await h.central.get_configuration("NEWBIE")
-        await _no_call_from_the_central(ws, "h1")
-        await h.central.credentials.set_password("NEWBIE", secrets.token_hex(12))
-        await clock.advance(timedelta(seconds=30))
-        early = await ask(ws, frame("b2", "BootNotification", BOOT))
-        assert early[2]["status"] == "Rejected"
-        await _no_call_from_the_central(ws, "h2")
-        await clock.advance(timedelta(seconds=59))  # the early boot's answer restarted the wait
-        again = await ask(ws, frame("b3", "BootNotification", BOOT))
-        assert again[2]["status"] == "Rejected"
-        await clock.advance(timedelta(seconds=60))
-        later = await ask(ws, frame("b4", "BootNotification", BOOT))
-        assert later[2]["status"] == "Accepted"
-        asking = asyncio.ensure_future(h.central.trigger_message("NEWBIE", "Heartbeat"))
-        call = await recv(ws)
-        assert call[2] == "TriggerMessage"
-        await ws.send(json.dumps([3, call[1], {"status": "Accepted"}]))
-        assert await asking == "Accepted"
-    assert h.central.metrics["calls_withheld_rejected"] == 2
+    async with profile0(redis, clock, "Rejected") as h:
+        async with h.connect("NEWBIE", headers={}, boot=False) as ws:
+            first = await ask(ws, frame("b1", "BootNotification", BOOT))
+            assert (first[2]["status"], first[2]["interval"]) == ("Rejected", 60)
+            with pytest.raises(ChargerUnreachable):
+                await h.central.trigger_message("NEWBIE", "StatusNotification")
+            with pytest.raises(ChargerUnreachable):
+                await h.central.get_configuration("NEWBIE")
+            await _no_call_from_the_central(ws, "h1")
+        async with h.connect("NEWBIE", headers={}, boot=False) as ws:  # back, no boot
+            with pytest.raises(ChargerUnreachable):
+                await h.central.trigger_message("NEWBIE", "StatusNotification")
+            await _no_call_from_the_central(ws, "h1b")
+            await h.central.credentials.set_password("NEWBIE", secrets.token_hex(12))
+            await clock.advance(timedelta(seconds=30))
+            early = await ask(ws, frame("b2", "BootNotification", BOOT))
+            assert early[2]["status"] == "Rejected"
+            await _no_call_from_the_central(ws, "h2")
+            await clock.advance(timedelta(seconds=59))  # the early boot's answer restarted the wait
+            again = await ask(ws, frame("b3", "BootNotification", BOOT))
+            assert again[2]["status"] == "Rejected"
+            await clock.advance(timedelta(seconds=60))
+            later = await ask(ws, frame("b4", "BootNotification", BOOT))
+            assert later[2]["status"] == "Accepted"
+            asking = asyncio.ensure_future(h.central.trigger_message("NEWBIE", "Heartbeat"))
+            call = await recv(ws)
+            assert call[2] == "TriggerMessage"
+            await ws.send(json.dumps([3, call[1], {"status": "Accepted"}]))
+            assert await asking == "Accepted"
+    assert h.central.metrics["calls_withheld_rejected"] == 3
     assert h.central.metrics["boots_before_retry_interval"] == 2
 
 
