@@ -32,6 +32,7 @@ from controller.optimiser.model import (
 )
 from controller.optimiser.options import DEFAULT_OPTIONS, OptimiserOptions
 from controller.optimiser.prepare import Prepared, prepare
+from controller.optimiser.rounding import Hints
 from controller.optimiser.stages import OptimiserFailed, StageResult, clean, finish, site_profile
 from controller.planning.problem import FloatArray, IntArray, PlanningProblem, Schedule
 
@@ -92,6 +93,7 @@ class FastSolver:
         # warm start may take before it is abandoned for a cold one.
         self._cold: tuple[int, float] | None = None
         self.last_start = ""  # how the last solve started: "warm", "remapped", "flow", "cold"
+        self._hints: Hints = {}  # the min-rate rounding's swaps of the last solve
 
     def solve(self, problem: PlanningProblem, options: OptimiserOptions | None = None) -> Schedule:
         """The lexicographically optimal schedule of `problem` (see `controller.optimiser`).
@@ -105,13 +107,20 @@ class FastSolver:
         prepared = prepare(problem)
         with self._lock:
             result = self._solve(prepared, options, started + options.time_limit_s)
-        return finish(prepared, result, options, elapsed_s=time.perf_counter() - started)
+            return finish(
+                prepared,
+                result,
+                options,
+                elapsed_s=time.perf_counter() - started,
+                hints=self._hints if options.warm_start else None,
+            )
 
     def forget(self) -> None:
         """Drop the loaded models (the next solve starts cold)."""
         with self._lock:
             self._loaded = None
             self._second = None
+            self._hints = {}
 
     # -- loading ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from controller.domain import SLOT_S, slot_floor
 from controller.optimiser.prepare import Prepared
 from controller.planning.problem import BoolArray, FloatArray, IntArray
 
@@ -34,17 +35,22 @@ _SITE_TOL = 1e-7  # kW of head-room a move may use beyond the cap (solver round-
 _PRICE_TOL = 1e-12  # EUR/kWh: prices this close are equal
 
 
-def slivers(prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray) -> BoolArray:
-    """(2, N, T) where charge (0) and discharge (1) are strictly between 0 and the minimum.
+def slivers(
+    prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray
+) -> tuple[BoolArray, BoolArray]:
+    """(charge, discharge) (N, T) masks of setpoints strictly between 0 and the minimum.
 
     Forced charge (force-charge, pins) is the operator's and never counts as a sliver.
     """
     minimum = prepared.problem.min_kw[:, None]
     forced = prepared.lower_kw > 0.0
-    small_charge = (charge_kw > _TOL) & (charge_kw < minimum - _TOL) & ~forced
-    small_discharge = (discharge_kw > _TOL) & (discharge_kw < minimum - _TOL)
-    result: BoolArray = np.stack([small_charge, small_discharge])
-    return result
+    small_charge: BoolArray = (charge_kw > _TOL) & (charge_kw < minimum - _TOL) & ~forced
+    small_discharge: BoolArray = (discharge_kw > _TOL) & (discharge_kw < minimum - _TOL)
+    return small_charge, small_discharge
+
+
+Hints = dict[tuple[int, str, int], tuple[str, int]]
+"""(kind, vehicle, absolute slot) -> (partner vehicle, absolute slot) of a swap that worked."""
 
 
 def round_slivers(
@@ -53,14 +59,20 @@ def round_slivers(
     discharge_kw: FloatArray,
     *,
     site_cap_kw: FloatArray,
+    hints: Hints | None = None,
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
     """(charge, discharge, figures): the plan with as many slivers removed as free moves allow.
 
     `site_cap_kw` (T,) is the most a move may raise a slot's net import to (at most h_t; the
-    plan's peak keeps the peak). Figures: `rounding_moves`, `rounding_left` (slivers left).
+    plan's peak keeps the peak). `hints` are the swaps that worked in the last solve: tried
+    first, and replaced by this solve's. Figures: `rounding_moves`, `rounding_left` (slivers
+    left for the greedy repair).
     """
-    rounding = _Rounding(prepared, charge_kw.copy(), discharge_kw.copy(), site_cap_kw)
-    kinds, cars, slots = np.nonzero(slivers(prepared, rounding.power[0], rounding.power[1]))
+    rounding = _Rounding(prepared, charge_kw.copy(), discharge_kw.copy(), site_cap_kw, hints)
+    found = [np.nonzero(grid) for grid in slivers(prepared, rounding.power[0], rounding.power[1])]
+    kinds = np.concatenate([np.full(len(found[0][0]), 0), np.full(len(found[1][0]), 1)])
+    cars = np.concatenate([found[0][0], found[1][0]]).astype(np.int64)
+    slots = np.concatenate([found[0][1], found[1][1]]).astype(np.int64)
     moves = 0
     for kind, i, t in zip(kinds.tolist(), cars.tolist(), slots.tolist(), strict=True):
         if rounding.fix(kind, i, t):
@@ -70,6 +82,9 @@ def round_slivers(
     for kind, i in sorted(set(zip(kinds[left].tolist(), cars[left].tolist(), strict=True))):
         moves += rounding.gather(kind, i)
     left = rounding.still(kinds, cars, slots)
+    if hints is not None:
+        hints.clear()
+        hints.update(rounding.learned)
     return (
         rounding.power[0],
         rounding.power[1],
@@ -81,9 +96,18 @@ class _Rounding:
     """The plan being rounded, with the fleet's net site power kept up to date."""
 
     def __init__(
-        self, prepared: Prepared, charge: FloatArray, discharge: FloatArray, cap: FloatArray
+        self,
+        prepared: Prepared,
+        charge: FloatArray,
+        discharge: FloatArray,
+        cap: FloatArray,
+        hints: Hints | None,
     ) -> None:
         p = prepared.problem
+        self.hints: Hints = hints or {}
+        self.learned: Hints = {}
+        self.first_slot = int(slot_floor(p.start).timestamp() // SLOT_S)
+        self._index_of: dict[str, int] | None = None
         self.p = prepared
         self.power = (charge, discharge)
         self.net: FloatArray = charge.sum(axis=0) - discharge.sum(axis=0)
@@ -132,70 +156,88 @@ class _Rounding:
 
         Every slot's net power stays as it is (peak and ramps too), each car's energy at
         departure too, and the money moves by p_t - p_u for one car and back for the other.
-        Plain Python over short lists: a partner j must have room to move in the slot where it
-        takes energy (`open_at`), and there are only a few such cars per slot.
+        The partner found for the same car and slot in the last solve is tried first (after an
+        event most of the plan is what it was); else the search is short by construction: a
+        partner that takes energy in a slot must be *open* there (running or a sliver, below
+        its bound), and a basic LP solution has only one or two such slots per car.
         """
         grid = self.grids[kind]
-        minimum = self.minimum
-        mine, my_upper, my_allowed = grid.row(i)
-        m_i = minimum[i]
-        if change_kw > 0.0 and (not my_allowed[t] or mine[t] + change_kw > my_upper[t] + _TOL):
-            return False
-        dt = self.dt_list
-        energy = change_kw * dt[t]
+        hint = self._hint(kind, i, t)
+        if hint is not None and self._pair(kind, i, hint[0], t, hint[1], change_kw):
+            return True
         if change_kw > 0.0:
-            # Lift: j gives change_kw in t (keeps running or stops), takes it back in u.
-            backs = energy / self.dt
-            left_all = grid.power[i] - backs
-            gives = (left_all >= m_i - _TOL) | (np.abs(left_all) <= _TOL)
-            gives[t] = False
-            for u in np.nonzero(gives)[0].tolist():
-                back = energy / dt[u]
-                for j in grid.open_at(u):
-                    if j == i:
-                        continue
-                    theirs, their_upper, their_allowed = grid.row(j)
-                    taken = theirs[u] + back
-                    given = theirs[t] - change_kw
-                    if (
-                        taken <= their_upper[u] + _TOL
-                        and taken >= minimum[j] - _TOL
-                        and their_allowed[t]
-                        and (given >= minimum[j] - _TOL or -_TOL <= given <= _TOL)
-                        and self._exchange(kind, i, j, t, u, change_kw, back)
-                    ):
+            # Lift: j gives change_kw in t (it runs there), takes it back in a slot u where
+            # it is open and i can give.
+            backs = change_kw * self.dt[t] / self.dt
+            left = grid.power[i] - backs
+            gives = set(
+                np.nonzero((left >= self.minimum[i] - _TOL) | (np.abs(left) <= _TOL))[0].tolist()
+            )
+            gives.discard(t)
+            if not gives:
+                return False
+            for j in grid.donors(t, change_kw, self.p.problem.min_kw):
+                if j == i:
+                    continue
+                for u in grid.open_of(j):
+                    if u in gives and self._pair(kind, i, j, t, u, change_kw):
                         return True
             return False
-        # Merge: j takes the sliver in t (and runs), gives it back in u where i runs.
+        # Merge: j takes the sliver in t (it is open there), gives it back in a slot u where i
+        # is open.
         for j in grid.open_at(t):
             if j == i:
                 continue
-            theirs, their_upper, _ = grid.row(j)
-            taken = theirs[t] - change_kw
-            if taken > their_upper[t] + _TOL or taken < minimum[j] - _TOL:
-                continue
-            backs = -energy / self.dt
-            mine_all = grid.power[i] + backs
-            given_all = grid.power[j] - backs
-            fits = (
-                grid.allowed[i]
-                & (mine_all <= grid.upper[i] + _TOL)
-                & (mine_all >= m_i - _TOL)
-                & ((given_all >= minimum[j] - _TOL) | (np.abs(given_all) <= _TOL))
-            )
-            fits[t] = False
-            for u in np.nonzero(fits)[0].tolist():
-                back = -energy / dt[u]
-                mine_u = mine[u] + back
-                given = theirs[u] - back
-                if (
-                    mine_u <= my_upper[u] + _TOL
-                    and mine_u >= m_i - _TOL
-                    and (given >= minimum[j] - _TOL or -_TOL <= given <= _TOL)
-                    and self._exchange(kind, i, j, t, u, change_kw, -back)
-                ):
+            for u in grid.open_of(i):
+                if u != t and self._pair(kind, i, j, t, u, change_kw):
                     return True
         return False
+
+    def _pair(self, kind: int, i: int, j: int, t: int, u: int, change_kw: float) -> bool:
+        """Swap with car j through slot u if all four setpoints stay valid (and apply it)."""
+        grid = self.grids[kind]
+        minimum = self.minimum
+        back = change_kw * self.dt_list[t] / self.dt_list[u]
+        mine, my_upper, my_allowed = grid.row(i)
+        theirs, their_upper, their_allowed = grid.row(j)
+        for value, m, upper, allowed in (
+            (mine[t] + change_kw, minimum[i], my_upper[t], my_allowed[t]),
+            (mine[u] - back, minimum[i], my_upper[u], my_allowed[u]),
+            (theirs[t] - change_kw, minimum[j], their_upper[t], their_allowed[t]),
+            (theirs[u] + back, minimum[j], their_upper[u], their_allowed[u]),
+        ):
+            if -_TOL <= value <= _TOL:
+                continue
+            if not (allowed and m - _TOL <= value <= upper + _TOL):
+                return False
+        if not self._exchange(kind, i, j, t, u, change_kw, back):
+            return False
+        self._remember(kind, i, j, t, u)
+        return True
+
+    def _hint(self, kind: int, i: int, t: int) -> tuple[int, int] | None:
+        """(partner, slot) of the last solve's swap for this car and slot, if still here."""
+        if not self.hints:
+            return None
+        ids = self.p.problem.vehicle_ids
+        found = self.hints.get((kind, ids[i], self.first_slot + t))
+        if found is None:
+            return None
+        j = self.index_of().get(found[0])
+        u = found[1] - self.first_slot
+        if j is None or not 0 <= u < len(self.dt_list) or u == t or j == i:
+            return None
+        return j, u
+
+    def _remember(self, kind: int, i: int, j: int, t: int, u: int) -> None:
+        ids = self.p.problem.vehicle_ids
+        self.learned[(kind, ids[i], self.first_slot + t)] = (ids[j], self.first_slot + u)
+
+    def index_of(self) -> dict[str, int]:
+        """Row of each vehicle id (built on first use)."""
+        if self._index_of is None:
+            self._index_of = {v: k for k, v in enumerate(self.p.problem.vehicle_ids)}
+        return self._index_of
 
     def _exchange(
         self, kind: int, i: int, j: int, t: int, u: int, change_kw: float, back_kw: float
@@ -382,6 +424,22 @@ class _Grid:
         self._rows: dict[int, tuple[list[float], list[float], list[bool]]] = {}
         self._open = (power > _TOL) & (power < upper - _TOL) & allowed
         self._open_at: dict[int, list[int]] = {}
+        self._open_of: dict[int, list[int]] = {}
+        self._by_slot = np.ascontiguousarray(power.T)  # (T, N): fast column reads
+
+    def donors(self, slot: int, give_kw: float, minimum: FloatArray) -> list[int]:
+        """The cars that run in `slot` and can give `give_kw` there and keep running."""
+        column = self._by_slot[slot]
+        found: list[int] = np.nonzero(column >= minimum + give_kw - _TOL)[0].tolist()
+        return found
+
+    def open_of(self, car: int) -> list[int]:
+        """The slots where `car` runs (or has a sliver) with room to take more."""
+        found = self._open_of.get(car)
+        if found is None:
+            found = np.nonzero(self._open[car])[0].tolist()
+            self._open_of[car] = found
+        return found
 
     def open_at(self, slot: int) -> list[int]:
         """The cars that run (or have a sliver) in `slot` with room to take more."""
@@ -409,14 +467,15 @@ class _Grid:
         was_open = _TOL < power[slot] < upper[slot] - _TOL and allowed[slot]
         power[slot] = value
         self.power[car, slot] = value
+        self._by_slot[slot, car] = value
         is_open = _TOL < value < upper[slot] - _TOL and allowed[slot]
         if was_open != is_open:
             self._open[car, slot] = is_open
-            listed = self._open_at.get(slot)
-            if listed is not None and is_open:
-                listed.append(car)
-            elif listed is not None:
-                listed.remove(car)
+            for listed, item in ((self._open_at.get(slot), car), (self._open_of.get(car), slot)):
+                if listed is not None and is_open:
+                    listed.append(item)
+                elif listed is not None:
+                    listed.remove(item)
 
     def refresh(self, car: int) -> None:
         """Re-read a car's row after it was changed in the array directly."""

@@ -16,7 +16,7 @@ from controller.errors import VoltpoolError
 from controller.optimiser.options import OptimiserOptions
 from controller.optimiser.prepare import Prepared
 from controller.optimiser.repair import repair_min_rate
-from controller.optimiser.rounding import round_slivers
+from controller.optimiser.rounding import Hints, round_slivers
 from controller.planning.problem import (
     FloatArray,
     Schedule,
@@ -76,12 +76,14 @@ def finish(
     options: OptimiserOptions,
     *,
     elapsed_s: float,
+    hints: Hints | None = None,
 ) -> Schedule:
     """The `Schedule` of an LP answer, with every figure in `details`.
 
     With `options.min_rate_repair` the LP's plan is made one a charger can follow: first by
     the free moves of `round_slivers` (same money, same site profile or, within a car, a site
     no higher than the plan's peak), then what is left by the greedy `repair_min_rate`.
+    `hints` carry the swaps that worked from one solve to the next (see `round_slivers`).
     """
     problem = prepared.problem
     lp_charge, lp_discharge = result.charge_kw, result.discharge_kw
@@ -95,7 +97,7 @@ def finish(
             peak = site_profile(lp_charge, lp_discharge)[0]
             cap = np.minimum(cap, peak)  # keep the second stage's peak (and the demand charge)
         charge, discharge, rounding_info = round_slivers(
-            prepared, lp_charge, lp_discharge, site_cap_kw=cap
+            prepared, lp_charge, lp_discharge, site_cap_kw=cap, hints=hints
         )
         if rounding_info["rounding_left"] > 0.0:
             charge, discharge, repair_info = repair_min_rate(prepared, charge, discharge)
