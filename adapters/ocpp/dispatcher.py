@@ -22,6 +22,15 @@ what the charger accepted:
   the latest plan wins: a worker always builds from the newest plan when it sends;
 - a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
   following, and the profile is retried with exponential back-off on the clock;
+- a fallback ladder (RELIABILITY P-06): a profile answered Rejected, NotSupported or
+  NotImplemented is tried at once in the next form the charger may take: other stack levels
+  (<= its `ChargeProfileMaxStackLevel`), the other unit (if its
+  `ChargingScheduleAllowedChargingRateUnit` allows), a TxProfile as a TxDefaultProfile on its
+  connector; both keys are read with GetConfiguration at the first refusal. When every form is
+  refused: a ChargePointMaxProfile is given up (counted; the TxProfiles still steer), a
+  TxDefaultProfile or TxProfile makes the charger *uncontrollable*: alarm (error log), counted,
+  its circuit limit budgeted in full like a rogue connector's draw, and the ladder is tried
+  again after the back-off;
 - `Accepted` is a claim: every measured power from MeterValues is compared with the limit in
   force (`adapters.ocpp.compliance`); a connector over it on two consecutive samples is flagged,
   its *measured* draw is budgeted, and the other connectors' setpoints are scaled down so that
@@ -51,11 +60,12 @@ from adapters.ocpp.profiles import (
     default_profile,
     differs,
     from_limit,
+    in_form,
     max_profile,
     safe_share_per_connector_kw,
     tx_profile,
 )
-from controller.domain import ChargePoint, ChargerId
+from controller.domain import ChargePoint, ChargerId, RateUnit
 from controller.planning.plan import Plan, Setpoint
 from controller.ports import Clock
 from controller.state import FleetState
@@ -63,6 +73,27 @@ from controller.state import FleetState
 log = logging.getLogger(__name__)
 
 ORDER = {"default": 0, "max": 1}
+LADDER_ERRORS = frozenset({"NotSupported", "NotImplemented"})  # CALLERRORs that climb the ladder
+UNITS: dict[str, RateUnit] = {"Current": "A", "Power": "W", "A": "A", "W": "W"}
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """One rung of the fallback ladder: how a profile is sent."""
+
+    stack_level: int
+    unit: RateUnit
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a charger said it takes (GetConfiguration)."""
+
+    max_stack_level: int
+    units: frozenset[RateUnit]
+
+
 COURSE_TOLERANCE_KW = 1e-3  # setpoint moves smaller than this do not wake a charger
 
 
@@ -132,6 +163,12 @@ class _Link:
     recheck_at: dict[str, datetime] = field(default_factory=dict)
     basis: _Basis | None = None  # the inputs of the last plan that woke the worker
     held: bool = False  # an increase waits for the others' decreases
+    # The fallback ladder: the rung each slot is sent at, what the charger takes, the slots
+    # whose every form was refused, and the max profile given up.
+    rung: dict[str, int] = field(default_factory=dict)
+    capabilities: Capabilities | None = None
+    exhausted: set[str] = field(default_factory=set)
+    max_given_up: bool = False
 
 
 class LeaseDispatcher:
@@ -164,6 +201,7 @@ class LeaseDispatcher:
         self._links: dict[ChargerId, _Link] = {}
         self.counters: Counter[str] = Counter()
         self.not_following: set[ChargerId] = set()
+        self.uncontrollable: set[ChargerId] = set()  # every form of a profile refused (P-06)
         self._activity = asyncio.Event()
         self.compliance = ComplianceMonitor(compliance or ComplianceConfig())
         self.budget_factor = 1.0  # the scale applied to compliant setpoints (1: none)
@@ -203,7 +241,7 @@ class LeaseDispatcher:
                 continue
             known.basis = basis
             woken.append(known)
-            wanted = self.wanted(charger_id, now) or []
+            wanted = self._wanted_in_form(known, now) or []
             if any(self._due(known, p, now) and self._change(known, p, now) < 0 for p in wanted):
                 self._decreasing.add(charger_id)
         for link in woken:
@@ -271,7 +309,12 @@ class LeaseDispatcher:
 
     def _budget(self, plan: Plan, now: datetime) -> float:
         """The factor on compliant setpoints so that measured rogue draw + plan <= head-room."""
-        rogue = self.compliance.non_compliant()
+        rogue = dict(self.compliance.non_compliant())
+        chargers = self.state.chargers
+        for charger_id in self.uncontrollable:
+            # No profile of any form is taken: it may draw its circuit limit.
+            charger = chargers.get(charger_id)
+            rogue[(charger_id, 0)] = charger.max_power_kw if charger is not None else 0.0
         if not rogue or not plan.slot_starts:
             return 1.0
         t = max(0, bisect.bisect_right(plan.slot_starts, now) - 1)
@@ -281,7 +324,9 @@ class LeaseDispatcher:
         compliant = sum(
             max(0.0, s.kw[t])
             for s in plan.setpoints
-            if (s.charger_id, s.connector_id) not in rogue and t < len(s.kw)
+            if (s.charger_id, s.connector_id) not in rogue
+            and s.charger_id not in self.uncontrollable
+            and t < len(s.kw)
         )
         if compliant <= 0.0:
             return 1.0
@@ -393,9 +438,15 @@ class LeaseDispatcher:
         ]
         factor = basis.factor
         rogue = self.compliance.non_compliant() if factor < 1.0 else {}
+        steerable = charger_id not in self.uncontrollable
         for connector_id, transaction_id in basis.running:
             setpoint = basis.setpoints.get(connector_id)
-            if setpoint is not None and factor < 1.0 and (charger_id, connector_id) not in rogue:
+            if (
+                setpoint is not None
+                and factor < 1.0
+                and steerable
+                and (charger_id, connector_id) not in rogue
+            ):
                 # Budget the rogue connectors' measured draw: scale this one down (charging only).
                 setpoint = replace(
                     setpoint, kw=tuple(kw * factor if kw > 0.0 else kw for kw in setpoint.kw)
@@ -407,6 +458,148 @@ class LeaseDispatcher:
             )
         self._wanted[charger_id] = (plan, key, profiles)
         return list(profiles)
+
+    # -- the fallback ladder (P-06) --
+
+    def _wanted_in_form(self, link: _Link, now: datetime) -> list[OutgoingProfile] | None:
+        """`wanted`, each profile in the form its slot's rung says; a given-up max left out."""
+        wanted = self.wanted(link.charger_id, now)
+        if wanted is None or (not link.rung and not link.max_given_up):
+            return wanted
+        charger = self.state.chargers.get(link.charger_id)
+        if charger is None:
+            return wanted
+        out = []
+        for profile in wanted:
+            if profile.slot == "max" and link.max_given_up:
+                continue
+            rung = link.rung.get(profile.slot, 0)
+            if rung:
+                form = self._ladder(link, profile, charger)[rung]
+                profile = in_form(
+                    profile,
+                    charger,
+                    stack_level=form.stack_level,
+                    unit=form.unit,
+                    purpose=form.purpose,
+                )
+            out.append(profile)
+        return out
+
+    def _ladder(self, link: _Link, profile: OutgoingProfile, charger: ChargePoint) -> list[Form]:
+        """The forms to try for a slot, in order: as configured, other stack levels, the other
+        unit, another purpose."""
+        caps = link.capabilities or Capabilities(self.config.stack_level, frozenset())
+        level, unit = self.config.stack_level, charger.rate_unit
+        purpose = "TxProfile" if profile.slot.startswith("tx:") else profile.purpose
+        forms = [Form(level, unit, purpose)]
+        for other in sorted({0, 1, caps.max_stack_level}):
+            if other != level and 0 <= other <= caps.max_stack_level:
+                forms.append(Form(other, unit, purpose))
+        for other_unit in sorted(caps.units - {unit}):
+            forms.append(Form(level, other_unit, purpose))
+        if purpose == "TxProfile":
+            forms.append(Form(level, unit, "TxDefaultProfile"))
+        return forms
+
+    async def _capabilities(self, charger_id: ChargerId) -> Capabilities:
+        """ChargeProfileMaxStackLevel and ChargingScheduleAllowedChargingRateUnit, as far as
+        the charger tells (nothing more than the configured form if it does not)."""
+        level, units = self.config.stack_level, frozenset[RateUnit]()
+        try:
+            known, _ = await self.central.get_configuration(
+                charger_id,
+                ["ChargeProfileMaxStackLevel", "ChargingScheduleAllowedChargingRateUnit"],
+            )
+        except (CallFailed, CallTimedOut) as exc:
+            log.info("%s: GetConfiguration for the fallback ladder failed: %s", charger_id, exc)
+            return Capabilities(level, units)
+        self.counters["capabilities_read"] += 1
+        for item in known:
+            value = str(item.get("value") or "")
+            if item.get("key") == "ChargeProfileMaxStackLevel" and value.strip().isdigit():
+                level = int(value)
+            elif item.get("key") == "ChargingScheduleAllowedChargingRateUnit":
+                names = (part.strip() for part in value.split(","))
+                units = frozenset(UNITS[n] for n in names if n in UNITS)
+        return Capabilities(level, units)
+
+    async def _climb(self, link: _Link, profile: OutgoingProfile, problem: str) -> bool:
+        """One rung up after a refusal; True if there is a next form to send at once."""
+        charger = self.state.chargers.get(link.charger_id)
+        if charger is None:
+            return False
+        if link.capabilities is None:
+            link.capabilities = await self._capabilities(link.charger_id)
+        ladder = self._ladder(link, profile, charger)
+        rung = link.rung.get(profile.slot, 0) + 1
+        if rung < len(ladder):
+            link.rung[profile.slot] = rung
+            self.counters["ladder_steps"] += 1
+            form = ladder[rung]
+            log.warning(
+                "%s: %s %s; trying stack level %d, unit %s, purpose %s",
+                link.charger_id,
+                profile.slot,
+                problem,
+                form.stack_level,
+                form.unit,
+                form.purpose,
+            )
+            return True
+        link.rung.pop(profile.slot, None)  # after the back-off, from the first form again
+        if profile.slot == "max":
+            link.max_given_up = True
+            link.failures.pop("max", None)
+            link.retry_at.pop("max", None)
+            self.counters["max_profiles_given_up"] += 1
+            log.warning(
+                "%s: no form of ChargePointMaxProfile is taken; its circuit limit is left to "
+                "the other profiles",
+                link.charger_id,
+            )
+            return True
+        self._settle_exhausted(link, profile.slot, refused=True)
+        return False
+
+    def _settle_exhausted(self, link: _Link, slot: str, *, refused: bool) -> None:
+        """Record that every form of `slot` was refused (or no longer is); the charger is
+        uncontrollable while any slot is, and its circuit limit is budgeted."""
+        if refused:
+            link.exhausted.add(slot)
+        else:
+            link.exhausted.discard(slot)
+        charger_id = link.charger_id
+        was = charger_id in self.uncontrollable
+        now_uncontrollable = bool(link.exhausted) and self._links.get(charger_id) is link
+        if now_uncontrollable == was:
+            return
+        if now_uncontrollable:
+            self.uncontrollable.add(charger_id)
+            self.counters["chargers_uncontrollable"] += 1
+            log.error(
+                "%s is uncontrollable: every form of %s was refused; budgeting its circuit "
+                "limit in full",
+                charger_id,
+                ", ".join(sorted(link.exhausted)),
+            )
+        else:
+            self.uncontrollable.discard(charger_id)
+            link.max_given_up = False  # it may have refused that one with all the others
+            self.counters["chargers_controllable_again"] += 1
+            log.warning("%s takes its profiles again", charger_id)
+        self._epoch += 1
+        for other in self._links.values():  # every charger's budget changed
+            other.idle.clear()
+            other.wake.set()
+
+    async def _clear(self, charger_id: ChargerId, profile: OutgoingProfile) -> None:
+        """ClearChargingProfile of a profile the charger would otherwise keep."""
+        try:
+            await self.central.clear_charging_profile(charger_id, profile_id=profile.profile_id)
+            self.counters["profiles_cleared"] += 1
+        except (CallFailed, CallTimedOut) as exc:
+            log.info("%s: ClearChargingProfile(%d) failed: %s", charger_id, profile.profile_id, exc)
 
     # -- the worker --
 
@@ -513,19 +706,25 @@ class LeaseDispatcher:
     async def _reconcile(self, link: _Link) -> bool:
         """Send what is due now; True if something was sent (look again at once)."""
         now = self.clock.now()
-        wanted = self.wanted(link.charger_id, now)
+        wanted = self._wanted_in_form(link, now)
         if wanted is None:
             self.counters["chargers_unknown"] += 1
             wanted = []
         slots = {p.slot for p in wanted}
-        for slot in [s for s in link.sent if s not in slots]:
-            # The transaction ended: the charger drops its TxProfile by itself.
-            del link.sent[slot]
+        for slot in [s for s in (*link.sent, *link.rung, *link.exhausted) if s not in slots]:
+            # The transaction ended: the charger drops its TxProfile by itself (one sent as a
+            # TxDefaultProfile on the connector, a rung of the ladder, is cleared).
+            old = link.sent.pop(slot, None)
             link.failures.pop(slot, None)
             link.retry_at.pop(slot, None)
             link.lapsed.discard(slot)
             link.recheck_at.pop(slot, None)
-            await self._remember(link.charger_id, slot, None)
+            link.rung.pop(slot, None)
+            self._settle_exhausted(link, slot, refused=False)
+            if old is not None and old.purpose == "TxDefaultProfile" and slot != "default":
+                await self._clear(link.charger_id, old)
+            if old is not None:
+                await self._remember(link.charger_id, slot, None)
         due = [p for p in self._order(link, wanted, now) if self._due(link, p, now)]
         recheck = now + timedelta(seconds=self.config.lease_window_s - self.config.refresh_margin_s)
         due_slots = {p.slot for p in due}
@@ -614,12 +813,17 @@ class LeaseDispatcher:
                 link.retry_at.pop(profile.slot, None)
                 link.lapsed.discard(profile.slot)
                 link.recheck_at.pop(profile.slot, None)
+                self._settle_exhausted(link, profile.slot, refused=False)
                 if not link.failures:
                     self.not_following.discard(charger_id)
                 await self._remember(charger_id, profile.slot, profile)
                 return
             self.counters["profiles_rejected"] += 1
             problem = status
+        self.not_following.add(charger_id)
+        if problem == "Rejected" or problem.removeprefix("CALLERROR ") in LADDER_ERRORS:
+            if await self._climb(link, profile, problem):
+                return  # the next form goes out at once
         failures = link.failures.get(profile.slot, 0) + 1
         link.failures[profile.slot] = failures
         delay = min(self.config.retry_max_s, self.config.retry_base_s * 2 ** (failures - 1))

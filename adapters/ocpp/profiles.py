@@ -24,7 +24,7 @@ import bisect
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -358,4 +358,36 @@ def tx_profile(
         transaction_id=transaction_id,
         lease_end=lease_end,
         discharge=tuple(discharge) if mode == "data_transfer" else None,
+    )
+
+
+def in_form(
+    profile: OutgoingProfile,
+    charger: ChargePoint,
+    *,
+    stack_level: int,
+    unit: RateUnit,
+    purpose: str,
+) -> OutgoingProfile:
+    """The same limits in another form a charger may take (RELIABILITY P-06 fallback ladder):
+    another stack level, the other unit (converted, towards zero, minimum rate applied), or a
+    TxProfile sent as a TxDefaultProfile on its connector (without the transaction id)."""
+    limits, discharge = profile.limits, profile.discharge
+    if unit != profile.unit:
+        limits = tuple(
+            to_limit(from_limit(limit, charger, profile.unit), charger, unit) for limit in limits
+        )
+        if discharge is not None:
+            discharge = tuple(
+                abs(to_limit(from_limit(d, charger, profile.unit), charger, unit))
+                for d in discharge
+            )
+    return replace(
+        profile,
+        stack_level=stack_level,
+        unit=unit,
+        purpose=purpose,
+        limits=limits,
+        discharge=discharge,
+        transaction_id=profile.transaction_id if purpose == "TxProfile" else None,
     )

@@ -13,9 +13,12 @@ negative limit means "discharge at up to this"; with `"data_transfer"` a vendor 
 (`org.voltpool` / `DischargeLimit`) carries a discharge schedule; with `"none"` a profile with a
 negative limit is rejected.
 
-Fault injection: `Faults` (ignore profiles, reject SetChargingProfile, delay replies) and the
-methods `drop()` (connection lost without a close frame; it reconnects with back-off) and
-`send_raw()` (garbage frames).
+Fault injection: `Faults` (ignore profiles, reject SetChargingProfile, delay replies; and what
+field chargers refuse, RELIABILITY P-06: some stack levels, a unit, a purpose, or every profile
+with a CALLERROR) and the methods `drop()` (connection lost without a close frame; it
+reconnects with back-off) and `send_raw()` (garbage frames). The stack levels and units a
+charger takes show in its configuration (`ChargeProfileMaxStackLevel`,
+`ChargingScheduleAllowedChargingRateUnit`) as a real one would report them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
 
+from ocpp.exceptions import NotImplementedError as OcppNotImplemented
+from ocpp.exceptions import NotSupportedError, OCPPError
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint as LibraryChargePoint
 from ocpp.v16 import call, call_result
@@ -59,6 +64,11 @@ DISCHARGE_MESSAGE = "DischargeLimit"
 MAX_STEP = timedelta(seconds=60)  # integration step bound, for the car's taper
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_CALLERRORS: dict[str, type[OCPPError]] = {
+    "NotSupported": NotSupportedError,
+    "NotImplemented": OcppNotImplemented,
+}
 
 
 def _on(action: str) -> Callable[[F], F]:
@@ -111,6 +121,12 @@ class Faults:
     ignore_profiles: bool = False  # answer Accepted, apply nothing
     reject_profiles: bool = False  # answer SetChargingProfile with Rejected
     reply_delay_s: float = 0.0  # wait this long (on the clock) before answering any CALL
+    # Field faults (RELIABILITY P-06), each answered Rejected unless said otherwise:
+    refused_stack_levels: frozenset[int] = frozenset()  # e.g. ABB Terra AC and stackLevel 1
+    # The chargingRateUnits it takes and reports; None: it takes both and reports its own only.
+    units: frozenset[str] | None = None
+    unsupported_purposes: frozenset[str] = frozenset()  # e.g. {"ChargePointMaxProfile"}
+    profile_callerror: str | None = None  # answer every SetChargingProfile with this CALLERROR
 
 
 @dataclass(slots=True)
@@ -190,9 +206,9 @@ class SimChargePoint:
             "HeartbeatInterval": "300",
             "MeterValueSampleInterval": str(int(spec.meter_interval_s)),
             "ChargeProfileMaxStackLevel": str(spec.max_stack_level),
-            "ChargingScheduleAllowedChargingRateUnit": "Power"
-            if spec.rate_unit == "W"
-            else "Current",
+            "ChargingScheduleAllowedChargingRateUnit": _allowed_units(
+                spec.rate_unit, self.faults.units
+            ),
             "ChargingScheduleMaxPeriods": str(spec.max_periods),
             "MaxChargingProfilesInstalled": "16",
             "NumberOfConnectors": str(spec.connectors),
@@ -614,11 +630,25 @@ class SimChargePoint:
             if c.transaction_id is not None
         }
 
+    def refuses(self, raw: dict[str, Any]) -> bool:
+        """Whether a field fault makes the charger refuse this profile (stack level, unit,
+        purpose)."""
+        faults = self.faults
+        purpose = str(raw.get("charging_profile_purpose", raw.get("chargingProfilePurpose")))
+        level = raw.get("stack_level", raw.get("stackLevel"))
+        schedule = raw.get("charging_schedule", raw.get("chargingSchedule")) or {}
+        unit = schedule.get("charging_rate_unit", schedule.get("chargingRateUnit"))
+        return (
+            level in faults.refused_stack_levels
+            or (faults.units is not None and unit is not None and str(unit) not in faults.units)
+            or purpose in faults.unsupported_purposes
+        )
+
     def set_profile(self, connector_id: int, raw: dict[str, Any]) -> str:
         """Install a profile; returns Accepted or Rejected."""
         now = self.clock.now()
         purpose = str(raw.get("charging_profile_purpose", raw.get("chargingProfilePurpose")))
-        if self.faults.reject_profiles:
+        if self.faults.reject_profiles or self.refuses(raw):
             status = "Rejected"
         elif self.faults.ignore_profiles:
             status = "Accepted"
@@ -698,6 +728,16 @@ class SimChargePoint:
         }
 
 
+def _allowed_units(native: RateUnit, units: frozenset[str] | None) -> str:
+    """`ChargingScheduleAllowedChargingRateUnit` as a charger reports it: its native unit first,
+    then the other if it takes that too (None: its native unit only)."""
+    names = {"W": "Power", "A": "Current"}
+    if units is None:
+        return names[native]
+    order = [native, *(u for u in ("A", "W") if u != native)]
+    return ",".join(names[u] for u in order if u in units) or names[native]
+
+
 def call_subprotocol() -> Any:
     """The OCPP 1.6-J WebSocket subprotocol."""
     from websockets.typing import Subprotocol
@@ -748,6 +788,19 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     ) -> call_result.SetChargingProfile:
         """SetChargingProfile: install by the stacking rules (or a fault's answer)."""
         await self.sim.reply_delay()
+        code = self.sim.faults.profile_callerror
+        if code is not None:
+            self.sim.received.append(
+                Received(
+                    self.sim.clock.now(),
+                    connector_id,
+                    str(cs_charging_profiles.get("charging_profile_purpose")),
+                    code,
+                    cs_charging_profiles,
+                )
+            )
+            self.sim._touch()
+            raise _CALLERRORS[code](f"SetChargingProfile: {code} (injected fault)")
         return call_result.SetChargingProfile(
             status=self.sim.set_profile(connector_id, cs_charging_profiles)
         )

@@ -170,26 +170,30 @@ async def test_a_setpoint_under_the_minimum_rate_stops_the_car(
 async def test_a_rejected_profile_is_retried_with_back_off_and_counted(
     redis: Redis, clock: SimClock
 ) -> None:
-    """Rejected -> counted, charger marked as not following, retried after 5 s then 10 s; once
-    the charger accepts, the mark goes."""
+    """Rejected -> counted, charger marked as not following; the fallback ladder (stack levels
+    0, 1 and 8 of its configuration) is tried at once: the max profile is given up, the
+    default's ladder is tried again after 5 s, then 10 s; once the charger accepts, the mark
+    goes and the max profile is tried again."""
     async with (
         rig(redis, clock, charger("CP-1")) as r,
         simulated(r.harness, "CP-1", max_power_kw=22.0, faults=Faults(reject_profiles=True)) as sim,
     ):
         d = r.dispatcher
-        await d.wait_for(lambda: d.counters["profiles_rejected"] == 2)
+        await d.wait_for(lambda: d.counters["profiles_rejected"] == 6)  # 2 slots x 3 levels
         assert d.not_following == {"CP-1"}
+        assert d.counters["ladder_steps"] == 4
         await clock.advance(timedelta(seconds=4))
-        assert d.counters["profiles_sent"] == 2  # back-off not over yet
+        assert d.counters["profiles_sent"] == 6  # back-off not over yet
         await clock.advance(timedelta(seconds=1))
-        await d.wait_for(lambda: d.counters["profiles_retried"] == 2)
-        assert len(sim.received) == 4
+        await d.wait_for(lambda: d.counters["profiles_retried"] == 1)
+        assert len(sim.received) == 9
         sim.faults.reject_profiles = False
         await clock.advance(timedelta(seconds=9))
-        assert d.counters["profiles_sent"] == 4  # the second back-off is 10 s
+        assert d.counters["profiles_sent"] == 9  # the second back-off is 10 s
         await clock.advance(timedelta(seconds=1))
         await d.wait_for(lambda: d.counters["profiles_accepted"] == 2)
-        assert [x.status for x in sim.received] == ["Rejected"] * 4 + ["Accepted"] * 2
+        assert [x.status for x in sim.received] == ["Rejected"] * 9 + ["Accepted"] * 2
+        assert [x.profile["stack_level"] for x in sim.received[-2:]] == [0, 0]
         assert d.not_following == set()
         assert d.counters["profiles_accepted"] == 2
 
