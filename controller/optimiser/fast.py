@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +85,9 @@ class FastSolver:
     Thread-safe: calls are serialised (one HiGHS model, one basis).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        """`clock` (seconds, monotonic) measures the time budget; tests may pass their own."""
+        self._clock = clock
         self._lock = threading.Lock()
         self._codes: dict[str, int] = {}
         self._loaded: _Loaded | None = None
@@ -103,7 +106,7 @@ class FastSolver:
         reported in `details`, when nothing is.
         """
         options = options or DEFAULT_OPTIONS
-        started = time.perf_counter()
+        started = self._clock()
         prepared = prepare(problem)
         with self._lock:
             result = self._solve(prepared, options, started + options.time_limit_s)
@@ -111,7 +114,7 @@ class FastSolver:
                 prepared,
                 result,
                 options,
-                elapsed_s=time.perf_counter() - started,
+                elapsed_s=self._clock() - started,
                 hints=self._hints if options.warm_start else None,
             )
 
@@ -134,7 +137,7 @@ class FastSolver:
             started = self.last_start
             self._loaded = None
             self._second = None
-            if started not in ("warm", "remapped") or time.perf_counter() >= deadline:
+            if started not in ("warm", "remapped") or self._clock() >= deadline:
                 raise
             # A warm start that ran over what a cold start takes is retried once from scratch.
             result = self._attempt(prepared, options, warm=False, deadline=deadline)
@@ -200,15 +203,16 @@ class FastSolver:
             if size <= 2 * cold[0] and cold[0] <= 2 * size:
                 # A warm start is worth it only while it is faster than starting afresh.
                 money_deadline = min(
-                    deadline, time.perf_counter() + max(_WARM_FLOOR_S, _WARM_FACTOR * cold[1])
+                    deadline, self._clock() + max(_WARM_FLOOR_S, _WARM_FACTOR * cold[1])
                 )
-        began = time.perf_counter()
-        result, solution = _stages(loaded, prepared, options, _Counter(money_deadline))
+        began = self._clock()
+        result, solution = _stages(loaded, prepared, options, _Counter(money_deadline, self._clock))
         if self.last_start in ("cold", "flow"):
-            self._cold = (size, time.perf_counter() - began)
+            self._cold = (size, self._clock() - began)
         if options.peak_flattening:
             second = self._second_model(loaded, options, warm=warm)
-            _second_stage(loaded, second, prepared, options, result, solution, _Counter(deadline))
+            counter = _Counter(deadline, self._clock)
+            _second_stage(loaded, second, prepared, options, result, solution, counter)
         return result
 
     def _second_model(self, money: _Loaded, options: OptimiserOptions, *, warm: bool) -> _Loaded:
@@ -659,13 +663,14 @@ def _sync(second: _Loaded, money: _Loaded, solution: _Solution) -> None:
 class _Counter:
     """LP runs and simplex iterations of a solve, and the deadline they share."""
 
-    deadline: float  # time.perf_counter() by which the runs must end
+    deadline: float  # clock reading by which the runs must end
+    clock: Callable[[], float]
     solves: int = 0
     iterations: int = 0
 
     def remaining(self) -> float:
         """Seconds left before the deadline."""
-        return self.deadline - time.perf_counter()
+        return self.deadline - self.clock()
 
 
 def _objective(loaded: _Loaded, objective: FloatArray) -> None:
