@@ -32,7 +32,7 @@ from amqtt.broker import Broker
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from adapters.security.mqtt_acl import MqttCredentials, amqtt_plugins
 
@@ -113,6 +113,35 @@ async def check_durability(client: Redis, *, embedded: bool) -> Durability:
     return durability
 
 
+ACL_PROBE_KEY = "voltpool:acl-probe"  # outside vp:*: a limited user may not touch it
+
+
+async def check_access(client: Redis, url: str | None = None) -> list[str]:
+    """SEC-09: what the external Redis user may do beyond what voltpool needs.
+
+    Probes, all harmless: EXISTS on a key outside `vp:*` (a user limited with `~vp:*` is
+    refused), CONFIG GET (in `@dangerous`, with FLUSHALL and KEYS), and the URL: a host that
+    is not loopback must be reached with `rediss://`. Returns one line per problem."""
+    problems: list[str] = []
+    try:
+        await client.exists(ACL_PROBE_KEY)
+        problems.append("the Redis user can reach keys outside vp:* (ACL: ~vp:*)")
+    except NoPermissionError:
+        pass
+    try:
+        await client.config_get("appendonly")
+        problems.append(
+            "the Redis user may run dangerous commands (CONFIG, FLUSHALL, KEYS): -@dangerous"
+        )
+    except NoPermissionError:
+        pass
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme == "redis" and parts.hostname and not is_loopback(parts.hostname):
+            problems.append(f"Redis on {parts.hostname} without TLS: use rediss://")
+    return problems
+
+
 @dataclass(frozen=True, slots=True)
 class RedisEndpoint:
     """How to reach the Redis in use: a URL, or the embedded server's unix socket."""
@@ -151,6 +180,8 @@ async def redis_endpoint(redis_url: str | None, data_dir: Path) -> AsyncIterator
         probe = endpoint.client()
         try:
             await check_durability(probe, embedded=False)
+            for problem in await check_access(probe, redis_url):
+                log.warning("SEC-09: %s (docs/security.md, Redis)", problem)
         except RedisError as exc:
             log.error("cannot reach redis to check its durability: %s", type(exc).__name__)
         finally:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from adapters.embedded import (
     DurabilityError,
+    check_access,
     check_durability,
     read_durability,
     redis_endpoint,
@@ -109,7 +110,10 @@ async def test_an_external_server_without_aof_is_reported_loudly(
 async def test_an_acl_user_without_config_rights_still_gets_its_aof_checked(
     tmp_path: Path,
 ) -> None:
-    """SEC-09 + R-01: the restricted ACL user cannot run CONFIG; INFO persistence answers."""
+    """SEC-09 + R-01: the restricted ACL user (the line in docs/security.md) runs the store
+    (append, take, the commit script, trim, counters, load) but no key outside vp:* and no
+    dangerous command; CONFIG is refused and INFO persistence answers the AOF check. The
+    start-up probe finds no problem with it, and three with the default user off-host."""
     password = secrets.token_hex(16)
     with _running(tmp_path, aof=True) as server:
         async with _client(server) as admin:
@@ -124,13 +128,29 @@ async def test_an_acl_user_without_config_rights_still_gets_its_aof_checked(
             durability = await check_durability(user, embedded=True)
             assert durability.source == "INFO persistence"
             assert durability.aof is True
-            store = RedisFleetStore(user, "depot")
+            store = RedisFleetStore(user, "depot", policy=LogPolicy(trim_every=1))
             await store.append(soc_reported("ev-1", 0.5, T0))
-            assert len(await store.take(10)) == 1
+            (entry,) = await store.take(10)
+            assert entry.event is not None
+            assert await store.commit(entry, entry.event.event_id, [])  # EVALSHA, then XTRIM
+            await store.count("events_applied")
+            assert (await store.counters())["events_applied"] == 1
+            assert (await store.load()).vehicles == {}
+            assert await check_access(user, "rediss://voltpool@redis.example:6380/0") == []
             with pytest.raises(redis.exceptions.NoPermissionError):
                 await user.set("other:key", "x")
             with pytest.raises(redis.exceptions.NoPermissionError):
                 await user.flushall()
+        async with _client(server) as admin:  # the default user: everything allowed
+            problems = await check_access(admin, "redis://10.1.2.3:6379/0")
+    assert [p.split(" ")[0:3] for p in problems] == [
+        ["the", "Redis", "user"],
+        ["the", "Redis", "user"],
+        ["Redis", "on", "10.1.2.3"],
+    ]
+    assert "outside vp:*" in problems[0]
+    assert "-@dangerous" in problems[1]
+    assert "rediss://" in problems[2]
 
 
 async def test_the_embedded_endpoint_starts_with_aof_checked(tmp_path: Path) -> None:
