@@ -330,6 +330,8 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
         ("dispatcher counters", f"{report.dispatch_counters}"),
         ("feed publishes retried (broker down)", f"{report.mqtt_publish_failures}"),
     ]
+    for line in report.memory_growth:
+        rows.append(("  memory grew at", line))
     p99_target = 100.0 if config.chargers <= 1000 else 250.0
     targets = {
         "0 lost, 0 duplicated": verdict.ok,
@@ -389,6 +391,8 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         heartbeat_s=args.heartbeat,
         connects_per_s=args.connects_per_s,
         restart_down_s=args.restart_down_s,
+        coalesce_wall_s=args.coalesce_wall_s,
+        trace_memory=args.trace_memory,
         seed=args.seed,
     )
     solver = share_by_need if args.solver == "share" else None
@@ -420,6 +424,10 @@ def main() -> None:
     stack.add_argument("--connects-per-s", type=float, default=200.0)
     stack.add_argument("--restart-down-s", type=float, default=10.0, help="restart mode")
     stack.add_argument("--solver", choices=("share", "optimiser"), default="share")
+    stack.add_argument("--coalesce-wall-s", type=float, default=0.3)
+    stack.add_argument(
+        "--trace-memory", action="store_true", help="tracemalloc: top growth sites (slow)"
+    )
     stack.add_argument("--seed", type=int, default=0)
     stack.add_argument("--json", help="also write the report as JSON to this file")
     log_mode = parser.add_argument_group("log mode")

@@ -31,6 +31,7 @@ import random
 import resource
 import tempfile
 import time
+import tracemalloc
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -693,6 +694,11 @@ class SoakConfig:
     connects_per_s: float = 200.0
     recovery_timeout_s: float = 60.0
     restart_down_s: float = 10.0  # S-12: wall seconds the controller stays stopped
+    # The service's coalescing window is on the simulated clock; this many wall seconds of it
+    # (capped at 60 s simulated) keep the planner from re-planning after every event when the
+    # day runs many times faster than the wall.
+    coalesce_wall_s: float = 0.3
+    trace_memory: bool = False  # tracemalloc: where the memory grew from 20 % of the run on
     seed: int = 0
     start: datetime = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
 
@@ -741,6 +747,7 @@ class SoakReport:
     dispatch_counters: dict[str, int] = field(default_factory=dict)
     mqtt_publish_failures: int = 0
     restart: dict[str, Any] = field(default_factory=dict)
+    memory_growth: list[str] = field(default_factory=list)  # with `trace_memory`
 
     def rss_growth(self, from_s: float) -> tuple[float, float, float] | None:
         """(RSS at `from_s`, at the end, growth %) from the samples, if there are any."""
@@ -820,7 +827,7 @@ class StackSoak:
             mqtt_url=self.broker.url,
             ocpp_port=free_port(),
             ocpp_bcrypt_rounds=4,
-            coalesce_window_s=1.0,
+            coalesce_window_s=min(60.0, max(0.2, self.config.coalesce_wall_s * self.config.speed)),
             max_event_ahead_s=3600.0,
             deadband_kw=0.5,
             site_capacity_kw=4.0 * self.config.chargers,
@@ -919,6 +926,25 @@ class StackSoak:
             await asyncio.sleep(0.05)
 
     async def _connect_chargers(self) -> None:
+        # Simulated time follows the wall while the fleet connects, so a charger whose
+        # handshake failed (a loaded machine) backs off and tries again.
+        done = asyncio.Event()
+        pacer = asyncio.create_task(self._lockstep(done))
+        try:
+            await self._ramp()
+        finally:
+            done.set()
+            await stop_task(pacer)
+
+    async def _lockstep(self, stop: asyncio.Event) -> None:
+        """Simulated time at the wall's pace, from now until `stop` is set."""
+        wall0, sim0 = time.perf_counter(), self.clock.now()
+        while not stop.is_set():
+            elapsed = time.perf_counter() - wall0
+            await self.clock.run_until(sim0 + timedelta(seconds=elapsed))
+            await asyncio.sleep(0.01)
+
+    async def _ramp(self) -> None:
         url = self.runtime.central.url().rstrip("/")
         rng = random.Random(self.config.seed)
         started = time.perf_counter()
@@ -943,9 +969,17 @@ class StackSoak:
             pause = started + (index + 1) / self.config.connects_per_s - time.perf_counter()
             if pause > 0:
                 await asyncio.sleep(pause)
-        async with asyncio.timeout(120.0 + self.config.chargers * 0.05):
-            for charger in self.chargers:
-                await charger.wait_online()
+        try:
+            async with asyncio.timeout(120.0 + self.config.chargers * 0.05):
+                for charger in self.chargers:
+                    await charger.wait_online()
+        except TimeoutError:
+            online = sum(1 for c in self.chargers if c.online.is_set())
+            boots = Counter(str(c.boot_status) for c in self.chargers)
+            raise RuntimeError(
+                f"only {online} of {len(self.chargers)} chargers online; boot answers {boots}, "
+                f"errors {dict(self.stats.errors)}, sent {dict(self.stats.sent)}"
+            ) from None
 
     async def _start(self, data_dir: str) -> None:
         self.redis_server.start()
@@ -1109,11 +1143,27 @@ class StackSoak:
             self.report.faults.append(record)
 
     async def _sample(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        first: tracemalloc.Snapshot | None = None
+        mark = 0.2 * self.config.wall_s
+        try:
+            await self._sample_until(stop, mark)
+            if self.config.trace_memory:
+                first = tracemalloc.take_snapshot()
+            await self._sample_until(stop, None)
+        finally:
+            if first is not None:
+                last = tracemalloc.take_snapshot()
+                top = last.compare_to(first, "lineno")[:15]
+                self.report.memory_growth = [str(stat) for stat in top]
+                tracemalloc.stop()
+
+    async def _sample_until(self, stop: asyncio.Event, until_s: float | None) -> None:
+        while not stop.is_set() and (until_s is None or self._wall() < until_s):
             self.stats.rtt_s.clear()  # the ledger keeps its own round trips, compactly
             self.report.rss_mib.append((self._wall(), rss_mib()))
+            pause = 5.0 if until_s is None else max(0.01, min(5.0, until_s - self._wall()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 5.0)
+                await asyncio.wait_for(stop.wait(), pause)
 
     async def _drain(self) -> None:
         """Wait until the controller has applied everything the chargers were answered for."""
@@ -1141,6 +1191,8 @@ class StackSoak:
                 by_charger: dict[int, list[Visit]] = defaultdict(list)
                 for visit in self.visits:
                     by_charger[visit.charger_index].append(visit)
+                if config.trace_memory:
+                    tracemalloc.start(8)
                 self._t0 = time.perf_counter()
                 del self.ledger.rtt_at[:], self.ledger.rtt_s[:]
                 background = [
@@ -1221,29 +1273,25 @@ class StackSoak:
                 await asyncio.gather(
                     *(self.chargers[i].arrive(self._car(v)) for i, v in firsts.items())
                 )
-                before_stop = self.clock.now()
-                for _ in range(30):  # the first profiles go out
-                    await self._step(before_stop)
+                for _ in range(600):  # until each transaction has had its first TxProfile
+                    if not self.ledger.awaiting_profile:
+                        break
+                    await self.clock.advance(timedelta(seconds=1))
+                    await asyncio.sleep(0.01)
                 assert self.controller is not None
                 errors_before = Counter(self.stats.errors)
                 stopped_at = self.clock.now()
                 stopped_wall = time.perf_counter()
                 self.progress(f"{len(firsts)} transactions running; restarting the controller")
-                await self.controller.stop()
                 pacer_stop = asyncio.Event()
-
-                async def lockstep() -> None:
-                    while not pacer_stop.is_set():
-                        elapsed = time.perf_counter() - stopped_wall
-                        await self.clock.run_until(stopped_at + timedelta(seconds=elapsed))
-                        await asyncio.sleep(0.01)
-
-                pacer = asyncio.create_task(lockstep())
+                pacer = asyncio.create_task(self._lockstep(pacer_stop))
+                await self.controller.stop()
                 await asyncio.sleep(self.config.restart_down_s)
                 await self.controller.start()
                 pacer_stop.set()
                 await stop_task(pacer)
                 ready_at = self.clock.now()
+                down_wall_s = time.perf_counter() - stopped_wall
                 errors_down = Counter(self.stats.errors) - errors_before
                 errors_at_ready = Counter(self.stats.errors)
                 self.progress("controller up again; stepping simulated seconds")
@@ -1264,7 +1312,7 @@ class StackSoak:
                     "chargers": len(self.chargers),
                     "transactions_running": len(firsts),
                     "down_sim_s": (ready_at - stopped_at).total_seconds(),
-                    "down_wall_s": time.perf_counter() - stopped_wall,
+                    "down_wall_s": down_wall_s,
                     "all_online_sim_s": all_online,
                     "all_resynced_sim_s": all_synced,
                     "not_resynced": sum(
