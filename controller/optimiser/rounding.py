@@ -49,8 +49,9 @@ def slivers(
     return small_charge, small_discharge
 
 
-Hints = dict[tuple[int, str, int], tuple[str, int]]
-"""(kind, vehicle, absolute slot) -> (partner vehicle, absolute slot) of a swap that worked."""
+Hints = dict[tuple[int, str, int], tuple[str, int, bool]]
+"""(kind, vehicle, absolute slot) -> (partner vehicle, absolute slot, lift) of a swap that
+worked (lift: the sliver went up to the minimum; else down to 0)."""
 
 
 def round_slivers(
@@ -73,8 +74,11 @@ def round_slivers(
     kinds = np.concatenate([np.full(len(found[0][0]), 0), np.full(len(found[1][0]), 1)])
     cars = np.concatenate([found[0][0], found[1][0]]).astype(np.int64)
     slots = np.concatenate([found[0][1], found[1][1]]).astype(np.int64)
-    moves = 0
-    for kind, i, t in zip(kinds.tolist(), cars.tolist(), slots.tolist(), strict=True):
+    done = rounding.replay(kinds, cars, slots)
+    moves = int(done.sum())
+    for kind, i, t in zip(
+        kinds[~done].tolist(), cars[~done].tolist(), slots[~done].tolist(), strict=True
+    ):
         if rounding.fix(kind, i, t):
             moves += 1
     # Every move leaves its slots at 0 or >= the minimum: only the slivers found can be left.
@@ -82,6 +86,14 @@ def round_slivers(
     for kind, i in sorted(set(zip(kinds[left].tolist(), cars[left].tolist(), strict=True))):
         moves += rounding.gather(kind, i)
     left = rounding.still(kinds, cars, slots)
+    if left.any() and done.any():
+        # The replayed swaps are first-fit choices of another plan; where they leave a sliver
+        # the fresh search would not, the fresh search wins.
+        fresh = round_slivers(prepared, charge_kw, discharge_kw, site_cap_kw=site_cap_kw)
+        if fresh[2]["rounding_left"] < left.sum():
+            if hints is not None:
+                hints.clear()  # (the fresh search's swaps are not kept: next time, search)
+            return fresh
     if hints is not None:
         hints.clear()
         hints.update(rounding.learned)
@@ -126,7 +138,75 @@ class _Rounding:
         self.minimum: list[float] = p.min_kw.tolist()
         self.v2g: list[bool] = prepared.v2g.tolist()
         self.dt_list: list[float] = p.dt_h.tolist()
-        self.grids = tuple(_Grid(self.power[k], self.upper[k], self.allowed[k]) for k in range(2))
+        self._grids: tuple[_Grid, ...] = ()
+
+    @property
+    def grids(self) -> tuple[_Grid, ...]:
+        """The search structures of charge and discharge (built on first use)."""
+        if not self._grids:
+            self._grids = tuple(
+                _Grid(self.power[k], self.upper[k], self.allowed[k]) for k in range(2)
+            )
+        return self._grids
+
+    def replay(self, kinds: IntArray, cars: IntArray, slots: IntArray) -> BoolArray:
+        """Apply the last solve's swaps for these slivers at once, where they still fit.
+
+        The same four checks as `_pair`, on arrays; a swap is applied only if none of its four
+        setpoints is touched by another swap of the batch (the rest go one by one). Cars with
+        V2G are left to the one-by-one path (their battery is checked slot by slot).
+        Returns which slivers were settled.
+        """
+        done = np.zeros(len(cars), dtype=bool)
+        if not self.hints or not len(cars):
+            return done
+        ids = self.p.problem.vehicle_ids
+        index = self.index_of()
+        first = self.first_slot
+        partner = np.full(len(cars), -1, dtype=np.int64)
+        other = np.full(len(cars), -1, dtype=np.int64)
+        lift = np.zeros(len(cars), dtype=bool)
+        for k, (kind, i, t) in enumerate(
+            zip(kinds.tolist(), cars.tolist(), slots.tolist(), strict=True)
+        ):
+            hint = self.hints.get((kind, ids[i], first + t))
+            if hint is None:
+                continue
+            found = index.get(hint[0])
+            if found is not None:
+                partner[k], other[k], lift[k] = found, hint[1] - first, hint[2]
+        t_count = len(self.dt)
+        v2g = self.p.v2g
+        usable = (partner >= 0) & (other >= 0) & (other < t_count) & (other != slots)
+        usable &= partner != cars
+        usable &= ~v2g[cars] & ~v2g[np.maximum(partner, 0)]
+        minimum = self.p.problem.min_kw
+        for kind in (0, 1):
+            sel = np.nonzero(usable & (kinds == kind))[0]
+            if not len(sel):
+                continue
+            power, upper, allowed = self.power[kind], self.upper[kind], self.allowed[kind]
+            i, j, t, u = cars[sel], partner[sel], slots[sel], other[sel]
+            change = np.where(lift[sel], minimum[i] - power[i, t], -power[i, t])
+            back = change * self.dt[t] / self.dt[u]
+            cells = ((i, t, change), (i, u, -back), (j, t, -change), (j, u, back))
+            new = [power[c, s] + d for c, s, d in cells]
+            ok = np.ones(len(sel), dtype=bool)
+            for (c, s, _), value in zip(cells, new, strict=True):
+                ok &= _valid(value, minimum[c], upper[c, s], allowed[c, s])
+            flat = np.concatenate([c * t_count + s for c, s, _ in cells])
+            taken = np.concatenate([ok] * 4)
+            _, where, counts = np.unique(flat[taken], return_inverse=True, return_counts=True)
+            alone = np.ones(len(flat), dtype=bool)
+            alone[np.nonzero(taken)[0]] = counts[where] == 1
+            ok &= alone.reshape(4, -1).all(axis=0)
+            for (c, s, _), value in zip(cells, new, strict=True):
+                power[c[ok], s[ok]] = np.where(np.abs(value[ok]) <= _TOL, 0.0, value[ok])
+            done[sel[ok]] = True
+            for k in np.nonzero(ok)[0].tolist():
+                key = (kind, ids[int(i[k])], first + int(t[k]))
+                self.learned[key] = (ids[int(j[k])], first + int(u[k]), bool(lift[sel[k]]))
+        return done
 
     def still(self, kinds: IntArray, cars: IntArray, slots: IntArray) -> BoolArray:
         """Which of these (kind, car, slot) cells are slivers now."""
@@ -212,7 +292,7 @@ class _Rounding:
                 return False
         if not self._exchange(kind, i, j, t, u, change_kw, back):
             return False
-        self._remember(kind, i, j, t, u)
+        self._remember(kind, i, j, t, u, change_kw > 0.0)
         return True
 
     def _hint(self, kind: int, i: int, t: int) -> tuple[int, int] | None:
@@ -229,9 +309,10 @@ class _Rounding:
             return None
         return j, u
 
-    def _remember(self, kind: int, i: int, j: int, t: int, u: int) -> None:
+    def _remember(self, kind: int, i: int, j: int, t: int, u: int, lift: bool) -> None:
         ids = self.p.problem.vehicle_ids
-        self.learned[(kind, ids[i], self.first_slot + t)] = (ids[j], self.first_slot + u)
+        key = (kind, ids[i], self.first_slot + t)
+        self.learned[key] = (ids[j], self.first_slot + u, lift)
 
     def index_of(self) -> dict[str, int]:
         """Row of each vehicle id (built on first use)."""
