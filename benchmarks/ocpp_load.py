@@ -1,6 +1,12 @@
 """OCPP load: N simulated charge points against one central system, MeterValues every few seconds.
 
     .venv/bin/python benchmarks/ocpp_load.py --chargers 1000 --duration 60 --meter-interval 10
+    .venv/bin/python benchmarks/ocpp_load.py --interleavings 10000
+
+`--interleavings N` runs instead the S-05 property (never two CALLs in flight to one charger; a
+charger CALL during ours served at once) over N randomised interleavings, the catalogue's figure
+(`make test` runs 100 of them): `tests/ocpp/test_one_call_in_flight.py` with
+`VOLTPOOL_S05_EXAMPLES=N`, and prints what it reached.
 
 The central system (with its frame checker, transaction book, lease dispatcher and an event sink
 that appends every event to a Redis stream, as the service's store does) runs in its own
@@ -311,6 +317,38 @@ def print_report(result: dict[str, Any]) -> None:
     print("\n".join(f"{name:<30}{value}" for name, value in rows))
 
 
+def interleavings(count: int) -> None:
+    """The S-05 property test over `count` interleavings; prints its counts and wall time."""
+    root = Path(__file__).resolve().parents[1]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/ocpp/test_one_call_in_flight.py::"
+            "test_never_two_calls_in_flight_and_a_charger_call_is_served_at_once",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=root,
+        env={**os.environ, "VOLTPOOL_S05_EXAMPLES": str(count)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("S-05") or "passed" in ln]
+    print(f"S-05 property, {count} interleavings requested, {wall:.0f} s wall:")
+    for line in lines or done.stdout.splitlines()[-20:]:
+        print(f"  {line}")
+    if done.returncode != 0:
+        print(done.stdout[-4000:])
+        raise SystemExit(done.returncode)
+
+
 def main() -> None:
     """Parse arguments; run the server role or the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -320,6 +358,9 @@ def main() -> None:
     parser.add_argument("--connects-per-s", type=float, default=200.0)
     parser.add_argument("--bcrypt-rounds", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument(
+        "--interleavings", type=int, default=0, help="run the S-05 property this many times"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-socket", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
@@ -327,6 +368,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve(args))
+        return
+    if args.interleavings:
+        interleavings(args.interleavings)
         return
     result = asyncio.run(drive(args))
     print_report(result)

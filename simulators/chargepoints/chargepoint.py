@@ -224,6 +224,11 @@ class SimChargePoint:
         self.refused_status: int | None = None  # HTTP status of a refused handshake
         self.backing_off = False  # waiting (on the clock) before the next connection attempt
         self.ledger: list[dict[str, Any]] = []  # transactions as this charger saw them
+        # RELIABILITY S-05, as the charger sees it: CALLs from the central system received and
+        # not yet answered, now and at most; and its own CALLs made while one was.
+        self.cs_calls_in_flight = 0
+        self.max_cs_calls_in_flight = 0
+        self.calls_during_cs_call = 0
         self._t = clock.now()
         self._wire: _Wire | None = None
         self._ws: ClientConnection | None = None
@@ -275,6 +280,7 @@ class SimChargePoint:
     async def _session(self, ws: ClientConnection) -> None:
         wire = _Wire(self.spec.charger_id, ws, self)
         self._ws = ws
+        self.cs_calls_in_flight = 0  # what was in flight went with the old connection
         reader = asyncio.ensure_future(wire.start())
         loops: list[asyncio.Task[None]] = []
         self.stats.connects += 1
@@ -332,6 +338,8 @@ class SimChargePoint:
             raise NotOnline(f"{self.spec.charger_id} is not connected")
         action = type(payload).__name__
         self.stats.sent[action] += 1
+        if self.cs_calls_in_flight:
+            self.calls_during_cs_call += 1
         started = time.perf_counter()
         result = await wire.call(payload, suppress=False, skip_schema_validation=not self.validate)
         self.stats.rtt_s.append(time.perf_counter() - started)
@@ -765,6 +773,11 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
             while True:
                 message = await self._connection.recv()
                 if isinstance(message, str) and message.lstrip().startswith("[2"):
+                    sim = self.sim
+                    sim.cs_calls_in_flight += 1
+                    sim.max_cs_calls_in_flight = max(
+                        sim.max_cs_calls_in_flight, sim.cs_calls_in_flight
+                    )
                     task = asyncio.ensure_future(self.route_message(message))
                     handling.add(task)
                     task.add_done_callback(handling.discard)
@@ -773,6 +786,12 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         finally:
             for task in list(handling):
                 task.cancel()
+
+    async def _send(self, message: str) -> None:
+        """Send a frame; an answer (CALLRESULT or CALLERROR) ends a central system's CALL."""
+        if message.lstrip().startswith(("[3", "[4")):
+            self.sim.cs_calls_in_flight = max(0, self.sim.cs_calls_in_flight - 1)
+        await super()._send(message)
 
     async def _run_after(self) -> None:
         jobs, self._after = self._after, []
