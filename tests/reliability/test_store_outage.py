@@ -9,17 +9,24 @@ nothing that it acknowledged.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from websockets.asyncio.client import ClientConnection, connect
 
 from adapters.embedded import RedisEndpoint
+from adapters.ocpp.central import CentralSystem
+from adapters.ocpp.config import OcppConfig
 from adapters.redis_store import LogPolicy, RedisFleetStore
 from controller.clock import SimClock
 from controller.errors import StoreUnavailable
@@ -37,6 +44,7 @@ TIMEOUT_S = 20.0
 CARS = 3
 FIRST_SLOT_KW = 12.0  # head-room of the current slot: the cars (3 x 11 kW) are held to this
 LATER_KW = 90.0  # head-room of every later slot: room for all of them
+BOOT = {"chargePointVendor": "acme", "chargePointModel": "wallbox"}
 
 
 @dataclass
@@ -205,3 +213,64 @@ async def test_maxmemory_with_noeviction_surfaces_write_errors_and_loses_nothing
         assert run.service.state.vehicles["ev-2"].soc == pytest.approx(0.66)
         assert run.service.counters["events_applied"] == applied + 1
         assert await run.client.xlen("vp:{depot}:events") == applied + 1
+
+
+async def test_a_start_during_the_outage_gets_internal_error_and_its_retry_lands_once(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    """R-07 with T-06 through a real central system: a StartTransaction that arrives while
+    Redis is stopped gets CALLERROR InternalError (never a CALLRESULT without a record); the
+    same start re-sent after Redis is back gets a transaction id, and the fleet state, reloaded
+    from Redis, has exactly that one transaction."""
+    async with _running(tmp_path, clock) as run:
+        await _site(run)
+        central = CentralSystem(
+            redis=run.client,
+            site="depot",
+            sink=run.service,
+            clock=clock,
+            config=OcppConfig(bcrypt_rounds=4, call_timeout_s=5.0),
+            chargers=lambda charger_id: run.service.state.chargers.get(charger_id),
+            vehicle_for_tag=lambda tag: tag if tag in run.service.state.vehicles else None,
+        )
+        password = secrets.token_hex(16)
+        await central.credentials.set_password("cp-1", password)
+        await central.start()
+        token = base64.b64encode(f"cp-1:{password}".encode()).decode()
+        start = {
+            "connectorId": 1,
+            "idTag": "ev-1",
+            "meterStart": 1000,
+            "timestamp": clock.now().isoformat(),
+        }
+        try:
+            async with connect(
+                central.url("cp-1"),
+                subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                additional_headers={"Authorization": f"Basic {token}"},
+            ) as ws:
+                boot = await _ask(ws, [2, "b1", "BootNotification", BOOT])
+                assert boot[2]["status"] == "Accepted"
+                run.server.stop()
+                failed = await _ask(ws, [2, "s1", "StartTransaction", start])
+                run.server.start()
+                # The charger retries at once (the service itself may not have noticed).
+                answered = await _ask(ws, [2, "s2", "StartTransaction", start])
+        finally:
+            await central.stop()
+        assert failed[0] == 4
+        assert failed[2] == "InternalError"
+        assert answered[0] == 3
+        transaction_id = answered[2]["transactionId"]
+        async with asyncio.timeout(TIMEOUT_S):
+            await run.service.applied()
+        stored = await RedisFleetStore(run.client, "depot").load()
+        assert [t.transaction_id for t in stored.transactions.values()] == [transaction_id]
+        assert len(run.service.state.transactions) == 1
+
+
+async def _ask(ws: ClientConnection, message: list[object]) -> list[Any]:
+    await ws.send(json.dumps(message))
+    async with asyncio.timeout(TIMEOUT_S):
+        answer: list[Any] = json.loads(await ws.recv())
+    return answer
