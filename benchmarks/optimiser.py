@@ -182,7 +182,7 @@ def _ratio(a: Timing, b: Timing) -> float:
 
 
 def _ms(seconds: float) -> str:
-    return "-" if np.isnan(seconds) else f"{seconds * 1e3:10.1f}"
+    return f"{'-':>10}" if np.isnan(seconds) else f"{seconds * 1e3:10.1f}"
 
 
 def _row(t: Timing) -> str:

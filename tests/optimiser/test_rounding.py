@@ -154,7 +154,7 @@ def test_a_sliver_without_any_free_move_is_left_and_counted() -> None:
     assert info == {"rounding_moves": 0.0, "rounding_left": 1.0}
 
 
-LP_ONLY = OptimiserOptions(min_rate_repair=False)
+LP_ONLY = OptimiserOptions(min_rate_repair=False, time_limit_s=60.0)  # answers, not latency
 
 
 @settings(
@@ -243,7 +243,7 @@ def test_the_budget_covers_the_whole_solve_and_skips_the_second_stage_first() ->
     """Growing budgets: first no plan at all (the money stage does not fit), then the money
     plan with the second stage skipped and reported, then the peak stage's plan without the
     ramps, then the full plan; never the reverse."""
-    full = FastSolver().solve(_day())
+    full = FastSolver().solve(_day(), OptimiserOptions(time_limit_s=60.0))
     outcomes = [_outcome(budget + 0.5) for budget in range(12)]
     kinds = [_kind(s) for s in outcomes]
     assert kinds == sorted(kinds, key=KINDS.index), kinds
