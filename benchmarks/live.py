@@ -10,26 +10,44 @@ loopback WebSockets):
 2. *Through the protocols*: `simulators.scenario.run_day` with the seed's fleet on simulated
    chargers for a few simulated hours. Prints event -> plan latency, and per step the wall time
    from the step's events to the last SetChargingProfile answered (event -> profile sent).
+3. *Dispatch churn*: the lease dispatcher alone (a real central system, Redis, the seed's 278
+   cars on simulated chargers over loopback WebSockets, simulated clock) for a simulated day,
+   re-planned every 5 minutes by the proportional-share planner from the cars' metered energy.
+   Prints SetChargingProfile sent per charger-day, `wanted()` builds per plan and CPU per plan,
+   for the dispatcher as it was before (loaded from git, `--before-rev`), the current code with
+   the old policies (`refresh="always"`, `wake_all_on_plan=True`) and the current code; ratios
+   against the first, all in the same run.
 
-    .venv/bin/python benchmarks/live.py [--events 5000] [--hours 3] [--cars 278]
+    .venv/bin/python benchmarks/live.py [--part all|throughput|protocols|churn]
+        [--events 5000] [--hours 3] [--cars 278] [--churn-hours 24]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from adapters.datasets.fleet import load_seed_fleet
 from adapters.embedded import redis_endpoint
+from adapters.ocpp.aio import stop_task
+from adapters.ocpp.central import CentralSystem
+from adapters.ocpp.config import LeaseConfig, OcppConfig
+from adapters.ocpp.dispatcher import LeaseDispatcher
 from adapters.redis_store import RedisFleetStore
-from controller.clock import WallClock
-from controller.domain import ChargePoint, Connector, Site
+from controller.clock import SimClock, WallClock
+from controller.domain import ChargePoint, Connector, Series, Site, Vehicle, slot_floor
 from controller.events import (
     ChargerRegistered,
     Event,
@@ -46,6 +64,9 @@ from controller.planning.planner import SolveFn, StatePlanner
 from controller.planning.share import share_by_need
 from controller.service import ControllerService
 from controller.settings import Settings
+from controller.state import FleetState
+from simulators.chargepoints.car import SimCar
+from simulators.chargepoints.chargepoint import ChargerSpec, SimChargePoint
 from simulators.scenario import CarDay, DayInputs, run_day
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,18 +223,331 @@ async def through_protocols(cars: int, hours: float) -> None:
     print(f"  step events -> last profile answered: {_percentiles(result.step_latency_s)}")
 
 
+# -- 3. dispatch churn ------------------------------------------------------------------------
+
+BEFORE_REV = "3367e5b"  # the dispatcher before plan diffing and lapsing leases
+CHURN_SECRET = "churn-benchmark-password"  # pragma: allowlist secret (loopback, test only)
+# The dispatcher's synchronous methods whose CPU is counted (outermost call only).
+TIMED = ("publish", "wanted", "_due", "_order", "_next_wake", "_change", "_lease_ending", "_basis")
+
+
+def dispatcher_before(rev: str) -> type[LeaseDispatcher] | None:
+    """`LeaseDispatcher` as it was at git revision `rev` (None without git or that revision)."""
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:adapters/ocpp/dispatcher.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType("dispatcher_before")
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"dispatcher@{rev}", "exec"), module.__dict__)  # nosec B102
+    cls: type[LeaseDispatcher] = module.LeaseDispatcher
+    return cls
+
+
+class CpuMeter:
+    """Adds up the process CPU time spent in a dispatcher's synchronous methods (the outermost
+    call only: `publish` calls `wanted`). `publish` is a coroutine without an await inside, so
+    nothing else runs while it is timed."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.cpu_s = 0.0
+        self._depth = 0
+        for name in TIMED:
+            method = getattr(dispatcher, name, None)
+            if method is not None:
+                setattr(dispatcher, name, self._wrap(method))
+
+    def _wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        meter = self
+        if asyncio.iscoroutinefunction(method):
+
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                meter._depth += 1
+                started = time.process_time()
+                try:
+                    return await method(*args, **kwargs)
+                finally:
+                    meter._depth -= 1
+                    if meter._depth == 0:
+                        meter.cpu_s += time.process_time() - started
+
+            return timed_async
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            meter._depth += 1
+            started = time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                meter._depth -= 1
+                if meter._depth == 0:
+                    meter.cpu_s += time.process_time() - started
+
+        return timed
+
+
+@dataclass
+class ChurnFigures:
+    """What one simulated dispatch day cost."""
+
+    label: str
+    chargers: int
+    hours: float
+    plans: int
+    profiles_sent: int
+    tx_profiles: int
+    wanted_calls: int
+    dispatch_cpu_s: float
+    process_cpu_s: float
+    wall_s: float
+
+    @property
+    def per_charger_day(self) -> float:
+        """SetChargingProfile sent per charger and simulated day."""
+        return self.profiles_sent / self.chargers / (self.hours / 24.0)
+
+
+DispatcherFactory = Callable[[CentralSystem, SimClock, Callable[[], FleetState]], LeaseDispatcher]
+
+
+async def churn_day(
+    cars: int, hours: float, label: str, make: DispatcherFactory, replan_min: int = 5
+) -> ChurnFigures:
+    """The seed day's cars on simulated chargers, dispatched by `make(...)` for `hours`."""
+    inputs = seed_day(cars, hours)
+    clock = SimClock(inputs.start)
+    kw = inputs.charger_kw
+    phases = 1 if kw <= 7.4 else 3
+    site = Site(
+        site_id="bench",
+        capacity_kw=inputs.site_capacity_kw,
+        safe_limit_kw=min(inputs.site_capacity_kw, float(np.min(inputs.headroom_forecast_kw))),
+    )
+    ids = [f"CP-{k + 1:04d}" for k in range(len(inputs.cars))]
+    chargers = {
+        cid: ChargePoint(
+            charger_id=cid,
+            max_power_kw=kw,
+            phases=phases,
+            connectors=(Connector(connector_id=1, max_power_kw=kw),),
+        )
+        for cid in ids
+    }
+    state = FleetState(site=site, chargers=chargers)
+    planner = StatePlanner(solve=share_by_need)
+    wanted_calls = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        async with redis_endpoint(None, Path(tmp)) as endpoint:
+            redis = endpoint.client()
+            central = CentralSystem(
+                redis=redis,
+                site="bench",
+                sink=_EventSink(),
+                clock=clock,
+                config=OcppConfig(bcrypt_rounds=4, heartbeat_interval_s=86_400),
+                chargers=chargers.get,
+                vehicle_for_tag=lambda tag: None,
+            )
+            for cid in ids:
+                await central.credentials.set_password(cid, CHURN_SECRET)
+            await central.start()
+            dispatcher = make(central, clock, lambda: state)
+            meter = CpuMeter(dispatcher)
+            original_wanted = dispatcher.wanted
+
+            def counting_wanted(*args: Any) -> Any:
+                nonlocal wanted_calls
+                wanted_calls += 1
+                return original_wanted(*args)
+
+            dispatcher.wanted = counting_wanted  # type: ignore[method-assign,assignment]
+            sims = [
+                SimChargePoint(
+                    ChargerSpec(
+                        charger_id=cid, max_power_kw=kw, phases=phases, meter_interval_s=86_400
+                    ),
+                    clock,
+                )
+                for cid in ids
+            ]
+            tasks = [asyncio.ensure_future(sim.run(central.url(), CHURN_SECRET)) for sim in sims]
+            try:
+                async with asyncio.timeout(120):
+                    for sim in sims:
+                        await sim.wait_online()
+                for cid in ids:
+                    await dispatcher.settled(cid)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                meter.cpu_s = 0.0
+                wanted_calls = 0
+                sent0 = dispatcher.counters["profiles_sent"]
+                tx0 = sum(r.purpose == "TxProfile" for sim in sims for r in sim.received)
+                plans = 0
+                end = inputs.start + timedelta(hours=hours)
+                minute = 0
+                while clock.now() < end:
+                    now = clock.now()
+                    for k, car in enumerate(inputs.cars):
+                        sim = sims[k]
+                        here = sim.connector(1).car is not None
+                        if not here and car.arrival <= now < car.departure:
+                            await sim.plug_in(
+                                1,
+                                SimCar(
+                                    vehicle_id=car.vehicle_id,
+                                    id_tag=f"TAG-{k}",
+                                    capacity_kwh=car.capacity_kwh,
+                                    energy_kwh=car.arrival_soc * car.capacity_kwh,
+                                    max_charge_kw=car.max_charge_kw,
+                                ),
+                            )
+                        elif here and car.departure <= now:
+                            await sim.unplug(1)
+                    if minute % replan_min == 0:
+                        state = _fleet_at(state, inputs, sims, now)
+                        await dispatcher.publish(planner(state, now), state)
+                        plans += 1
+                    await clock.advance(timedelta(minutes=1))
+                    minute += 1
+                    for cid in ids:
+                        await dispatcher.settled(cid)
+                cpu = time.process_time() - cpu0
+                wall = time.perf_counter() - wall0
+            finally:
+                for task in tasks:
+                    await stop_task(task)
+                await dispatcher.close()
+                await central.stop()
+                await redis.aclose()
+    return ChurnFigures(
+        label=label,
+        chargers=len(ids),
+        hours=hours,
+        plans=plans,
+        profiles_sent=dispatcher.counters["profiles_sent"] - sent0,
+        tx_profiles=sum(r.purpose == "TxProfile" for sim in sims for r in sim.received) - tx0,
+        wanted_calls=wanted_calls,
+        dispatch_cpu_s=meter.cpu_s,
+        process_cpu_s=cpu,
+        wall_s=wall,
+    )
+
+
+class _EventSink:
+    async def submit(self, event: Event) -> None:
+        return None
+
+
+def _fleet_at(
+    state: FleetState, inputs: DayInputs, sims: list[SimChargePoint], now: datetime
+) -> FleetState:
+    """The fleet as the planner sees it at `now`: plugged-in cars with their metered energy,
+    fresh head-room and prices from the day's inputs."""
+    vehicles: dict[str, Vehicle] = {}
+    for k, car in enumerate(inputs.cars):
+        connector = sims[k].connector(1)
+        plugged = connector.car is not None and connector.transaction_id is not None
+        energy = connector.car.energy_kwh if connector.car is not None else car.arrival_soc
+        vehicles[car.vehicle_id] = Vehicle(
+            vehicle_id=car.vehicle_id,
+            model=car.model,
+            capacity_kwh=car.capacity_kwh,
+            energy_kwh=min(car.capacity_kwh, energy if plugged else car.capacity_kwh / 2),
+            energy_at=now,
+            max_charge_kw=car.max_charge_kw,
+            departure=car.departure,
+            target_kwh=car.target_soc * car.capacity_kwh,
+            charger_id=sims[k].spec.charger_id if plugged else None,
+            connector_id=1 if plugged else None,
+            plugged_at=car.arrival if plugged else None,
+        )
+    first = inputs.slot_of(now)
+    start = slot_floor(now)
+    return FleetState(
+        site=state.site,
+        chargers=state.chargers,
+        vehicles=vehicles,
+        prices=Series(
+            start=start,
+            values=tuple(float(p) for p in inputs.price_eur_per_kwh[first:]),
+            received_at=now,
+        ),
+        headroom=Series(
+            start=start,
+            values=tuple(float(h) for h in inputs.headroom_forecast_kw[first:]),
+            received_at=now,
+        ),
+    )
+
+
+def churn(cars: int, hours: float, before_rev: str) -> None:
+    """Before/after figures of the dispatch churn, in one run."""
+    runs: list[tuple[str, DispatcherFactory]] = []
+    before = dispatcher_before(before_rev)
+    if before is not None:
+        runs.append(
+            (
+                f"dispatcher @ {before_rev}",
+                lambda c, k, st: before(c, k, LeaseConfig(), state=st),
+            )
+        )
+    else:
+        print(f"  (revision {before_rev} not available: no 'before' row)")
+    old_policy = LeaseConfig(refresh="always", wake_all_on_plan=True)
+    runs.append(
+        ("current, old policies", lambda c, k, st: LeaseDispatcher(c, k, old_policy, state=st))
+    )
+    runs.append(("current", lambda c, k, st: LeaseDispatcher(c, k, LeaseConfig(), state=st)))
+    figures = [asyncio.run(churn_day(cars, hours, label, make)) for label, make in runs]
+    base = figures[0]
+    print(
+        f"  {'':<24} {'sent/charger-day':>16} {'TxProfiles':>10} {'plans':>6} "
+        f"{'wanted/plan':>11} {'disp CPU/plan':>13} {'proc CPU/plan':>13} {'wall':>7}"
+    )
+    for f in figures:
+        print(
+            f"  {f.label:<24} {f.per_charger_day:16.1f} {f.tx_profiles:10d} {f.plans:6d} "
+            f"{f.wanted_calls / f.plans:11.1f} {1000 * f.dispatch_cpu_s / f.plans:10.2f} ms "
+            f"{1000 * f.process_cpu_s / f.plans:10.1f} ms {f.wall_s:6.0f}s"
+        )
+    for f in figures[1:]:
+        print(
+            f"  {f.label:<24} vs {base.label}: profiles x{f.profiles_sent / base.profiles_sent:.3f}"
+            f", dispatcher CPU x{f.dispatch_cpu_s / base.dispatch_cpu_s:.3f}, process CPU "
+            f"x{f.process_cpu_s / base.process_cpu_s:.3f}"
+        )
+
+
 def main() -> None:
-    """Run both measurements and print the figures."""
+    """Run the measurements asked for and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--part", choices=("all", "throughput", "protocols", "churn"), default="all"
+    )
     parser.add_argument("--cars", type=int, default=278)
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--hours", type=float, default=3.0)
+    parser.add_argument("--churn-hours", type=float, default=24.0)
+    parser.add_argument("--before-rev", default=BEFORE_REV)
     args = parser.parse_args()
-    print(f"Throughput, service alone, {args.cars} cars plugged in:")
-    asyncio.run(throughput(args.cars, args.events, share_by_need, "proportional share"))
-    asyncio.run(throughput(args.cars, args.events, solve, "optimiser (fast path)"))
-    print("Through the protocols:")
-    asyncio.run(through_protocols(args.cars, args.hours))
+    if args.part in ("all", "throughput"):
+        print(f"Throughput, service alone, {args.cars} cars plugged in:")
+        asyncio.run(throughput(args.cars, args.events, share_by_need, "proportional share"))
+        asyncio.run(throughput(args.cars, args.events, solve, "optimiser (fast path)"))
+    if args.part in ("all", "protocols"):
+        print("Through the protocols:")
+        asyncio.run(through_protocols(args.cars, args.hours))
+    if args.part in ("all", "churn"):
+        print(
+            f"Dispatch churn, {args.cars} chargers, {args.churn_hours:.0f} simulated h, a plan "
+            f"every 5 min (CPU: process time on a shared machine, compare ratios):"
+        )
+        churn(args.cars, args.churn_hours, args.before_rev)
 
 
 if __name__ == "__main__":
