@@ -131,8 +131,13 @@ class LeaseConfig:
     # False: a plan wakes only the chargers whose inputs it changed (setpoints from now on,
     # running transactions, safe share, budget); True: every charger (for comparison).
     wake_all_on_plan: bool = False
+    # A connector switched off is not switched on again within this time (reductions are never
+    # held): RELIABILITY A7 "too many switches", evcc's guard duration. 0: no guard.
+    guard_time_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.guard_time_s <= 3600.0:
+            raise InvalidEvent(f"guard time {self.guard_time_s} s outside 0..3600")
         if self.refresh not in ("when_needed", "always"):
             raise InvalidEvent(f"lease refresh {self.refresh!r}: when_needed or always")
         if not 60 <= self.lease_window_s <= 86_400:

@@ -55,12 +55,14 @@ from adapters.ocpp.config import LeaseConfig
 from adapters.ocpp.errors import CallFailed, CallTimedOut, ChargerUnreachable
 from adapters.ocpp.profiles import (
     OutgoingProfile,
+    apply_guard,
     band_in_unit,
     circuits_kw,
     default_profile,
     differs,
     from_limit,
     in_form,
+    last_off_edge,
     max_profile,
     safe_share_per_connector_kw,
     tx_profile,
@@ -169,6 +171,7 @@ class _Link:
     capabilities: Capabilities | None = None
     exhausted: set[str] = field(default_factory=set)
     max_given_up: bool = False
+    off_at: dict[str, datetime] = field(default_factory=dict)  # last switch off, per tx slot
 
 
 class LeaseDispatcher:
@@ -401,6 +404,24 @@ class LeaseDispatcher:
             self._factor_key = key
         return self.budget_factor
 
+    def _offs(self, charger_id: ChargerId, now: datetime) -> dict[int, datetime]:
+        """Per connector, the last time its installed lease switched it off (for the guard
+        time), if within the guard time of `now`."""
+        link = self._links.get(charger_id)
+        if link is None or self.config.guard_time_s <= 0:
+            return {}
+        guard = timedelta(seconds=self.config.guard_time_s)
+        out: dict[int, datetime] = {}
+        for slot in {*link.off_at, *link.sent}:
+            if not slot.startswith("tx:"):
+                continue
+            sent = link.sent.get(slot)
+            edges = [link.off_at.get(slot), last_off_edge(sent, now) if sent else None]
+            known = [e for e in edges if e is not None and now - e < guard]
+            if known:
+                out[int(slot[3:])] = max(known)
+        return out
+
     def _basis(self, charger_id: ChargerId, now: datetime) -> _Basis:
         state = self.state
         charger = state.chargers.get(charger_id)
@@ -426,7 +447,8 @@ class LeaseDispatcher:
             return None
         plan = basis.plan
         second = now.replace(microsecond=0)
-        key = (charger, basis.safe_kw, basis.running, basis.factor, basis.epoch, second)
+        offs = self._offs(charger_id, now)
+        key = (charger, basis.safe_kw, basis.running, basis.factor, basis.epoch, second, offs)
         cached = self._wanted.get(charger_id)
         if cached is not None and cached[0] is plan and cached[1] == key:
             return list(cached[2])
@@ -451,11 +473,14 @@ class LeaseDispatcher:
                 setpoint = replace(
                     setpoint, kw=tuple(kw * factor if kw > 0.0 else kw for kw in setpoint.kw)
                 )
-            profiles.append(
-                tx_profile(
-                    charger, connector_id, transaction_id, setpoint, plan, safe_kw, now, self.config
-                )
+            lease = tx_profile(
+                charger, connector_id, transaction_id, setpoint, plan, safe_kw, now, self.config
             )
+            off_at = offs.get(connector_id)
+            guarded = apply_guard(lease, off_at, self.config.guard_time_s, self.config.max_periods)
+            if guarded != lease:
+                self.counters["switches_held"] += 1
+            profiles.append(guarded)
         self._wanted[charger_id] = (plan, key, profiles)
         return list(profiles)
 
@@ -720,6 +745,7 @@ class LeaseDispatcher:
             link.lapsed.discard(slot)
             link.recheck_at.pop(slot, None)
             link.rung.pop(slot, None)
+            link.off_at.pop(slot, None)
             self._settle_exhausted(link, slot, refused=False)
             if old is not None and old.purpose == "TxDefaultProfile" and slot != "default":
                 await self._clear(link.charger_id, old)
@@ -808,6 +834,7 @@ class LeaseDispatcher:
         else:
             if status == "Accepted":
                 self.counters["profiles_accepted"] += 1
+                self._note_switch(link, profile)
                 link.sent[profile.slot] = profile
                 link.failures.pop(profile.slot, None)
                 link.retry_at.pop(profile.slot, None)
@@ -840,6 +867,22 @@ class LeaseDispatcher:
             failures,
             delay,
         )
+
+    def _note_switch(self, link: _Link, profile: OutgoingProfile) -> None:
+        """Before `profile` replaces the slot's lease: remember when the connector was last
+        switched off (inside the old lease, or by this one now), for the guard time."""
+        if not profile.slot.startswith("tx:"):
+            return
+        now = self.clock.now()
+        old = link.sent.get(profile.slot)
+        edges = [link.off_at.get(profile.slot)]
+        if old is not None:
+            edges.append(last_off_edge(old, now))
+            if old.limit_at(now) != 0.0 and profile.limit_at(now) == 0.0:
+                edges.append(now)
+        known = [e for e in edges if e is not None]
+        if known:
+            link.off_at[profile.slot] = max(known)
 
     async def _remember(
         self, charger_id: ChargerId, slot: str, profile: OutgoingProfile | None

@@ -391,3 +391,85 @@ def in_form(
         discharge=discharge,
         transaction_id=profile.transaction_id if purpose == "TxProfile" else None,
     )
+
+
+def last_off_edge(profile: OutgoingProfile, until: datetime) -> datetime | None:
+    """The last time at or before `until` at which the profile switches its connector off (a
+    period with limit 0 after one without), None if it does not."""
+    edge = None
+    for k in range(1, len(profile.limits)):
+        at = profile.start + timedelta(seconds=profile.offsets_s[k])
+        if at > until:
+            break
+        before = profile.limits[k - 1] != 0.0 or profile.discharge_at(at - timedelta(seconds=1))
+        if before and profile.limits[k] == 0.0 and not profile.discharge_at(at):
+            edge = at
+    return edge
+
+
+def apply_guard(
+    profile: OutgoingProfile, off_at: datetime | None, guard_s: float, max_periods: int
+) -> OutgoingProfile:
+    """The profile with every switch on held until `guard_s` after the switch off before it
+    (`off_at`, or one inside the profile): a connector is switched at most once each way per
+    guard time (RELIABILITY A7, evcc's guard duration). Only limits go down (to 0), so the lease
+    and its fallback stay as safe; cut to `max_periods`, the last period is at most the
+    profile's own last (its fallback)."""
+    if guard_s <= 0:
+        return profile
+    guard = timedelta(seconds=guard_s)
+    offsets: list[int] = []
+    limits: list[float] = []
+    discharge: list[float] = []
+    last_off = off_at
+    was_on = off_at is None
+    for k, offset in enumerate(profile.offsets_s):
+        at = profile.start + timedelta(seconds=offset)
+        limit = profile.limits[k]
+        out = profile.discharge[k] if profile.discharge is not None else 0.0
+        on = limit != 0.0 or out != 0.0
+        if not on and was_on and k > 0:
+            last_off = at
+        held_until = last_off + guard if last_off is not None else None
+        if on and held_until is not None and at < held_until:
+            # Off until the guard time is over, then what the profile says.
+            offsets.append(offset)
+            limits.append(0.0)
+            discharge.append(0.0)
+            end = profile.offsets_s[k + 1] if k + 1 < len(profile.offsets_s) else None
+            release = int((held_until - profile.start).total_seconds() + 0.999)
+            if end is None or release < end:
+                offsets.append(release)
+                limits.append(limit)
+                discharge.append(out)
+                was_on = True
+            else:
+                was_on = False
+            continue
+        offsets.append(offset)
+        limits.append(limit)
+        discharge.append(out)
+        was_on = on
+    # Merge equal neighbours the holding made.
+    merged_o, merged_l, merged_d = [offsets[0]], [limits[0]], [discharge[0]]
+    for o, lim, d in zip(offsets[1:], limits[1:], discharge[1:], strict=True):
+        if o == merged_o[-1]:
+            merged_l[-1], merged_d[-1] = lim, d
+        elif lim != merged_l[-1] or d != merged_d[-1]:
+            merged_o.append(o)
+            merged_l.append(lim)
+            merged_d.append(d)
+    if len(merged_l) > max_periods:
+        merged_o, merged_l, merged_d = (
+            merged_o[:max_periods],
+            merged_l[:max_periods],
+            merged_d[:max_periods],
+        )
+        merged_l[-1] = min(merged_l[-1], profile.limits[-1], key=abs)
+        merged_d[-1] = 0.0
+    return replace(
+        profile,
+        offsets_s=tuple(merged_o),
+        limits=tuple(merged_l),
+        discharge=tuple(merged_d) if profile.discharge is not None else None,
+    )

@@ -57,11 +57,12 @@ async def rig(
     *chargers: Any,
     safe_limit_kw: float = 40.0,
     config: OcppConfig | None = None,
+    lease: LeaseConfig | None = None,
 ) -> AsyncIterator[Rig]:
     """A central system with its dispatcher for these chargers (safe limit 40 kW)."""
     state = fleet(list(chargers), safe_limit_kw=safe_limit_kw)
     async with running_central(redis, clock, state, config=config) as harness:
-        dispatcher = LeaseDispatcher(harness.central, clock, LeaseConfig())
+        dispatcher = LeaseDispatcher(harness.central, clock, lease or LeaseConfig())
         await dispatcher.publish(plan_for(clock.now(), {}), state)
         try:
             yield Rig(harness, dispatcher, state)

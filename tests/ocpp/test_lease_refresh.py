@@ -14,6 +14,7 @@ from datetime import timedelta
 import pytest
 from redis.asyncio import Redis
 
+from adapters.ocpp.config import LeaseConfig
 from adapters.ocpp.profiles import to_limit
 from controller.clock import SimClock
 from controller.domain import SLOT
@@ -109,30 +110,35 @@ async def test_a_plan_wakes_only_the_chargers_it_changed(redis: Redis, clock: Si
         assert [tx_count(s) for s in sims] == [3, 2, 2]
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("seed", "guard_s"), [(1, 0.0), (2, 0.0), (3, 300.0), (4, 300.0)])
 async def test_under_random_plans_the_charger_follows_the_plan_and_is_always_leased(
-    redis: Redis, clock: SimClock, seed: int
+    redis: Redis, clock: SimClock, seed: int, guard_s: float
 ) -> None:
-    """Six simulated hours, a plan every 1-45 min (values around a 6 kW safe share; half of
-    them new, half the same course made again). After every minute, on the charger's own
-    profile store: (1) its limit now is the plan's value now within the 0.5 kW deadband (and
-    zero exactly when the plan is); (2) from one lease window on, its limit is <= the safe
-    share at every plan slot boundary and beyond the plan: were voltpool to stop now, the
-    charger falls back."""
+    """Six simulated hours, a plan every 1-30 min (values around a 6 kW safe share, a quarter
+    of them 0; half of the plans new, half the same course made again). After every minute,
+    on the charger's own
+    profile store: (1) its limit now is the plan's value now within the 0.5 kW deadband, or 0
+    when the plan is 0, or (with a guard time) 0 while the guard holds a switch on back: a
+    switch on comes at least the guard time after the switch off before it; (2) from one
+    lease window on, its limit is <= the safe share at every plan slot boundary and beyond the
+    plan: were voltpool to stop now, the charger falls back."""
     rng = random.Random(seed)
     safe_kw = 6.0
     cp = charger("CP-1")
+    guard_min = guard_s / 60.0
     async with (
-        rig(redis, clock, cp, safe_limit_kw=safe_kw) as r,
+        rig(redis, clock, cp, safe_limit_kw=safe_kw, lease=LeaseConfig(guard_time_s=guard_s)) as r,
         simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
     ):
         await brought_up(r, sim)
         await sim.plug_in(1, a_car(max_kw=22.0, energy_kwh=0.0))
-        choices = [0.0, 4.5, 5.0, 5.8, 6.0, 6.3, 8.0, 11.0, 22.0]
+        choices = [0.0, 0.0, 0.0, 4.5, 5.0, 5.8, 6.0, 6.3, 8.0, 11.0, 22.0]
         plan = plan_for(clock.now(), {("CP-1", 1): [rng.choice(choices) for _ in range(12)]})
         next_plan = clock.now()
         end = clock.now() + timedelta(hours=6)
         sent_before = 0
+        minute, last_on, switches_on, held = 0, 0, 0, 0
+        was_on = True
         while clock.now() < end:
             if clock.now() >= next_plan:
                 if rng.random() < 0.5:
@@ -143,14 +149,27 @@ async def test_under_random_plans_the_charger_follows_the_plan_and_is_always_lea
                     kw = list(plan.setpoints[0].kw[t:]) or [0.0]
                     plan = plan_for(clock.now(), {("CP-1", 1): kw}, slots=12)
                 await r.dispatcher.publish(plan, r.state)
-                next_plan = clock.now() + timedelta(minutes=rng.randint(1, 45))
+                next_plan = clock.now() + timedelta(minutes=rng.randint(1, 30))
             await sim.wait_for(lambda: True)
             await r.dispatcher.settled("CP-1")
             now = clock.now()
             t = max(0, sum(1 for s in plan.slot_starts if s <= now) - 1)
             planned_kw = to_limit(plan.setpoints[0].kw[t], cp) / 1000.0
-            assert abs(limit_kw(sim, 0) - planned_kw) <= 0.5 + 1e-6, (now, plan.setpoints[0])
-            assert (limit_kw(sim, 0) == 0.0) == (planned_kw == 0.0)
+            limit = limit_kw(sim, 0)
+            is_on = limit != 0.0
+            if is_on and not was_on:
+                switches_on += 1
+                # off since some time after the minute `last_on`: at least the guard time
+                assert minute - last_on >= guard_min, (now, minute, last_on)
+            if limit == 0.0 and planned_kw != 0.0:
+                held += 1
+                assert minute - last_on <= guard_min + 1, (now, plan.setpoints[0])
+            else:
+                assert abs(limit - planned_kw) <= 0.5 + 1e-6, (now, plan.setpoints[0])
+                assert (limit == 0.0) == (planned_kw == 0.0)
+            if is_on:
+                last_on = minute
+            was_on = is_on
             horizon_end = plan.slot_starts[-1] + SLOT
             checks = [LEASE + timedelta(seconds=1)]
             checks += [s - now for s in plan.slot_starts if s - now > LEASE]
@@ -158,6 +177,10 @@ async def test_under_random_plans_the_charger_follows_the_plan_and_is_always_lea
             for ahead in checks:
                 assert limit_kw(sim, ahead.total_seconds() / 60) <= safe_kw + 1e-6, (now, ahead)
             await clock.advance(timedelta(minutes=1))
+            minute += 1
             sent_before = tx_count(sim)
         assert sent_before >= 5  # the plans were sent, not frozen out
+        assert switches_on >= 3  # the plans did switch the car on and off
+        assert (held > 0) == (guard_s > 0)  # the guard did hold switches back, and only then
         assert r.dispatcher.counters["profiles_rejected"] == 0
+        print(f"seed {seed} guard {guard_s}: {switches_on} switches on, {held} minutes held")

@@ -9,6 +9,7 @@ import pytest
 
 from adapters.ocpp.config import LeaseConfig
 from adapters.ocpp.profiles import (
+    apply_guard,
     differs,
     safe_share_kw,
     safe_share_per_connector_kw,
@@ -154,3 +155,21 @@ def test_the_deadband_ignores_small_moves_but_not_on_off_switches_or_lease_renew
     assert at(0.0) is True
     assert at(7.0, when=3) is False
     assert differs(old, replace(old, transaction_id=2), T0, 500.0) is True
+
+
+def test_the_guard_time_holds_a_switch_on_back_but_never_a_reduction() -> None:
+    """Switched off 2 min ago, guard 5 min: a lease 7 kW now, 0 from 10 min, 9 kW from 12 min
+    gets 0 for the first 3 min, then 7 kW; the 0 at 10 min stays (a reduction); the switch on
+    at 12 min waits until 15 min. Without a recent switch off nothing is held at the start."""
+    now = T0
+    plan = plan_for(now, {("W3", 1): [7.0]})
+    lease = tx_profile(W3, 1, 1, plan.setpoints[0], plan, 22.0, now, CFG)
+    lease = replace(lease, offsets_s=(0, 600, 720), limits=(7000.0, 0.0, 9000.0))
+    held = apply_guard(lease, now - timedelta(minutes=2), 300.0, 24)
+    assert (held.offsets_s, held.limits) == ((0, 180, 600, 900), (0.0, 7000.0, 0.0, 9000.0))
+    free = apply_guard(lease, None, 300.0, 24)
+    assert (free.offsets_s, free.limits) == ((0, 600, 900), (7000.0, 0.0, 9000.0))
+    assert apply_guard(lease, now - timedelta(minutes=2), 0.0, 24) == lease
+    cut = apply_guard(lease, now - timedelta(minutes=2), 300.0, 3)
+    assert len(cut.limits) == 3
+    assert cut.limits[-1] <= lease.limits[-1]  # what holds for ever is never more than before
