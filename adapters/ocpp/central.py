@@ -11,6 +11,14 @@ events handed to the `EventSink`. Connection state (online/offline) goes to Redi
 (`redis_keys.charger_connections`) and into the sink as `ChargerConnected` /
 `ChargerDisconnected`. The CS->CP calls (SetChargingProfile, GetCompositeSchedule, ...) are
 methods here; the lease dispatcher uses them.
+
+Transactions (RELIABILITY.md B3): every sample of a transaction goes to its ledger in the
+transaction book before the CALLRESULT (each once, whatever the replays); a stop is settled
+from the registers, with gaps and anomalies flagged; a stop that contradicts its start (lost
+clock or register after a power failure) or a new start on a connector whose stop never came
+still closes the session. Nothing is sent to a charge point while it is Rejected (S-04).
+Refused handshakes, TLS failures, rate-limit and oversized-frame closures and key rotations
+are security events (`adapters.security.events`, SEC-11).
 """
 
 from __future__ import annotations
@@ -590,16 +598,26 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         """Samples of a transaction go to its ledger (each once); one `MeterSampled` per
         sample time goes to the sink."""
         samples = self._samples(connector_id, transaction_id, meter_value)
-        if transaction_id is not None:
+
+        async def to_the_ledger() -> None:
+            if transaction_id is None:
+                return
             new = await self.central.transactions.record_samples(
                 transaction_id, connector_id, meter_value
             )
             if new is None:
                 self.central.metrics["samples_of_unknown_transactions"] += 1
-        for sample in samples:
-            if sample.power_kw is not None:
-                self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)
-            await self._emit(sample)
+
+        async def to_the_sink() -> None:
+            for sample in samples:
+                if sample.power_kw is not None:
+                    self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)
+                await self._emit(sample)
+
+        # Both must hold before the CALLRESULT; they do not depend on each other, so they run
+        # side by side (one Redis round trip of latency, not two). Both are idempotent, so a
+        # failure of either (InternalError, the charger re-sends) is safe.
+        await asyncio.gather(to_the_ledger(), to_the_sink())
         return call_result.MeterValues()
 
     @_on(Action.data_transfer)
