@@ -5,7 +5,7 @@ dispatcher, other central-system calls (GetConfiguration, TriggerMessage) starte
 the charger's own CALLs (Heartbeat, StatusNotification, MeterValues), the charger's reply delay
 (on the simulated clock, so a SetChargingProfile can stay in flight) and clock moves. The
 simulated charger counts the central system's CALLs it holds unanswered: never more than one.
-A charger CALL made while one is in flight is answered within 2 s of wall time with the clock
+A charger CALL made while one is in flight is answered within 5 s of wall time with the clock
 standing still, so it is served at once, not queued behind our call.
 
 The interleavings run against one central system, dispatcher and charger that live in an event
@@ -43,7 +43,7 @@ from tests.ocpp.test_dispatcher import a_car
 
 T = TypeVar("T")
 EXAMPLES = int(os.environ.get("VOLTPOOL_S05_EXAMPLES", "100"))
-SERVED_WITHIN_S = 2.0  # wall time for a charger CALL while the clock stands still
+SERVED_WITHIN_S = 5.0  # wall time for a charger CALL while the clock stands still (ours: 30 s)
 COUNTS: Counter[str] = Counter()
 
 
@@ -91,7 +91,7 @@ async def start(socket_file: str) -> Env:
     state = fleet([charger("CP-1")], safe_limit_kw=11.0)
     # (the frame rate limit, SEC-05, is for hostile peers, not for thousands of test frames)
     config = OcppConfig(
-        bcrypt_rounds=4, call_timeout_s=10.0, max_frames_per_s=100_000.0, frame_burst=100_000
+        bcrypt_rounds=4, call_timeout_s=30.0, max_frames_per_s=100_000.0, frame_burst=100_000
     )
     harness = await stack.enter_async_context(running_central(redis, clock, state, config=config))
     dispatcher = LeaseDispatcher(harness.central, clock, LeaseConfig())
