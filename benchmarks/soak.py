@@ -329,6 +329,7 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
         ("controller counters", f"{report.service_counters}"),
         ("dispatcher counters", f"{report.dispatch_counters}"),
         ("feed publishes retried (broker down)", f"{report.mqtt_publish_failures}"),
+        ("plans still in memory at the end", f"{report.live_plans}"),
     ]
     for line in report.memory_growth:
         rows.append(("  memory grew at", line))

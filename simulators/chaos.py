@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.domain import SLOT, ChargePoint, Connector, Site, Transaction, Vehicle
 from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleRegistered
+from controller.planning.plan import Plan
 from controller.planning.planner import SolveFn
 from controller.settings import Settings
 from simulators.chargepoints.car import SimCar
@@ -748,6 +750,7 @@ class SoakReport:
     mqtt_publish_failures: int = 0
     restart: dict[str, Any] = field(default_factory=dict)
     memory_growth: list[str] = field(default_factory=list)  # with `trace_memory`
+    live_plans: int = 0  # `Plan` objects still referenced at the end (1 or 2 expected)
 
     def rss_growth(self, from_s: float) -> tuple[float, float, float] | None:
         """(RSS at `from_s`, at the end, growth %) from the samples, if there are any."""
@@ -1354,6 +1357,7 @@ class StackSoak:
             k: v for k, v in self.runtime.service.counters.items() if isinstance(v, int)
         }
         report.dispatch_counters = dict(self.runtime.dispatcher.counters)
+        report.live_plans = sum(1 for o in gc.get_objects() if isinstance(o, Plan))
         assert self.publisher is not None
         report.mqtt_publish_failures = self.publisher.failures
 
