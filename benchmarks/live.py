@@ -14,12 +14,17 @@ loopback WebSockets):
    cars on simulated chargers over loopback WebSockets, simulated clock) for a simulated day,
    re-planned every 5 minutes by the proportional-share planner from the cars' metered energy.
    Prints SetChargingProfile sent per charger-day, `wanted()` builds per plan and CPU per plan,
+   wall time from a plan published to its first SetChargingProfile answered (plans that sent
+   something),
    for the dispatcher as it was before (loaded from git, `--before-rev`), the current code with
    the old policies (`refresh="always"`, `wake_all_on_plan=True`) and the current code; ratios
    against the first, all in the same run.
+4. *P-12 oscillation*: chargers re-planned every minute under a head-room wobbling around the
+   minimum rate, without and with the guard time: TxProfiles per charger and minute, switches on
+   per connector and the most within one guard time (5 min).
 
-    .venv/bin/python benchmarks/live.py [--part all|throughput|protocols|churn]
-        [--events 5000] [--hours 3] [--cars 278] [--churn-hours 24]
+    .venv/bin/python benchmarks/live.py [--part all|throughput|protocols|churn|oscillation]
+        [--events 5000] [--hours 3] [--cars 278] [--churn-hours 24] [--osc-cars 50]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 import types
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -305,6 +311,7 @@ class ChurnFigures:
     dispatch_cpu_s: float
     process_cpu_s: float
     wall_s: float
+    first_profile_s: list[float]
 
     @property
     def per_charger_day(self) -> float:
@@ -358,6 +365,17 @@ async def churn_day(
             await central.start()
             dispatcher = make(central, clock, lambda: state)
             meter = CpuMeter(dispatcher)
+            published: list[float] = []  # wall time of the last publish not yet answered
+            first_profile_s: list[float] = []
+            set_profile = central.set_charging_profile
+
+            async def timed_set_profile(*args: Any, **kwargs: Any) -> str:
+                status = await set_profile(*args, **kwargs)
+                if published:
+                    first_profile_s.append(time.perf_counter() - published.pop())
+                return status
+
+            central.set_charging_profile = timed_set_profile  # type: ignore[method-assign]
             original_wanted = dispatcher.wanted
 
             def counting_wanted(*args: Any) -> Any:
@@ -410,12 +428,15 @@ async def churn_day(
                             await sim.unplug(1)
                     if minute % replan_min == 0:
                         state = _fleet_at(state, inputs, sims, now)
-                        await dispatcher.publish(planner(state, now), state)
+                        plan = planner(state, now)
+                        published[:] = [time.perf_counter()]
+                        await dispatcher.publish(plan, state)
                         plans += 1
                     await clock.advance(timedelta(minutes=1))
                     minute += 1
                     for cid in ids:
                         await dispatcher.settled(cid)
+                    published.clear()  # a plan that sent nothing is not timed by a later send
                 cpu = time.process_time() - cpu0
                 wall = time.perf_counter() - wall0
             finally:
@@ -435,6 +456,7 @@ async def churn_day(
         dispatch_cpu_s=meter.cpu_s,
         process_cpu_s=cpu,
         wall_s=wall,
+        first_profile_s=first_profile_s,
     )
 
 
@@ -515,6 +537,9 @@ def churn(cars: int, hours: float, before_rev: str) -> None:
             f"{f.wanted_calls / f.plans:11.1f} {1000 * f.dispatch_cpu_s / f.plans:10.2f} ms "
             f"{1000 * f.process_cpu_s / f.plans:10.1f} ms {f.wall_s:6.0f}s"
         )
+    for f in figures:
+        print(f"  {f.label:<24} plan -> 1st SetChargingProfile answered: ", end="")
+        print(_percentiles(f.first_profile_s))
     for f in figures[1:]:
         print(
             f"  {f.label:<24} vs {base.label}: profiles x{f.profiles_sent / base.profiles_sent:.3f}"
@@ -523,17 +548,188 @@ def churn(cars: int, hours: float, before_rev: str) -> None:
         )
 
 
+# -- P-12 oscillation -----------------------------------------------------------------------
+
+
+@dataclass
+class SwitchFigures:
+    """Profile updates and on/off switches under a noisy head-room."""
+
+    label: str
+    chargers: int
+    minutes: int
+    tx_profiles: int
+    max_updates_per_charger_minute: int
+    minutes_over_one_update: int
+    switches_on: int
+    max_switches_on_per_guard: int
+
+
+async def oscillation_run(
+    cars: int, minutes: int, guard_s: float, label: str, seed: int = 7
+) -> SwitchFigures:
+    """`cars` 11 kW chargers, all plugged in, re-planned every minute by the proportional-share
+    planner under a head-room that wobbles (+-15 %) around what gives each car 4.2 kW: just
+    above the 4.14 kW minimum rate, so an unguarded car flips between 0 and about 4.5 kW."""
+    rng = np.random.default_rng(seed)
+    start = datetime(2024, 3, 12, 16, 0, tzinfo=UTC)
+    clock = SimClock(start)
+    kw = 11.0
+    ids = [f"CP-{k + 1:04d}" for k in range(cars)]
+    chargers = {
+        cid: ChargePoint(
+            charger_id=cid,
+            max_power_kw=kw,
+            connectors=(Connector(connector_id=1, max_power_kw=kw),),
+        )
+        for cid in ids
+    }
+    site = Site(site_id="bench", capacity_kw=2000.0, safe_limit_kw=cars * 2.0)
+    state = FleetState(site=site, chargers=chargers)
+    planner = StatePlanner(solve=share_by_need)
+    config = LeaseConfig(guard_time_s=guard_s)
+    updates: Counter[tuple[str, int]] = Counter()
+    on_minutes: dict[str, list[int]] = {cid: [] for cid in ids}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with redis_endpoint(None, Path(tmp)) as endpoint:
+            redis = endpoint.client()
+            central = CentralSystem(
+                redis=redis,
+                site="bench",
+                sink=_EventSink(),
+                clock=clock,
+                config=OcppConfig(bcrypt_rounds=4, heartbeat_interval_s=86_400),
+                chargers=chargers.get,
+                vehicle_for_tag=lambda tag: None,
+            )
+            for cid in ids:
+                await central.credentials.set_password(cid, CHURN_SECRET)
+            await central.start()
+            dispatcher = LeaseDispatcher(central, clock, config, state=lambda: state)
+            sims = [
+                SimChargePoint(
+                    ChargerSpec(charger_id=cid, max_power_kw=kw, meter_interval_s=86_400), clock
+                )
+                for cid in ids
+            ]
+            tasks = [asyncio.ensure_future(sim.run(central.url(), CHURN_SECRET)) for sim in sims]
+            try:
+                async with asyncio.timeout(120):
+                    for sim in sims:
+                        await sim.wait_online()
+                for k, sim in enumerate(sims):
+                    await sim.plug_in(
+                        1,
+                        SimCar(
+                            vehicle_id=f"ev-{k}",
+                            id_tag=f"TAG-{k}",
+                            capacity_kwh=400.0,  # never full within the run
+                            energy_kwh=40.0,
+                            max_charge_kw=kw,
+                        ),
+                    )
+                before = [len(sim.received) for sim in sims]
+                for minute in range(minutes):
+                    now = clock.now()
+                    room = cars * 4.2 * (1.0 + float(rng.uniform(-0.15, 0.15)))
+                    vehicles = {
+                        f"ev-{k}": Vehicle(
+                            vehicle_id=f"ev-{k}",
+                            model="bench",
+                            capacity_kwh=400.0,
+                            energy_kwh=40.0,
+                            energy_at=now,
+                            max_charge_kw=kw,
+                            departure=start + timedelta(hours=12),
+                            target_kwh=390.0,
+                            charger_id=ids[k],
+                            connector_id=1,
+                            plugged_at=start,
+                        )
+                        for k in range(cars)
+                    }
+                    state = FleetState(
+                        site=site,
+                        chargers=chargers,
+                        vehicles=vehicles,
+                        headroom=Series(
+                            start=slot_floor(now), values=(room,) * 96, received_at=now
+                        ),
+                    )
+                    await dispatcher.publish(planner(state, now), state)
+                    for cid in ids:
+                        await dispatcher.settled(cid)
+                    for sim in sims:
+                        if sim.limit_kw(sim.connector(1), clock.now()) > 0.0:
+                            on_minutes[sim.spec.charger_id].append(minute)
+                    await clock.advance(timedelta(minutes=1))
+                for k, sim in enumerate(sims):
+                    for r in sim.received[before[k] :]:
+                        if r.purpose == "TxProfile":
+                            updates[
+                                (sim.spec.charger_id, int((r.at - start).total_seconds() // 60))
+                            ] += 1
+            finally:
+                for task in tasks:
+                    await stop_task(task)
+                await dispatcher.close()
+                await central.stop()
+                await redis.aclose()
+    window = max(1, int(config.guard_time_s // 60) or 5)
+    switches = 0
+    worst = 0
+    for on in on_minutes.values():
+        flags = np.zeros(minutes, dtype=bool)
+        flags[on] = True
+        starts = [m for m in range(1, minutes) if flags[m] and not flags[m - 1]]
+        switches += len(starts)
+        for m in starts:
+            worst = max(worst, sum(1 for x in starts if m <= x < m + window))
+    return SwitchFigures(
+        label=label,
+        chargers=cars,
+        minutes=minutes,
+        tx_profiles=sum(updates.values()),
+        max_updates_per_charger_minute=max(updates.values(), default=0),
+        minutes_over_one_update=sum(1 for v in updates.values() if v > 1),
+        switches_on=switches,
+        max_switches_on_per_guard=worst,
+    )
+
+
+def oscillation(cars: int, minutes: int) -> None:
+    """P-12: the same noisy run without and with the guard time; prints the counts."""
+    rows = [
+        asyncio.run(oscillation_run(cars, minutes, 0.0, "no guard")),
+        asyncio.run(oscillation_run(cars, minutes, 300.0, "guard 300 s (default)")),
+    ]
+    print(
+        f"  {'':<22} {'TxProfiles':>10} {'/charger/min':>12} {'max in a min':>12} "
+        f"{'min with >1':>11} {'switches on':>11} {'max on per 5 min':>16}"
+    )
+    for f in rows:
+        print(
+            f"  {f.label:<22} {f.tx_profiles:10d} {f.tx_profiles / f.chargers / f.minutes:12.3f} "
+            f"{f.max_updates_per_charger_minute:12d} {f.minutes_over_one_update:11d} "
+            f"{f.switches_on:11d} {f.max_switches_on_per_guard:16d}"
+        )
+
+
 def main() -> None:
     """Run the measurements asked for and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
-        "--part", choices=("all", "throughput", "protocols", "churn"), default="all"
+        "--part",
+        choices=("all", "throughput", "protocols", "churn", "oscillation"),
+        default="all",
     )
     parser.add_argument("--cars", type=int, default=278)
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--hours", type=float, default=3.0)
     parser.add_argument("--churn-hours", type=float, default=24.0)
     parser.add_argument("--before-rev", default=BEFORE_REV)
+    parser.add_argument("--osc-cars", type=int, default=50)
+    parser.add_argument("--osc-minutes", type=int, default=120)
     args = parser.parse_args()
     if args.part in ("all", "throughput"):
         print(f"Throughput, service alone, {args.cars} cars plugged in:")
@@ -548,6 +744,12 @@ def main() -> None:
             f"every 5 min (CPU: process time on a shared machine, compare ratios):"
         )
         churn(args.cars, args.churn_hours, args.before_rev)
+    if args.part in ("all", "oscillation"):
+        print(
+            f"P-12 oscillation, {args.osc_cars} chargers, {args.osc_minutes} simulated min, "
+            f"head-room +-15 % around 4.2 kW a car, a plan a minute:"
+        )
+        oscillation(args.osc_cars, args.osc_minutes)
 
 
 if __name__ == "__main__":
