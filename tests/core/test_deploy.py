@@ -49,7 +49,7 @@ def test_the_controller_variables_validate_as_settings(
     settings = Settings()
     assert settings.redis_url == "redis://redis:6379/0"
     assert settings.mqtt_url is not None
-    assert settings.mqtt_url.startswith("mqtts://voltpool:pw@")  # TLS off loopback (SEC-07)
+    assert settings.mqtt_url.startswith("mqtts://")  # TLS off loopback (SEC-07)
     assert settings.mqtt_url.endswith("@mosquitto:8883")
     assert settings.ocpp_port == 9000
 
