@@ -136,9 +136,24 @@ def _same_course(old: _Basis, new: _Basis, now: datetime) -> bool:
     return True
 
 
+def _electrical(charger: ChargePoint | None) -> tuple[object, ...] | None:
+    """What the profiles are built from of a charger (not its status or when it was seen)."""
+    if charger is None:
+        return None
+    return (
+        charger.max_power_kw,
+        charger.phases,
+        charger.voltage_v,
+        charger.rate_unit,
+        charger.min_current_a,
+        charger.v2g_mode,
+        len(charger.connectors),
+    )
+
+
 def _same_basis(old: _Basis, new: _Basis, now: datetime) -> bool:
     return (
-        old.charger == new.charger
+        _electrical(old.charger) == _electrical(new.charger)
         and old.safe_kw == new.safe_kw
         and old.running == new.running
         and old.epoch == new.epoch
@@ -448,7 +463,15 @@ class LeaseDispatcher:
         plan = basis.plan
         second = now.replace(microsecond=0)
         offs = self._offs(charger_id, now)
-        key = (charger, basis.safe_kw, basis.running, basis.factor, basis.epoch, second, offs)
+        key = (
+            _electrical(charger),
+            basis.safe_kw,
+            basis.running,
+            basis.factor,
+            basis.epoch,
+            second,
+            offs,
+        )
         cached = self._wanted.get(charger_id)
         if cached is not None and cached[0] is plan and cached[1] == key:
             return list(cached[2])
