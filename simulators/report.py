@@ -145,15 +145,42 @@ def plot_savings(
 
 
 def plot_year(
-    path: Path, days: Sequence[Any], cost: Mapping[str, Sequence[float]], title: str
+    path: Path,
+    days: Sequence[Any],
+    cost: Mapping[str, Sequence[float]],
+    title: str,
+    *,
+    smooth_days: int = 1,
 ) -> None:
-    """Daily cost per strategy over the sampled days."""
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for name, values in cost.items():
-        ax.plot(np.asarray(list(days)), values, lw=1, marker=".", ms=3, label=name)
+    """Daily cost per strategy over the sampled days (a centred `smooth_days` mean when > 1).
+
+    Each series gets its own line style and a width that shrinks down the list, so series that
+    coincide (e.g. the rule-based baselines when the head-room never binds) stay visible.
+    """
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    styles = ["-", "--", ":", "-", "-.", "-"]
+    x = np.asarray(list(days))
+    for k, (name, values) in enumerate(cost.items()):
+        y = np.asarray(values, dtype=float)
+        if smooth_days > 1 and y.size >= smooth_days:
+            kernel = np.ones(smooth_days) / smooth_days
+            pad = smooth_days // 2
+            padded = np.pad(y, (pad, smooth_days - 1 - pad), mode="edge")
+            y = np.convolve(padded, kernel, mode="valid")
+        ax.plot(
+            x,
+            y,
+            lw=max(1.0, 3.2 - 0.5 * k),
+            ls=styles[k % len(styles)],
+            marker="." if smooth_days <= 1 else None,
+            ms=3,
+            label=name,
+        )
+    ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set_xlabel("date")
-    ax.set_ylabel("cost of the day's charging (EUR)")
-    ax.legend(fontsize=8)
+    note = f", {smooth_days}-day centred mean" if smooth_days > 1 else ""
+    ax.set_ylabel(f"charging cost (EUR/day{note})")
+    ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title)
     fig.autofmt_xdate()
     fig.tight_layout()

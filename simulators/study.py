@@ -849,7 +849,8 @@ def write_report(
         out / "study_daily_cost.png",
         days,
         {LABELS[s]: [r.outcomes[s].cost_eur["spot"] for r in results] for s in STRATEGIES},
-        f"Daily charging cost, spot basis ({cars} cars, {options.year})",
+        f"Daily charging cost, spot basis ({cars} cars, {len(results)} days of {options.year})",
+        smooth_days=7 if len(results) > 60 else 1,
     )
     rp.plot_savings(
         out / "study_saving_vs_spread.png",
