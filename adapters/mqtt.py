@@ -149,6 +149,7 @@ class MqttLink:
         self._spool: deque[Event] = deque()
         self._spool_size = spool_size
         self._retry_s = retry_s
+        self._flushed_at = float("-inf")  # monotonic time of the last attempt to flush
         self._drop_logged_at = -DROP_LOG_EVERY_S
         self.counters: Counter[str] = Counter()
         self.connected = asyncio.Event()
@@ -279,8 +280,11 @@ class MqttLink:
         await self._deliver(event)
 
     async def _deliver(self, event: Event) -> None:
-        """Submit the event after any spooled ones; spool it when the store is down."""
-        if self._spool:
+        """Submit the event after any spooled ones; spool it when the store is down.
+
+        While events are spooled the store is tried at most once per `retry_s` (each try may
+        wait out the client's reconnect attempts), so arrivals are not held up meanwhile."""
+        if self._spool and time.monotonic() - self._flushed_at >= self._retry_s:
             await self._flush_spool()
         if self._spool:
             self._keep(event)
@@ -298,6 +302,8 @@ class MqttLink:
             log.info("refused %s from MQTT: %s", event.event_id, refusal.reason)
 
     def _keep(self, event: Event) -> None:
+        if not self._spool:
+            self._flushed_at = time.monotonic()  # the store just failed: wait before retrying
         if len(self._spool) >= self._spool_size:
             lost = self._spool.popleft()
             self.counters["spool_dropped"] += 1
@@ -311,6 +317,7 @@ class MqttLink:
 
     async def _flush_spool(self) -> None:
         """Resubmit spooled events in order; stop at the first the store still cannot take."""
+        self._flushed_at = time.monotonic()
         while self._spool:
             try:
                 await self._submit_one(self._spool[0])
