@@ -250,6 +250,11 @@ async def _publish_status(runtime: Runtime) -> None:
                 "fallback": plan.fallback if plan else None,
                 "chargers_online": len(runtime.central.online()),
                 "chargers_not_following": sorted(runtime.dispatcher.not_following),
+                # received, dropped (inbox full), inbox_max, resynced, spooled, spool_dropped
+                "mqtt": dict(runtime.link.counters),
+                "store_down_since": (
+                    service.store_down_since.isoformat() if service.store_down_since else None
+                ),
             },
             retain=True,
         )
