@@ -707,6 +707,7 @@ async def run_day(
     solver: SolveFn | None = None,
     step_s: float = 60.0,
     meter_interval_s: float = 300.0,
+    soc_interval_s: float = 1800.0,
     planning: PlanningSettings | None = None,
     deadband_kw: float = 0.5,
     progress: Callable[[datetime, ScenarioResult], None] | None = None,
@@ -753,6 +754,7 @@ async def run_day(
                 strategy=strategy,
                 step_s=step_s,
                 meter_interval_s=meter_interval_s,
+                soc_interval_s=soc_interval_s,
                 progress=progress,
                 restart=(restart_at, controller) if restart_at is not None else None,
             )
