@@ -96,7 +96,7 @@ class FastSolver:
         # warm start may take before it is abandoned for a cold one.
         self._cold: tuple[int, float] | None = None
         self.last_start = ""  # how the last solve started: "warm", "remapped", "flow", "cold"
-        self._hints: Hints = {}  # the min-rate rounding's swaps of the last solve
+        self._hints = Hints()  # the min-rate rounding's swaps of the last solve
 
     def solve(self, problem: PlanningProblem, options: OptimiserOptions | None = None) -> Schedule:
         """The lexicographically optimal schedule of `problem` (see `controller.optimiser`).
@@ -123,7 +123,7 @@ class FastSolver:
         with self._lock:
             self._loaded = None
             self._second = None
-            self._hints = {}
+            self._hints = Hints()
 
     # -- loading ----------------------------------------------------------------------------
 

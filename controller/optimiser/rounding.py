@@ -23,6 +23,7 @@ caller hands it to a solver round or to the greedy repair (`controller.optimiser
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,9 +50,17 @@ def slivers(
     return small_charge, small_discharge
 
 
-Hints = dict[tuple[int, str, int], tuple[str, int, bool]]
+Swaps = dict[tuple[int, str, int], tuple[str, int, bool]]
 """(kind, vehicle, absolute slot) -> (partner vehicle, absolute slot, lift) of a swap that
 worked (lift: the sliver went up to the minimum; else down to 0)."""
+
+
+@dataclass(slots=True)
+class Hints:
+    """What one solve's rounding leaves to the next: its swaps, and how many slivers it left."""
+
+    swaps: Swaps = field(default_factory=dict)
+    left: int = 0
 
 
 def round_slivers(
@@ -86,17 +95,17 @@ def round_slivers(
     for kind, i in sorted(set(zip(kinds[left].tolist(), cars[left].tolist(), strict=True))):
         moves += rounding.gather(kind, i)
     left = rounding.still(kinds, cars, slots)
-    if left.any() and done.any():
-        # The replayed swaps are first-fit choices of another plan; where they leave a sliver
-        # the fresh search would not, the fresh search wins.
+    if hints is not None and done.any() and left.sum() > hints.left:
+        # The replayed swaps are first-fit choices of another plan; where they leave more
+        # slivers than last time, a fresh search is tried and wins if it leaves fewer.
         fresh = round_slivers(prepared, charge_kw, discharge_kw, site_cap_kw=site_cap_kw)
         if fresh[2]["rounding_left"] < left.sum():
-            if hints is not None:
-                hints.clear()  # (the fresh search's swaps are not kept: next time, search)
+            hints.swaps.clear()  # (the fresh search's swaps are not kept: next time, search)
+            hints.left = int(fresh[2]["rounding_left"])
             return fresh
     if hints is not None:
-        hints.clear()
-        hints.update(rounding.learned)
+        hints.swaps = rounding.learned
+        hints.left = int(left.sum())
     return (
         rounding.power[0],
         rounding.power[1],
@@ -116,8 +125,8 @@ class _Rounding:
         hints: Hints | None,
     ) -> None:
         p = prepared.problem
-        self.hints: Hints = hints or {}
-        self.learned: Hints = {}
+        self.hints: Swaps = hints.swaps if hints is not None else {}
+        self.learned: Swaps = {}
         self.first_slot = int(slot_floor(p.start).timestamp() // SLOT_S)
         self._index_of: dict[str, int] | None = None
         self.p = prepared

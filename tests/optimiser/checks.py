@@ -131,11 +131,18 @@ def violations(p: PlanningProblem, s: Schedule, *, min_rate: bool = True) -> dic
 def _forced_gap(
     p: PlanningProblem, s: Schedule, e: FloatArray, site: FloatArray, headroom: FloatArray
 ) -> float:
-    """How far forced power is missed where neither a full battery nor the site explains it."""
+    """How far forced power is missed where neither a full battery nor the site explains it.
+
+    The documented rule (docs/optimiser.md, `prepare`): where the forced power of all cars is
+    more than h_t, each is scaled down in proportion to fit h_t (V2G discharge in the same slot
+    does not make room for it); what is owed is the scaled amount.
+    """
     forced = np.minimum(p.lower_kw, p.upper_kw) * (
         np.arange(p.n_slots)[None, :] < p.departure_slot[:, None]
     )
-    gap = forced - s.charge_kw
+    total = forced.sum(axis=0)
+    share = np.where(total > headroom, headroom / np.maximum(total, 1e-12), 1.0)
+    gap = forced * share[None, :] - s.charge_kw
     full_after = e[:, 1:] >= np.maximum(p.capacity_kwh, p.energy_kwh)[:, None] - 1e-6
     site_full = site >= headroom - 1e-6
     excused = full_after | site_full[None, :]
