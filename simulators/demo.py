@@ -46,9 +46,9 @@ from simulators.study import VIOLATION_TOL_KW, CostBasis, solve
 # The report needs metered energy per 15-minute slot (the plan's resolution): one MeterValues
 # per slot is enough, since the energy register integrates between samples.
 DEFAULT_METER_INTERVAL_S = 900.0
-# The cars' MQTT SoC telemetry besides the arrival message: the chargers' MeterValues carry the
-# SoC every 15 minutes already, so telematics every two hours only adds a second source.
-DEFAULT_SOC_INTERVAL_S = 7200.0
+# The cars' MQTT SoC telemetry besides the arrival message. Every 2 h instead of 30 min cut the
+# events by a fifth but not the CPU (100 cars, 900 s steps: 56.5 s against 58.3 s, 2026-11-26).
+DEFAULT_SOC_INTERVAL_S = 1800.0
 
 
 @dataclass(slots=True)
