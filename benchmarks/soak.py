@@ -329,7 +329,7 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
         ("controller counters", f"{report.service_counters}"),
         ("dispatcher counters", f"{report.dispatch_counters}"),
         ("feed publishes retried (broker down)", f"{report.mqtt_publish_failures}"),
-        ("plans still in memory at the end", f"{report.live_plans}"),
+        ("plans still in memory at the end", f"{report.live_plans} {report.plan_holders}"),
     ]
     for line in report.memory_growth:
         rows.append(("  memory grew at", line))
@@ -343,6 +343,14 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
     }
     for name, met in targets.items():
         rows.append(("target " + name, "met" if met else "NOT MET"))
+    missed = sum(1 for met in targets.values() if not met)
+    rows.append(
+        (
+            "exit status",
+            "0 lost / 0 duplicated decides it"
+            + (f"; {missed} of {len(targets)} targets not met" if missed else ""),
+        )
+    )
     return rows, verdict.ok
 
 

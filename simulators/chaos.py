@@ -751,6 +751,7 @@ class SoakReport:
     restart: dict[str, Any] = field(default_factory=dict)
     memory_growth: list[str] = field(default_factory=list)  # with `trace_memory`
     live_plans: int = 0  # `Plan` objects still referenced at the end (1 or 2 expected)
+    plan_holders: dict[str, int] = field(default_factory=dict)  # attribute -> distinct plans
 
     def rss_growth(self, from_s: float) -> tuple[float, float, float] | None:
         """(RSS at `from_s`, at the end, growth %) from the samples, if there are any."""
@@ -1357,9 +1358,49 @@ class StackSoak:
             k: v for k, v in self.runtime.service.counters.items() if isinstance(v, int)
         }
         report.dispatch_counters = dict(self.runtime.dispatcher.counters)
-        report.live_plans = sum(1 for o in gc.get_objects() if isinstance(o, Plan))
+        plans = {id(o) for o in gc.get_objects() if isinstance(o, Plan)}
+        report.live_plans = len(plans)
+        runtime = self.runtime
+        report.plan_holders = plan_holders(
+            {
+                "dispatcher": runtime.dispatcher,
+                "central": runtime.central,
+                "service": runtime.service,
+                "sink": runtime.sink,
+            },
+            plans,
+        )
         assert self.publisher is not None
         report.mqtt_publish_failures = self.publisher.failures
+
+
+def plan_holders(owners: dict[str, object], plans: set[int]) -> dict[str, int]:
+    """For each attribute of `owners` that reaches `Plan` objects (through dicts, lists and
+    tuples, three levels deep): how many distinct plans it keeps alive."""
+
+    def reach(value: object, depth: int, found: set[int]) -> None:
+        if id(value) in plans:
+            found.add(id(value))
+            return
+        if depth == 0:
+            return
+        if isinstance(value, dict):
+            items: Iterable[object] = list(value.values())
+        elif isinstance(value, list | tuple | set | frozenset):
+            items = list(value)
+        else:
+            return
+        for item in items:
+            reach(item, depth - 1, found)
+
+    held: dict[str, int] = {}
+    for owner, obj in owners.items():
+        for attr, value in getattr(obj, "__dict__", {}).items():
+            found: set[int] = set()
+            reach(value, 3, found)
+            if found:
+                held[f"{owner}.{attr}"] = len(found)
+    return held
 
 
 def _fmt(value: float | None) -> str:
