@@ -701,7 +701,7 @@ def oscillation(cars: int, minutes: int) -> None:
     """P-12: the same noisy run without and with the guard time; prints the counts."""
     rows = [
         asyncio.run(oscillation_run(cars, minutes, 0.0, "no guard")),
-        asyncio.run(oscillation_run(cars, minutes, 300.0, "guard 300 s (default)")),
+        asyncio.run(oscillation_run(cars, minutes, 300.0, "guard 300 s")),
     ]
     print(
         f"  {'':<22} {'TxProfiles':>10} {'/charger/min':>12} {'max in a min':>12} "

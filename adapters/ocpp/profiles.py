@@ -394,12 +394,15 @@ def in_form(
 
 
 def last_off_edge(profile: OutgoingProfile, until: datetime) -> datetime | None:
-    """The last time at or before `until` at which the profile switches its connector off (a
-    period with limit 0 after one without), None if it does not."""
+    """The last time at or before `until` at which the plan in the profile switches its
+    connector off (a period with limit 0 after one without), None if it does not. The lease's
+    end is not such a switch: a fallback that lapsed (the refresh came late) is no reason to
+    hold the next switch on back."""
     edge = None
+    end = profile.lease_end
     for k in range(1, len(profile.limits)):
         at = profile.start + timedelta(seconds=profile.offsets_s[k])
-        if at > until:
+        if at > until or (end is not None and at >= end):
             break
         before = profile.limits[k - 1] != 0.0 or profile.discharge_at(at - timedelta(seconds=1))
         if before and profile.limits[k] == 0.0 and not profile.discharge_at(at):
