@@ -154,7 +154,9 @@ def demo(
         "2024-03-12"
     ),
     hours: Annotated[float, typer.Option(help="Hours simulated per day (at most 24).")] = 24.0,
-    step_s: Annotated[float, typer.Option(help="Simulated seconds per step.")] = 300.0,
+    step_s: Annotated[
+        float, typer.Option(help="Simulated seconds per step (900: one per plan slot).")
+    ] = 900.0,
     out: Annotated[str | None, typer.Option(help="Run directory (default runs/<time>).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
