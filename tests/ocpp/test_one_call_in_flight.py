@@ -89,9 +89,16 @@ async def start(socket_file: str) -> Env:
     await redis.flushdb()
     clock = SimClock(T0)
     state = fleet([charger("CP-1")], safe_limit_kw=11.0)
-    # (the frame rate limit, SEC-05, is for hostile peers, not for thousands of test frames)
+    # The frame rate limit (SEC-05) is for hostile peers, not for thousands of test frames; no
+    # keepalive pings: websockets draws their payload from the global `random` on the loop's
+    # thread, which hypothesis takes for a strategy using it while it draws the next example.
     config = OcppConfig(
-        bcrypt_rounds=4, call_timeout_s=30.0, max_frames_per_s=100_000.0, frame_burst=100_000
+        bcrypt_rounds=4,
+        call_timeout_s=30.0,
+        max_frames_per_s=100_000.0,
+        frame_burst=100_000,
+        ping_interval_s=None,
+        ping_timeout_s=None,
     )
     harness = await stack.enter_async_context(running_central(redis, clock, state, config=config))
     dispatcher = LeaseDispatcher(harness.central, clock, LeaseConfig())
