@@ -677,7 +677,8 @@ class LeaseDispatcher:
         if self.config.refresh == "always":
             return True
         assert old is not None
-        return differs(old, profile, now, band, lease_moves=False)
+        # Exactly (no deadband): a fallback a little under the plan would hold for hours.
+        return differs(old, profile, now, 0.0, lease_moves=False)
 
     def _lease_ending(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
         """The installed lease of this slot ends within the refresh margin (and has not been

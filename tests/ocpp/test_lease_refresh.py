@@ -76,6 +76,29 @@ async def test_a_lease_whose_fallback_is_the_plan_lapses_and_a_later_rise_goes_o
         await sim.wait_for(lambda: tx_count(sim) == 4)
 
 
+async def test_a_fallback_within_the_deadband_of_the_plan_is_still_refreshed(
+    redis: Redis, clock: SimClock
+) -> None:
+    """Plan 5.8 kW, safe share 5.5 kW: the fallback is only 0.3 kW under the plan (inside the
+    0.5 kW deadband), but letting the lease lapse would hold the car 0.3 kW low for hours, so
+    the lease is renewed at 16:13 and the car still draws 5.8 kW at 16:16."""
+    async with (
+        rig(redis, clock, charger("CP-1"), safe_limit_kw=5.5) as r,
+        simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
+    ):
+        await brought_up(r, sim)
+        await sim.plug_in(1, a_car())
+        await r.dispatcher.publish(plan_for(clock.now(), {("CP-1", 1): [5.8]}), r.state)
+        await sim.wait_for(lambda: tx_count(sim) == 1)
+        await r.dispatcher.settled("CP-1")
+        await clock.advance(timedelta(minutes=13))
+        await sim.wait_for(lambda: tx_count(sim) == 2)
+        await r.dispatcher.settled("CP-1")
+        await clock.advance(timedelta(minutes=3))
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(5.8)
+        assert r.dispatcher.counters["leases_lapsed"] == 0
+
+
 async def test_a_plan_wakes_only_the_chargers_it_changed(redis: Redis, clock: SimClock) -> None:
     """Three chargers charging; a plan that moves only CP-1 builds and sends only CP-1's
     profiles. Control: a plan that moves all three wakes all three."""
