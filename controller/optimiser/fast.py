@@ -19,6 +19,7 @@ from typing import Any
 
 import highspy as _highspy
 import numpy as np
+from scipy import sparse  # imported here, not in the solve: its import would eat the budget
 
 from controller.domain import SLOT_S, slot_floor
 from controller.optimiser.flow import flow_basis
@@ -263,8 +264,6 @@ def _repriced(loaded: _Loaded, prices: FloatArray, first_slot: int) -> bool:
 
 def _new_highs(layout: Layout, values: Values, options: OptimiserOptions) -> Any:
     """A HiGHS instance holding the layout's matrix with `values`."""
-    from scipy import sparse
-
     highs = highspy.Highs()
     highs.setOptionValue("output_flag", False)
     highs.setOptionValue("time_limit", float(options.time_limit_s))
