@@ -738,7 +738,7 @@ class SoakReport:
     event_to_profile_s: dict[str, float] = field(default_factory=dict)
     transactions_without_profile: int = 0
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
-    cpu_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU during the soak window (restart mode: whole run)
     wall_s: float = 0.0
     sim_reached: str = ""
     calls: dict[str, int] = field(default_factory=dict)
@@ -1187,10 +1187,10 @@ class StackSoak:
     async def run(self) -> SoakReport:
         """Start everything, run the day with its faults, compare the ledger, stop."""
         config, report = self.config, self.report
-        cpu0 = sum(os.times()[:2])
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
             try:
                 await self._start(str(self.data_dir or tmp))
+                cpu0 = sum(os.times()[:2])  # the soak window only, not the set-up
                 stop = asyncio.Event()
                 by_charger: dict[int, list[Visit]] = defaultdict(list)
                 for visit in self.visits:
@@ -1212,6 +1212,7 @@ class StackSoak:
                 await asyncio.sleep(config.wall_s)
                 await chaos
                 report.wall_s = self._wall()
+                report.cpu_s = sum(os.times()[:2]) - cpu0
                 report.sim_reached = self.clock.now().isoformat()
                 for task in drivers:
                     await stop_task(task)
@@ -1223,7 +1224,6 @@ class StackSoak:
                 await self._judge()
             finally:
                 await self._stop()
-        report.cpu_s = sum(os.times()[:2]) - cpu0
         return report
 
     async def _judge(self) -> None:
