@@ -173,7 +173,9 @@ def demo(
 def study(
     cars: Annotated[int, typer.Option(help="Fleet size (the seed's: 278).")] = 278,
     year: Annotated[int, typer.Option(help="Year of prices and calendar.")] = 2024,
-    days: Annotated[int, typer.Option(help="Days sampled evenly over the year.")] = 365,
+    days: Annotated[
+        int, typer.Option(help="Days sampled evenly over the year (366: every day of any year).")
+    ] = 366,
     sens_days: Annotated[int, typer.Option(help="Days per sensitivity variant (0: none).")] = 24,
     fee: Annotated[float, typer.Option(help="Grid fee + taxes, EUR per imported kWh.")] = 0.15,
     export_refund: Annotated[

@@ -78,6 +78,9 @@ class SolvePolicy:
 
     time_limit_s: float = 120.0
     peak_flattening: bool = True
+    # Carry each solve's basis to the next day's problem. Off: every day starts from a fresh
+    # min-cost-flow basis (the big fleets: a basis from another day's cars did not help them).
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.time_limit_s <= 0.0:
@@ -87,7 +90,10 @@ class SolvePolicy:
         """The optimiser's options for a problem with (or without) V2G cars."""
         base = SOLVE_OPTIONS_V2G if v2g else SOLVE_OPTIONS
         return dataclasses.replace(
-            base, time_limit_s=self.time_limit_s, peak_flattening=self.peak_flattening
+            base,
+            time_limit_s=self.time_limit_s,
+            peak_flattening=self.peak_flattening,
+            warm_start=base.warm_start and self.warm_start,
         )
 
 
@@ -581,7 +587,7 @@ def _summary_row(
 
 # The big-fleet rows are about fleet size: they plan without V2G (a cold V2G LP of thousands of
 # cars takes many minutes) and give each LP half an hour. Their table row says so.
-BIG_FLEET_POLICY = SolvePolicy(time_limit_s=1800.0)
+BIG_FLEET_POLICY = SolvePolicy(time_limit_s=1800.0, warm_start=False)
 
 
 def sensitivity(
@@ -648,7 +654,9 @@ def sensitivity(
             continue
         d = days if n <= big_fleet_from else min(days, big_fleet_days)
         big = dataclasses.replace(quick, cars=n, days=d, v2g_share=0.0, policy=big_fleet_policy)
-        note = f"no V2G; LP time limit {big_fleet_policy.time_limit_s:.0f} s"
+        note = f"no V2G; LP time limit {big_fleet_policy.time_limit_s:.0f} s" + (
+            "; each day solved cold" if not big_fleet_policy.warm_start else ""
+        )
         run("fleet size (cars)", str(n), big, n, note)
     return rows
 
