@@ -3,7 +3,8 @@
 `ws[s]://HOST:PORT/ocpp/{charge_point_id}`, subprotocol `ocpp1.6` (a handshake offering none of
 ours is refused with HTTP 400). Security profile 1 (HTTP Basic auth, user = charge point id,
 password checked against a bcrypt hash) and profile 2 (the same over TLS when a certificate is
-configured); unknown ids and wrong passwords get HTTP 401 at the handshake.
+configured); unknown ids and wrong passwords get HTTP 401 at the handshake, and a handshake the
+credential store cannot answer (Redis down) gets 503 with Retry-After.
 
 Every inbound frame passes `adapters.ocpp.frames.FrameChecker` before the library's router sees
 it, so each bad input gets the OCPP-J 1.6 answer. Each CALL a charge point sends becomes typed
@@ -101,6 +102,9 @@ log = logging.getLogger(__name__)
 
 SUBPROTOCOL = Subprotocol("ocpp1.6")
 UNKNOWN_OR_WRONG = "unknown charge point or wrong password"
+# The credential store could not be asked: the charger is told to retry (HTTP 503), not refused.
+STORE_UNAVAILABLE = "credential store unavailable"
+HANDSHAKE_RETRY_AFTER_S = 10
 VOLTPOOL_VENDOR = "org.voltpool"
 
 
@@ -910,6 +914,16 @@ class CentralSystem:
         refusal = await self._authenticate(charger_id, request.headers)
         if refusal is None:
             return None
+        if refusal == STORE_UNAVAILABLE:
+            # Not the charger's fault: 503 says "come back", where a 401 reads as a wrong
+            # password and some chargers then stop trying.
+            self.metrics["handshakes_deferred_store"] += 1
+            log.warning("handshake of %s deferred: %s (HTTP 503)", charger_id, refusal)
+            response = connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "Credential store unavailable\n"
+            )
+            response.headers["Retry-After"] = str(HANDSHAKE_RETRY_AFTER_S)
+            return response
         self.metrics["handshakes_refused_auth"] += 1
         kind = SecurityEventKind.AUTH_FAILED
         if refusal == UNKNOWN_OR_WRONG:
@@ -941,7 +955,7 @@ class CentralSystem:
         try:
             ok = await self.credentials.verify(charger_id, password)
         except RedisError:
-            return "credential store unavailable"
+            return STORE_UNAVAILABLE
         return None if ok else UNKNOWN_OR_WRONG
 
     # -- connections --

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trustme
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
@@ -237,3 +239,38 @@ async def test_plain_ws_to_the_tls_port_does_not_connect(tls_harness: Harness) -
         ):
             pass
     assert not tls_harness.central.is_online("CP-1")
+
+
+async def test_a_handshake_the_credential_store_cannot_answer_gets_503_not_401(
+    harness: Harness, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With Redis unreachable the password cannot be checked: the charger is told to come back
+    (503 + Retry-After), not that its password is wrong (401, after which some chargers give up),
+    and nothing is recorded as a failed authentication."""
+    no_socket = str(tmp_path_factory.mktemp("dead") / "no.sock")
+    dead = Redis(unix_socket_path=no_socket, retry=Retry(NoBackoff(), 0))
+    real = harness.central.credentials
+    harness.central.credentials = CredentialStore(dead, SITE, rounds=4)
+    try:
+        with pytest.raises(InvalidStatus) as deferred:
+            async with connect(
+                harness.central.url("CP-1"),
+                subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+                additional_headers=harness.auth("CP-1"),
+                open_timeout=RECV_TIMEOUT_S,
+            ):
+                pass
+    finally:
+        harness.central.credentials = real
+        await dead.aclose()
+    assert deferred.value.response.status_code == 503
+    assert deferred.value.response.headers["Retry-After"] == "10"
+    assert harness.central.metrics["handshakes_deferred_store"] == 1
+    assert harness.central.metrics["handshakes_refused_auth"] == 0
+    async with connect(
+        harness.central.url("CP-1"),
+        subprotocols=["ocpp1.6"],  # type: ignore[list-item]
+        additional_headers=harness.auth("CP-1"),
+        open_timeout=RECV_TIMEOUT_S,
+    ):
+        pass  # the store is back: the same credentials open the connection
