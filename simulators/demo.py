@@ -262,8 +262,12 @@ def describe_profile_latency(summary: dict[str, Any]) -> str:
         f"{1000 * summary['wall_p95_s']:.0f} ms, max {1000 * summary['wall_max_s']:.0f} ms; "
         f"simulated clock p50 {summary['sim_p50_s']:.1f} s, p95 {summary['sim_p95_s']:.1f} s "
         f"(the controller's 0.2 s coalescing window and the steps), over "
-        f"{summary['answered']} of {summary['events']} plug-ins (the others' cars left, or the "
-        "run ended, before any profile)."
+        f"{summary['answered']} of {summary['events']} plug-ins"
+        + (
+            " (the others' cars left, or the run ended, before any profile)."
+            if summary["answered"] < summary["events"]
+            else "."
+        )
     )
 
 
