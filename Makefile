@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: demo test lint security typecheck unit bench clean
+.PHONY: demo test lint security typecheck unit bench audit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ unit: $(TEST_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# pip-audit of the installed dependencies; says "skipped" when no advisory service answers.
+audit: $(TEST_STAMP)
+	$(BIN)/python deploy/audit.py
 
 bench: $(RUNTIME_STAMP)
 	$(BIN)/python benchmarks/optimiser.py
