@@ -35,8 +35,15 @@ from controller.optimiser.model import (
 from controller.optimiser.options import DEFAULT_OPTIONS, OptimiserOptions
 from controller.optimiser.prepare import Prepared, prepare
 from controller.optimiser.rounding import Hints
-from controller.optimiser.stages import OptimiserFailed, StageResult, clean, finish, site_profile
-from controller.planning.problem import FloatArray, IntArray, PlanningProblem, Schedule
+from controller.optimiser.stages import (
+    OptimiserFailed,
+    StageResult,
+    clean,
+    finish,
+    min_rate_plan,
+    site_profile,
+)
+from controller.planning.problem import FloatArray, IntArray, PlanningProblem, Schedule, money
 
 # highspy's bundled stubs lack several methods used here (changeRowsBounds, ...): use it untyped.
 highspy: Any = _highspy
@@ -110,14 +117,78 @@ class FastSolver:
         started = self._clock()
         prepared = prepare(problem)
         with self._lock:
-            result = self._solve(prepared, options, started + options.time_limit_s)
+            deadline = started + options.time_limit_s
+            result = self._solve(prepared, options, deadline)
+            repaired = None
+            if options.min_rate_repair and problem.n_vehicles:
+                hints = self._hints if options.warm_start else None
+                repaired = min_rate_plan(
+                    prepared, result.charge_kw, result.discharge_kw, options, hints
+                )
+                if repaired[2]["repair_dropped_kwh"] > 1e-9 and self._loaded is not None:
+                    repaired = self._repair_round(prepared, options, repaired, deadline)
             return finish(
-                prepared,
-                result,
-                options,
-                elapsed_s=self._clock() - started,
-                hints=self._hints if options.warm_start else None,
+                prepared, result, options, elapsed_s=self._clock() - started, repaired=repaired
             )
+
+    def _repair_round(
+        self,
+        prepared: Prepared,
+        options: OptimiserOptions,
+        plan: tuple[FloatArray, FloatArray, dict[str, float]],
+        deadline: float,
+    ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
+        """One warm LP round when the free moves and the greedy repair would lose energy.
+
+        The money model is re-solved with the plan's pattern as bounds: what runs keeps at
+        least the minimum, a sliver left over goes on (>= minimum) when it is at least half of
+        it, else off. The LP moves energy across all cars at once, which pairwise swaps cannot;
+        its plan is then rounded and repaired as before, and kept if it loses less energy (then
+        costs less). Time-boxed by the solve's budget; the money model's bounds are restored.
+        """
+        loaded = self._loaded
+        assert loaded is not None
+        layout = loaded.layout
+        p = prepared.problem
+        charge, discharge = plan[0], plan[1]
+        nx, nv = layout.nx, layout.nv
+        cols = np.concatenate([np.arange(nx), layout.v0 + np.arange(nv)]).astype(np.int64)
+        car = np.concatenate([layout.x_car, layout.v_car])
+        slot = np.concatenate([layout.x_slot, layout.v_slot])
+        dt, minimum = p.dt_h[slot], p.min_kw[car]
+        power = np.concatenate(
+            [charge[layout.x_car, layout.x_slot], discharge[layout.v_car, layout.v_slot]]
+        )
+        base_lower, base_upper = loaded.col_lower[cols].copy(), loaded.col_upper[cols].copy()
+        limited = (minimum > 1e-9) & (base_lower <= 0.0)
+        fits = base_upper >= minimum * dt - 1e-12
+        running = limited & fits & (power >= minimum - 1e-7)
+        sliver = limited & (power > 1e-7) & (power < minimum - 1e-7)
+        on = sliver & fits & (power >= 0.5 * minimum)
+        lower = np.where(running | on, np.maximum(base_lower, minimum * dt), base_lower)
+        upper = np.where(sliver & ~on, base_lower, base_upper)
+        _cols(loaded, cols, lower, upper)
+        loaded.at_cost_basis = False
+        info = dict(plan[2])
+        info["repair_lp_round"] = 1.0
+        try:
+            status = _run(loaded.highs, _Counter(deadline, self._clock))
+            if status != "optimal":
+                return plan[0], plan[1], info
+            values = _Solution.read(loaded.highs, layout, duals=False).col_value
+            again = _powers(layout, prepared, values)
+        finally:
+            _cols(loaded, cols, base_lower, base_upper)
+        second = min_rate_plan(prepared, again[0], again[1], options)
+        keep = (second[2]["repair_dropped_kwh"], money_eur(p, second[0], second[1])) < (
+            plan[2]["repair_dropped_kwh"],
+            money_eur(p, plan[0], plan[1]),
+        )
+        if not keep:
+            return plan[0], plan[1], info
+        second[2]["repair_lp_round"] = 1.0
+        second[2]["repair_lp_round_kept"] = 1.0
+        return second
 
     def forget(self) -> None:
         """Drop the loaded models (the next solve starts cold)."""
@@ -249,6 +320,12 @@ class FastSolver:
             if vid not in codes:
                 codes[vid] = len(codes) + 1
         return np.fromiter((codes[v] for v in vehicle_ids), dtype=np.int64, count=len(vehicle_ids))
+
+
+def money_eur(problem: PlanningProblem, charge: FloatArray, discharge: FloatArray) -> float:
+    """EUR of a plan (energy - export + degradation + demand charge)."""
+    bought, sold, worn, demand = money(problem, charge, discharge)
+    return float(bought - sold + worn + demand)
 
 
 def _repriced(loaded: _Loaded, prices: FloatArray, first_slot: int) -> bool:

@@ -70,6 +70,33 @@ def clean(values: FloatArray, upper: FloatArray) -> FloatArray:
     return result
 
 
+def min_rate_plan(
+    prepared: Prepared,
+    charge_kw: FloatArray,
+    discharge_kw: FloatArray,
+    options: OptimiserOptions,
+    hints: Hints | None = None,
+) -> tuple[FloatArray, FloatArray, dict[str, float]]:
+    """(charge, discharge, figures): the free moves of `round_slivers`, then the greedy
+    `repair_min_rate` for what they leave."""
+    problem = prepared.problem
+    cap = prepared.headroom_kw
+    if options.peak_flattening or problem.demand_charge_eur_per_kw > 0.0:
+        peak = site_profile(charge_kw, discharge_kw)[0]
+        cap = np.minimum(cap, peak)  # keep the second stage's peak (and the demand charge)
+    charge, discharge, rounding_info = round_slivers(
+        prepared, charge_kw, discharge_kw, site_cap_kw=cap, hints=hints
+    )
+    if rounding_info["rounding_left"] > 0.0:
+        charge, discharge, repair_info = repair_min_rate(prepared, charge, discharge)
+    else:
+        repair_info = dict.fromkeys(
+            ("repair_cars", "repair_moves", "repair_dropped_kwh", "min_rate_violations"), 0.0
+        )
+    repair_info.update(rounding_info)
+    return charge, discharge, repair_info
+
+
 def finish(
     prepared: Prepared,
     result: StageResult,
@@ -77,6 +104,7 @@ def finish(
     *,
     elapsed_s: float,
     hints: Hints | None = None,
+    repaired: tuple[FloatArray, FloatArray, dict[str, float]] | None = None,
 ) -> Schedule:
     """The `Schedule` of an LP answer, with every figure in `details`.
 
@@ -91,21 +119,12 @@ def finish(
     lp_money = bought - sold + worn + demand
     charge, discharge = lp_charge, lp_discharge
     repair_info: dict[str, float] = {}
-    if options.min_rate_repair:
-        cap = prepared.headroom_kw
-        if options.peak_flattening or problem.demand_charge_eur_per_kw > 0.0:
-            peak = site_profile(lp_charge, lp_discharge)[0]
-            cap = np.minimum(cap, peak)  # keep the second stage's peak (and the demand charge)
-        charge, discharge, rounding_info = round_slivers(
-            prepared, lp_charge, lp_discharge, site_cap_kw=cap, hints=hints
+    if repaired is not None:
+        charge, discharge, repair_info = repaired
+    elif options.min_rate_repair:
+        charge, discharge, repair_info = min_rate_plan(
+            prepared, lp_charge, lp_discharge, options, hints
         )
-        if rounding_info["rounding_left"] > 0.0:
-            charge, discharge, repair_info = repair_min_rate(prepared, charge, discharge)
-        else:
-            repair_info = dict.fromkeys(
-                ("repair_cars", "repair_moves", "repair_dropped_kwh", "min_rate_violations"), 0.0
-            )
-        repair_info.update(rounding_info)
     lp_short = shortfalls(problem, energy_trajectory(problem, lp_charge, lp_discharge))
     schedule = schedule_from_power(
         problem,
