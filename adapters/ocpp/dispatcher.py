@@ -226,12 +226,13 @@ class LeaseDispatcher:
         self._decreasing: set[ChargerId] = set()  # chargers with a decrease not yet settled
         self._index: dict[ChargerId, dict[int, Setpoint]] = {}  # the plan's setpoints
         self._circuits: tuple[object, float] = (None, 0.0)  # (chargers mapping, their sum)
-        self._factor_key: tuple[Plan | None, int, int] | None = None
+        self._factor_key: tuple[int, int, int] | None = None  # (plan number, slot, epoch)
         self._epoch = 0  # bumped when the budget's rogue draw changes
-        # per charger: (plan, the other inputs, the profiles built from them)
-        self._wanted: dict[
-            ChargerId, tuple[Plan | None, tuple[object, ...], list[OutgoingProfile]]
-        ] = {}
+        # Per charger: (the plan's sequence number, the other inputs, the profiles built from
+        # them). A number, not the plan: a charger whose worker lags would otherwise pin an old
+        # plan (the 5,000-charger soak found 53 of them alive).
+        self._plan_seq = 0
+        self._wanted: dict[ChargerId, tuple[int, tuple[object, ...], list[OutgoingProfile]]] = {}
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -240,6 +241,7 @@ class LeaseDispatcher:
     async def publish(self, plan: Plan, state: FleetState) -> None:
         """Take a new plan: every connected charger's worker reconciles against it."""
         self._plan = plan
+        self._plan_seq += 1
         self._state = state
         index: dict[ChargerId, dict[int, Setpoint]] = {}
         for setpoint in plan.setpoints:
@@ -409,9 +411,9 @@ class LeaseDispatcher:
         plan = self._plan
         if plan is None:
             return 1.0
-        key = (plan, _slot_at(plan, now), self._epoch)
+        key = (self._plan_seq, _slot_at(plan, now), self._epoch)
         old = self._factor_key
-        if old is None or old[0] is not plan or old[1:] != key[1:]:
+        if old != key:
             factor = self._budget(plan, now)
             if factor < self.budget_factor - 1e-9:
                 self.counters["budget_reductions"] += 1
@@ -473,7 +475,7 @@ class LeaseDispatcher:
             offs,
         )
         cached = self._wanted.get(charger_id)
-        if cached is not None and cached[0] is plan and cached[1] == key:
+        if cached is not None and cached[0] == self._plan_seq and cached[1] == key:
             return list(cached[2])
         self.counters["wanted_built"] += 1
         safe_kw = basis.safe_kw
@@ -504,7 +506,7 @@ class LeaseDispatcher:
             if guarded != lease:
                 self.counters["switches_held"] += 1
             profiles.append(guarded)
-        self._wanted[charger_id] = (plan, key, profiles)
+        self._wanted[charger_id] = (self._plan_seq, key, profiles)
         return list(profiles)
 
     # -- the fallback ladder (P-06) --

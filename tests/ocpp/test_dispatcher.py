@@ -350,3 +350,34 @@ async def test_a_transaction_the_fleet_state_still_shows_but_the_book_closed_get
         await r.dispatcher.settled("CP-1")
         assert purposes(sim) == ["TxDefaultProfile", "ChargePointMaxProfile"]
         assert r.dispatcher.counters["profiles_rejected"] == 0
+
+
+def _holds(root: object, target: object) -> bool:
+    """Whether `target` is reachable from `root`'s attributes through plain containers."""
+    seen: set[int] = set()
+    todo: list[object] = list(vars(root).values())
+    while todo:
+        item = todo.pop()
+        if item is target:
+            return True
+        if id(item) in seen or not isinstance(item, dict | list | tuple | set | frozenset):
+            continue
+        seen.add(id(item))
+        todo.extend(item.values() if isinstance(item, dict) else item)
+    return False
+
+
+async def test_a_charger_that_lags_behind_does_not_pin_an_old_plan(
+    redis: Redis, clock: SimClock
+) -> None:
+    """The per-charger cache of wanted profiles remembers which plan they came from by number,
+    so a charger not looked at since (its worker lagging) keeps no old plan alive (the
+    5,000-charger soak found 53 of them)."""
+    async with rig(redis, clock, charger("CP-1"), charger("CP-2")) as r:
+        old = plan_for(clock.now(), {("CP-1", 1): [11.0] * 8})
+        await r.dispatcher.publish(old, r.state)
+        assert r.dispatcher.wanted("CP-1", clock.now()) is not None
+        assert r.dispatcher.wanted("CP-2", clock.now()) is not None
+        await r.publish({("CP-1", 1): [5.0] * 8})
+        assert r.dispatcher.wanted("CP-2", clock.now()) is not None  # CP-1 is not looked at
+        assert not _holds(r.dispatcher, old)
