@@ -86,6 +86,20 @@ class _Loaded:
     # Second model only: the objective its basis is optimal for ("ramp", "peak" or "").
     warm_objective: str = ""
 
+    @classmethod
+    def fresh(cls, highs: Any, layout: Layout, values: Values) -> _Loaded:
+        """A model just loaded with `values`: HiGHS holds exactly their bounds."""
+        return cls(
+            highs,
+            layout,
+            values,
+            np.zeros(layout.n_cols),
+            col_lower=values.col_lower.copy(),
+            col_upper=values.col_upper.copy(),
+            row_lower=values.row_lower.copy(),
+            row_upper=values.row_upper.copy(),
+        )
+
 
 class FastSolver:
     """Solves `PlanningProblem`s with HiGHS, keeping the last model and basis for the next one.
@@ -255,16 +269,7 @@ class FastSolver:
                 self.last_start = "cold"
             if basis is None:
                 self.last_start = "cold"
-            loaded = _Loaded(
-                highs,
-                layout,
-                values,
-                np.zeros(layout.n_cols),
-                col_lower=values.col_lower.copy(),
-                col_upper=values.col_upper.copy(),
-                row_lower=values.row_lower.copy(),
-                row_upper=values.row_upper.copy(),
-            )
+            loaded = _Loaded.fresh(highs, layout, values)
         loaded.prices = problem.price_eur_per_kwh.copy()
         loaded.first_slot = first_slot
         self._loaded = loaded if options.warm_start else None
@@ -293,16 +298,7 @@ class FastSolver:
         if old is not None and old.layout.key == money.layout.key:
             return old
         layout, values = money.layout, money.values
-        second = _Loaded(
-            _new_highs(layout, values, options),
-            layout,
-            values,
-            np.zeros(layout.n_cols),
-            col_lower=values.col_lower.copy(),
-            col_upper=values.col_upper.copy(),
-            row_lower=values.row_lower.copy(),
-            row_upper=values.row_upper.copy(),
-        )
+        second = _Loaded.fresh(_new_highs(layout, values, options), layout, values)
         if old is not None and old.warm_objective == "ramp":
             # The last ramp-optimal basis, matched by vehicle and slot: a dual simplex start.
             basis = _remap(old, layout, values)
