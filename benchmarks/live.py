@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from redis.asyncio import Redis
 
 from adapters.datasets.fleet import load_seed_fleet
 from adapters.embedded import redis_endpoint
@@ -322,6 +323,25 @@ class ChurnFigures:
 DispatcherFactory = Callable[[CentralSystem, SimClock, Callable[[], FleetState]], LeaseDispatcher]
 
 
+async def _started_central(
+    redis: Redis, clock: SimClock, chargers: dict[str, ChargePoint]
+) -> CentralSystem:
+    """A started central system for these chargers, each with the benchmark's password."""
+    central = CentralSystem(
+        redis=redis,
+        site="bench",
+        sink=_EventSink(),
+        clock=clock,
+        config=OcppConfig(bcrypt_rounds=4, heartbeat_interval_s=86_400),
+        chargers=chargers.get,
+        vehicle_for_tag=lambda tag: None,
+    )
+    for cid in chargers:
+        await central.credentials.set_password(cid, CHURN_SECRET)
+    await central.start()
+    return central
+
+
 async def churn_day(
     cars: int, hours: float, label: str, make: DispatcherFactory, replan_min: int = 5
 ) -> ChurnFigures:
@@ -351,18 +371,7 @@ async def churn_day(
     with tempfile.TemporaryDirectory() as tmp:
         async with redis_endpoint(None, Path(tmp)) as endpoint:
             redis = endpoint.client()
-            central = CentralSystem(
-                redis=redis,
-                site="bench",
-                sink=_EventSink(),
-                clock=clock,
-                config=OcppConfig(bcrypt_rounds=4, heartbeat_interval_s=86_400),
-                chargers=chargers.get,
-                vehicle_for_tag=lambda tag: None,
-            )
-            for cid in ids:
-                await central.credentials.set_password(cid, CHURN_SECRET)
-            await central.start()
+            central = await _started_central(redis, clock, chargers)
             dispatcher = make(central, clock, lambda: state)
             meter = CpuMeter(dispatcher)
             published: list[float] = []  # wall time of the last publish not yet answered
@@ -593,18 +602,7 @@ async def oscillation_run(
     with tempfile.TemporaryDirectory() as tmp:
         async with redis_endpoint(None, Path(tmp)) as endpoint:
             redis = endpoint.client()
-            central = CentralSystem(
-                redis=redis,
-                site="bench",
-                sink=_EventSink(),
-                clock=clock,
-                config=OcppConfig(bcrypt_rounds=4, heartbeat_interval_s=86_400),
-                chargers=chargers.get,
-                vehicle_for_tag=lambda tag: None,
-            )
-            for cid in ids:
-                await central.credentials.set_password(cid, CHURN_SECRET)
-            await central.start()
+            central = await _started_central(redis, clock, chargers)
             dispatcher = LeaseDispatcher(central, clock, config, state=lambda: state)
             sims = [
                 SimChargePoint(
