@@ -211,6 +211,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+async def until_listening(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> None:
+    """Return once `host:port` accepts TCP connections (a server started in another process).
+
+    Raises:
+        TimeoutError: nothing listened there within `timeout_s`.
+    """
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
 @dataclass(frozen=True, slots=True)
 class MqttEndpoint:
     """Where the MQTT broker listens."""

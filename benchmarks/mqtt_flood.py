@@ -34,7 +34,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.embedded import MqttEndpoint, embedded_broker, free_port, redis_endpoint
+from adapters.embedded import (
+    MqttEndpoint,
+    embedded_broker,
+    free_port,
+    redis_endpoint,
+    until_listening,
+)
 from adapters.mqtt import MqttLink
 from adapters.redis_store import LogPolicy, RedisFleetStore
 from controller.clock import WallClock
@@ -107,19 +113,6 @@ def _amqtt_process(port: int, ready: object, stop: object) -> None:
     asyncio.run(serve())
 
 
-async def _until_listening(port: int) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-
 async def main(args: argparse.Namespace) -> None:
     """Start broker, controller and publisher; print the figures."""
     port = free_port()
@@ -144,7 +137,7 @@ async def main(args: argparse.Namespace) -> None:
             broker = ctx.Process(target=_amqtt_process, args=(port, ready, stop))
             broker.start()
         try:
-            await _until_listening(port)
+            await until_listening(port)
             async with redis_endpoint(None, Path(tmp)) as redis_ep:
                 await run_controller(args, port, redis_ep.client(), ctx, use_mosquitto)
         finally:

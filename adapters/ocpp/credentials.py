@@ -61,15 +61,7 @@ class CredentialStore:
             BadCredential: the id is not a valid charge point id, or the password is not
                 16 to 40 printable ASCII characters.
         """
-        if not valid_charger_id(charger_id):
-            raise BadCredential(f"{charger_id!r} is not a valid charge point id")
-        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD or not all(
-            "!" <= ch <= "~" for ch in password
-        ):
-            raise BadCredential(
-                f"the password of {charger_id!r} must have {MIN_PASSWORD} to {MAX_PASSWORD} "
-                "printable ASCII characters"
-            )
+        self._check(charger_id, password)
         hashed = await asyncio.to_thread(
             bcrypt.hashpw, password.encode(), bcrypt.gensalt(self._rounds)
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from adapters.embedded import MqttEndpoint, embedded_broker, free_port
+from adapters.embedded import MqttEndpoint, embedded_broker, free_port, until_listening
 from adapters.mqtt import MqttLink, MqttPlanPublisher
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
@@ -51,16 +51,7 @@ async def mosquitto_broker(workdir: Path) -> AsyncIterator[MqttEndpoint]:
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        async with asyncio.timeout(TIMEOUT_S):
-            while True:  # until the broker accepts connections
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.02)
-                    continue
-                writer.close()
-                await writer.wait_closed()
-                break
+        await until_listening(port, timeout_s=TIMEOUT_S)
         yield MqttEndpoint("127.0.0.1", port)
     finally:
         process.terminate()

@@ -31,6 +31,7 @@ from adapters.embedded import (
     client_tls_context,
     embedded_broker,
     free_port,
+    until_listening,
 )
 from adapters.security.mqtt_acl import (
     CONTROLLER,
@@ -69,19 +70,6 @@ def _certificates(ca: trustme.CA, directory: Path) -> tuple[Path, Path, Path]:
         for blob in server.cert_chain_pems:
             out.write(blob.bytes())
     return ca_pem, chain, key
-
-
-async def _until_listening(port: int) -> None:
-    async with asyncio.timeout(TIMEOUT_S):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
 
 
 @contextlib.asynccontextmanager
@@ -149,7 +137,7 @@ async def _mosquitto(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await _until_listening(tls_port)
+        await until_listening(tls_port, timeout_s=TIMEOUT_S)
         yield MqttEndpoint("127.0.0.1", tls_port, tls_context=client_tls_context(ca_pem))
     finally:
         if process.returncode is None:
