@@ -877,38 +877,41 @@ class CentralSystem:
     ) -> Response | None:
         charger_id = self._charger_id_of(request.path)
         if charger_id is None:
-            self.metrics["handshakes_refused_path"] += 1
-            self.security_event(
+            return self._refused(
+                connection,
+                "handshakes_refused_path",
                 SecurityEventKind.INVALID_ID,
-                principal=urlsplit(request.path).path[-MAX_PRINCIPAL:],
-                remote=_peer_ip(connection),
-                reason="path is not /ocpp/{id} with a valid id (HTTP 404, no lookup)",
+                urlsplit(request.path).path[-MAX_PRINCIPAL:],
+                "path is not /ocpp/{id} with a valid id (HTTP 404, no lookup)",
+                http.HTTPStatus.NOT_FOUND,
+                "No such charge point path\n",
             )
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "No such charge point path\n")
         cap = self.config.max_connections_per_ip
         if cap and self._per_ip[_peer_ip(connection)] >= cap:
-            self.metrics["handshakes_refused_ip_cap"] += 1
-            self.security_event(
+            return self._refused(
+                connection,
+                "handshakes_refused_ip_cap",
                 SecurityEventKind.RATE_LIMITED,
-                principal=charger_id,
-                remote=_peer_ip(connection),
-                reason=f"{cap} connections from its address already; refused with 503",
+                charger_id,
+                f"{cap} connections from its address already; refused with 503",
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "Too many connections\n",
             )
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "Too many connections\n")
         if requires_client_certificate(self.config.ssl_context):
             # Profile 3: the TLS layer verified the chain; the certificate must name this id.
             peercert = connection.transport.get_extra_info("peercert")
             cn = common_name(peercert)
             if cn == charger_id:
                 return None
-            self.metrics["handshakes_refused_cert"] += 1
-            self.security_event(
+            return self._refused(
+                connection,
+                "handshakes_refused_cert",
                 SecurityEventKind.INVALID_CERTIFICATE,
-                principal=charger_id,
-                remote=_peer_ip(connection),
-                reason=f"client certificate CN {cn!r} is not the charge point id",
+                charger_id,
+                f"client certificate CN {cn!r} is not the charge point id",
+                http.HTTPStatus.FORBIDDEN,
+                "Certificate does not match\n",
             )
-            return connection.respond(http.HTTPStatus.FORBIDDEN, "Certificate does not match\n")
         if not self.config.require_auth:
             return None
         refusal = await self._authenticate(charger_id, request.headers)
@@ -924,21 +927,37 @@ class CentralSystem:
             )
             response.headers["Retry-After"] = str(HANDSHAKE_RETRY_AFTER_S)
             return response
-        self.metrics["handshakes_refused_auth"] += 1
         kind = SecurityEventKind.AUTH_FAILED
         if refusal == UNKNOWN_OR_WRONG:
             with contextlib.suppress(RedisError):
                 if not await self.credentials.known(charger_id):
                     kind, refusal = SecurityEventKind.UNKNOWN_ID, "no such charge point"
-        self.security_event(
+        response = self._refused(
+            connection,
+            "handshakes_refused_auth",
             kind,
-            principal=charger_id,
-            remote=_peer_ip(connection),
-            reason=f"at the handshake: {refusal} (HTTP 401)",
+            charger_id,
+            f"at the handshake: {refusal} (HTTP 401)",
+            http.HTTPStatus.UNAUTHORIZED,
+            "Invalid credentials\n",
         )
-        response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "Invalid credentials\n")
         response.headers["WWW-Authenticate"] = build_www_authenticate_basic("voltpool")
         return response
+
+    def _refused(
+        self,
+        connection: ServerConnection,
+        metric: str,
+        kind: SecurityEventKind,
+        principal: str,
+        reason: str,
+        status: http.HTTPStatus,
+        body: str,
+    ) -> Response:
+        """Count a refused handshake, record its security event, and answer it."""
+        self.metrics[metric] += 1
+        self.security_event(kind, principal=principal, remote=_peer_ip(connection), reason=reason)
+        return connection.respond(status, body)
 
     async def _authenticate(self, charger_id: str, headers: Headers) -> str | None:
         """None when the Basic credentials are this charge point's; else why not."""
