@@ -101,6 +101,11 @@ class _Loaded:
         )
 
 
+# LP repair rounds at most per solve, each only while the plan still loses energy (rare: a
+# site full in every slot the sliver's car could use) and within the solve's budget.
+_REPAIR_ROUNDS = 3
+
+
 class FastSolver:
     """Solves `PlanningProblem`s with HiGHS, keeping the last model and basis for the next one.
 
@@ -139,8 +144,14 @@ class FastSolver:
                 repaired = min_rate_plan(
                     prepared, result.charge_kw, result.discharge_kw, options, hints
                 )
-                if repaired[2]["repair_dropped_kwh"] > 1e-9 and self._loaded is not None:
-                    repaired = self._repair_round(prepared, options, repaired, deadline)
+                for _ in range(_REPAIR_ROUNDS):
+                    if repaired[2]["repair_dropped_kwh"] <= 1e-9 or self._loaded is None:
+                        break
+                    again = self._repair_round(prepared, options, repaired, deadline)
+                    if again[0] is repaired[0]:
+                        repaired = again
+                        break  # the round found nothing better: more rounds would not either
+                    repaired = again
             return finish(
                 prepared, result, options, elapsed_s=self._clock() - started, repaired=repaired
             )
@@ -152,7 +163,7 @@ class FastSolver:
         plan: tuple[FloatArray, FloatArray, dict[str, float]],
         deadline: float,
     ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
-        """One warm LP round when the free moves and the greedy repair would lose energy.
+        """A warm LP round when the free moves and the greedy repair would lose energy.
 
         The money model is re-solved with the plan's pattern as bounds: what runs keeps at
         least the minimum, a sliver left over goes on (>= minimum) when it is at least half of
