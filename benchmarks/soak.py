@@ -37,6 +37,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from controller.errors import StoreUnavailable
 from controller.events import SocReported
 from controller.planning.share import share_by_need
 from controller.state import FleetState, apply_event
-from simulators.chaos import SoakConfig, SoakReport, StackSoak
+from simulators.chaos import CALM_LAG_S, SoakConfig, SoakReport, StackSoak
 from tests.factories import small_site
 from tests.reliability.redis_process import RedisProcess
 
@@ -293,10 +294,16 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
                 else f"{len(drops)}, none back",
             )
         )
-    rtt, calm = report.rtt_ms, report.rtt_outside_faults_ms
+    rtt, calm, quiet = report.rtt_ms, report.rtt_outside_faults_ms, report.rtt_calm_ms
     rows += [
         ("OCPP round trip p50/p99/max", _ms(rtt, "p50", "p99", "max")),
         ("  outside fault windows", _ms(calm, "p50", "p99", "max")),
+        (
+            f"  ... and chargers' loop lag < {1000 * CALM_LAG_S:.0f} ms",
+            _ms(quiet, "p50", "p99", "max"),
+        ),
+        ("controller loop lag p50/p99/max", _ms(report.controller_lag_ms, "p50", "p99", "max")),
+        ("chargers' loop lag p50/p99/max", _ms(report.charger_lag_ms, "p50", "p99", "max")),
     ]
     replan = report.event_to_profile_s
     rows.append(
@@ -310,18 +317,29 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
     )
     growth = report.rss_growth(0.2 * report.wall_s)
     if growth is not None:
+        opened = report.open_between(0.2 * report.wall_s)
         rows.append(
             (
-                "RSS from 20 % of the run to the end",
-                f"{growth[0]:.0f} -> {growth[1]:.0f} MiB ({growth[2]:+.1f} %)",
+                "controller RSS from 20 % of the run to the end",
+                f"{growth[0]:.0f} -> {growth[1]:.0f} MiB ({growth[2]:+.1f} %)"
+                + (f"; open transactions {opened[0]} -> {opened[1]}" if opened else ""),
             )
         )
+    wall = max(report.wall_s, 1e-9)
     rows += [
         (
-            "CPU (whole process)",
-            f"{report.cpu_s:.0f} s = {100 * report.cpu_s / max(report.wall_s, 1e-9):.0f} %"
-            " of one core",
+            "CPU of the controller process",
+            f"{report.cpu_s:.0f} s = {100 * report.cpu_s / wall:.0f} % of one core",
         ),
+        (
+            "CPU of the charger processes",
+            ", ".join(f"{c:.0f} s = {100 * c / wall:.0f} %" for c in report.charger_cpu_s) or "n/a",
+        ),
+        (
+            "RSS of the charger processes",
+            ", ".join(f"{a:.0f} -> {b:.0f} MiB" for a, b in report.charger_rss_mib) or "n/a",
+        ),
+        ("load average (1, 5, 15 min) at the end", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("CALLs answered", f"{sum(report.calls.values())} {report.calls}"),
         ("charger errors", f"{report.charger_errors}"),
         ("transaction messages re-sent", f"{report.retries}"),
@@ -402,6 +420,8 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         restart_down_s=args.restart_down_s,
         coalesce_wall_s=args.coalesce_wall_s,
         trace_memory=args.trace_memory,
+        visits=args.visits,
+        charger_processes=args.charger_processes,
         seed=args.seed,
     )
     solver = share_by_need if args.solver == "share" else None
@@ -436,6 +456,12 @@ def main() -> None:
     stack.add_argument("--coalesce-wall-s", type=float, default=0.3)
     stack.add_argument(
         "--trace-memory", action="store_true", help="tracemalloc: top growth sites (slow)"
+    )
+    stack.add_argument(
+        "--visits", choices=("day", "steady"), default="day", help="pattern of the cars' visits"
+    )
+    stack.add_argument(
+        "--charger-processes", type=int, default=1, help="processes the chargers run in"
     )
     stack.add_argument("--seed", type=int, default=0)
     stack.add_argument("--json", help="also write the report as JSON to this file")

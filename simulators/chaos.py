@@ -24,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import gc
+import itertools
 import json
 import logging
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -126,9 +129,12 @@ class MeterRecord:
 class Ledger:
     """What the chargers sent and got a CALLRESULT for, shared by a fleet of ledger chargers.
 
-    `rtt` holds (wall time at the answer, round trip s) of every answered CALL; `retries`
-    counts re-sent transaction messages by action and cause; `event_to_profile_s` the wall
-    time from a StartTransaction's answer to the first TxProfile for that transaction.
+    `rtt_at`/`rtt_s` hold the wall time (`time.time()`, comparable across processes) at the
+    answer and the round trip (s) of every answered CALL; `ack_at` the wall time of each
+    acknowledged start, stop and MeterValues; `retries` counts re-sent transaction messages by
+    action and cause; `event_to_profile_s` the wall time from a StartTransaction's answer to
+    the first TxProfile for that transaction. A ledger crosses a process boundary as JSON
+    (`to_json`, `from_json`) and the ledgers of several charger processes are `merge`d.
     """
 
     starts: list[StartRecord] = field(default_factory=list)
@@ -136,11 +142,67 @@ class Ledger:
     meters: list[MeterRecord] = field(default_factory=list)
     retries: Counter[str] = field(default_factory=Counter)
     meter_values_unanswered: int = 0
-    rtt_at: array[float] = field(default_factory=lambda: array("d"))  # wall time of answer
+    rtt_at: array[float] = field(default_factory=lambda: array("d"))  # time.time() of answer
     rtt_s: array[float] = field(default_factory=lambda: array("d"))
+    ack_at: array[float] = field(default_factory=lambda: array("d"))  # transaction records
     event_to_profile_s: list[float] = field(default_factory=list)
     awaiting_profile: dict[tuple[str, int], float] = field(default_factory=dict)
     last_ack_wall: float = 0.0
+
+    def merge(self, other: Ledger) -> None:
+        """Add another process's ledger to this one."""
+        self.starts += other.starts
+        self.stops += other.stops
+        self.meters += other.meters
+        self.retries.update(other.retries)
+        self.meter_values_unanswered += other.meter_values_unanswered
+        self.rtt_at.extend(other.rtt_at)
+        self.rtt_s.extend(other.rtt_s)
+        self.ack_at.extend(other.ack_at)
+        self.event_to_profile_s += other.event_to_profile_s
+        self.awaiting_profile.update(other.awaiting_profile)
+        self.last_ack_wall = max(self.last_ack_wall, other.last_ack_wall)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ledger as JSON-able data (`from_json` reads it back)."""
+        return {
+            "starts": [dataclasses.astuple(s) for s in self.starts],
+            "stops": [dataclasses.astuple(s) for s in self.stops],
+            "meters": [dataclasses.astuple(m) for m in self.meters],
+            "retries": dict(self.retries),
+            "meter_values_unanswered": self.meter_values_unanswered,
+            "rtt_at": list(self.rtt_at),
+            "rtt_s": list(self.rtt_s),
+            "ack_at": list(self.ack_at),
+            "event_to_profile_s": self.event_to_profile_s,
+            "awaiting_profile": [[c, t, w] for (c, t), w in self.awaiting_profile.items()],
+            "last_ack_wall": self.last_ack_wall,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ledger:
+        """The ledger `to_json` wrote."""
+        return cls(
+            starts=[StartRecord(**_fields(StartRecord, row)) for row in data["starts"]],
+            stops=[StopRecord(**_fields(StopRecord, row)) for row in data["stops"]],
+            meters=[
+                MeterRecord(charger_id=c, connector_id=n, transaction_id=t, event_ids=tuple(ids))
+                for c, n, t, ids in data["meters"]
+            ],
+            retries=Counter(data["retries"]),
+            meter_values_unanswered=int(data["meter_values_unanswered"]),
+            rtt_at=array("d", data["rtt_at"]),
+            rtt_s=array("d", data["rtt_s"]),
+            ack_at=array("d", data["ack_at"]),
+            event_to_profile_s=[float(x) for x in data["event_to_profile_s"]],
+            awaiting_profile={(c, int(t)): float(w) for c, t, w in data["awaiting_profile"]},
+            last_ack_wall=float(data["last_ack_wall"]),
+        )
+
+
+def _fields(kind: type[Any], row: Sequence[Any]) -> dict[str, Any]:
+    """A dataclass's field names paired with the values of `row` (its `astuple`)."""
+    return dict(zip((f.name for f in dataclasses.fields(kind)), row, strict=True))
 
 
 class Disconnected(ConnectionError):
@@ -256,10 +318,13 @@ class LedgerChargePoint(SimChargePoint):
         else:
             result = await _unless(closed, SimChargePoint._call(self, payload))
         now = time.perf_counter()
+        wall = time.time()
         ledger = self.acks
-        ledger.rtt_at.append(now)
+        ledger.rtt_at.append(wall)
         ledger.rtt_s.append(now - started)
-        ledger.last_ack_wall = now
+        ledger.last_ack_wall = wall
+        if action in ("StartTransaction", "StopTransaction", "MeterValues"):
+            ledger.ack_at.append(wall)
         charger_id = self.spec.charger_id
         if action == "StartTransaction" and result.id_tag_info["status"] == "Accepted":
             transaction_id = int(result.transaction_id)
@@ -630,9 +695,20 @@ class Visit:
     departure: datetime
 
 
-def fleet_visits(chargers: int, start: datetime, hours: float, seed: int) -> list[Visit]:
-    """Every charger gets an evening car that leaves in the morning; half of them also a short
-    visit in the afternoon. Arrivals are spread, so starts and stops come all day."""
+def fleet_visits(
+    chargers: int, start: datetime, hours: float, seed: int, pattern: str = "day"
+) -> list[Visit]:
+    """The cars of a simulated span, by `pattern`.
+
+    "day": every charger gets an evening car that leaves in the morning; half of them also a
+    short visit in the afternoon (arrivals are spread, so starts and stops come all day, but
+    the number of cars plugged in rises until the morning). "steady": every charger sees a
+    car after car (stays of 3-7 h, gaps of 1-3 h, scaled to a 24 h span), started at a random
+    phase so about as many cars arrive as leave at every moment (the last ones stay to the end
+    of the span): the fleet the memory check needs.
+    """
+    if pattern not in ("day", "steady"):
+        raise ValueError(f"unknown visit pattern {pattern!r}: day or steady")
     rng = random.Random(seed)
     span = timedelta(hours=hours)
     visits: list[Visit] = []
@@ -650,6 +726,21 @@ def fleet_visits(chargers: int, start: datetime, hours: float, seed: int) -> lis
         )
 
     for index in range(chargers):
+        if pattern == "steady":
+            # fractions of the span: a 3-7 h stay and a 1-3 h gap in a 24 h day. The renewals
+            # begin three cycles before the span, so it opens on the stationary mix (a car
+            # already plugged in is there from the first moment); the last car stays to the
+            # end of the span.
+            stay, gap = (3 / 24, 7 / 24), (1 / 24, 3 / 24)
+            arrive = -rng.uniform(0.0, 3 * (sum(stay) + sum(gap)) / 2)
+            n = 0
+            while arrive < 0.97:
+                leave = arrive + rng.uniform(*stay)
+                if leave > 0.002:
+                    visits.append(visit(index, f"s{n}", max(arrive, 0.002), min(leave, 0.99)))
+                    n += 1
+                arrive = leave + rng.uniform(*gap)
+            continue
         if rng.random() < 0.5:
             arrive = rng.uniform(0.01, 0.2)
             visits.append(visit(index, "a", arrive, arrive + rng.uniform(0.04, 0.1)))
@@ -679,7 +770,9 @@ class SoakConfig:
 
     `drop_fraction_per_min` of the chargers lose their socket (no close frame) in each
     `minute_s` of wall time. Message rates are on the simulated clock, which runs
-    `sim_hours * 3600 / wall_s` times faster than the wall.
+    `sim_hours * 3600 / wall_s` times faster than the wall. `visits` is the pattern of
+    `fleet_visits` ("day" or "steady"); the chargers run in `charger_processes` processes of
+    their own (`simulators.chaos_fleet`), each with a share of them.
     """
 
     chargers: int = 1000
@@ -701,6 +794,8 @@ class SoakConfig:
     # day runs many times faster than the wall.
     coalesce_wall_s: float = 0.3
     trace_memory: bool = False  # tracemalloc: where the memory grew from 20 % of the run on
+    visits: str = "day"
+    charger_processes: int = 1
     seed: int = 0
     start: datetime = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
 
@@ -709,36 +804,189 @@ class SoakConfig:
             raise ValueError("a soak needs chargers, a duration and a simulated span")
         if not 0.0 <= self.drop_fraction_per_min <= 1.0:
             raise ValueError("drop_fraction_per_min must be within 0..1")
+        if self.visits not in ("day", "steady"):
+            raise ValueError(f"visits must be 'day' or 'steady', not {self.visits!r}")
+        if not 1 <= self.charger_processes <= self.chargers:
+            raise ValueError("charger_processes must be within 1..chargers")
 
     @property
     def speed(self) -> float:
         """Simulated seconds per wall second."""
         return self.sim_hours * 3600.0 / self.wall_s
 
+    def to_json(self) -> dict[str, Any]:
+        """The configuration as JSON-able data (for a charger process)."""
+        data = dataclasses.asdict(self)
+        data["start"] = self.start.isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SoakConfig:
+        """The configuration `to_json` wrote."""
+        return cls(**{**data, "start": datetime.fromisoformat(data["start"])})
+
+    def shards(self) -> list[range]:
+        """The charger indices of each charger process (as even as can be)."""
+        bounds = np.linspace(0, self.chargers, self.charger_processes + 1).round().astype(int)
+        return [range(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pace:
+    """Simulated time as a function of the wall clock, the same in every process of a soak:
+    `sim0 + (time.time() - wall0) * speed`, never before `sim0` nor after `end`."""
+
+    wall0: float  # time.time()
+    sim0: datetime
+    speed: float
+    end: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.speed <= 0:
+            raise ValueError(f"a pace needs a positive speed, not {self.speed}")
+        if self.sim0.tzinfo is None:
+            raise ValueError("a pace needs a time zone")
+
+    def at(self, wall: float) -> datetime:
+        """The simulated time at wall time `wall`."""
+        sim = self.sim0 + timedelta(seconds=max(0.0, wall - self.wall0) * self.speed)
+        return sim if self.end is None else min(sim, self.end)
+
+    def to_json(self) -> dict[str, Any]:
+        """As JSON-able data."""
+        end = None if self.end is None else self.end.isoformat()
+        return {"wall0": self.wall0, "sim0": self.sim0.isoformat(), "speed": self.speed, "end": end}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Pace:
+        """The pace `to_json` wrote."""
+        end = data.get("end")
+        return cls(
+            wall0=float(data["wall0"]),
+            sim0=datetime.fromisoformat(data["sim0"]),
+            speed=float(data["speed"]),
+            end=None if end is None else datetime.fromisoformat(end),
+        )
+
+
+async def follow_paces(clock: SimClock, paces: Sequence[Pace], period_s: float = 0.02) -> None:
+    """Move `clock` with the wall, by the latest of `paces` whose `wall0` has come (the first
+    one before that); `paces` may grow while this runs. Runs until cancelled."""
+    while True:
+        wall = time.time()
+        pace = paces[0]
+        for candidate in paces:
+            if candidate.wall0 <= wall:
+                pace = candidate
+        await clock.run_until(pace.at(wall))
+        await asyncio.sleep(period_s)
+
+
+@dataclass(slots=True)
+class LoopLag:
+    """How late this process's event loop runs a timer: every `period_s` a task sleeps
+    `period_s` and records by how much more it slept (`lag_s`, at `at` = `time.time()`).
+    A lag is the time every ready callback (a socket's answer too) waited behind others."""
+
+    period_s: float = 0.02
+    at: array[float] = field(default_factory=lambda: array("d"))
+    lag_s: array[float] = field(default_factory=lambda: array("d"))
+
+    async def watch(self) -> None:
+        """Sample until cancelled."""
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(self.period_s)
+            self.lag_s.append(max(0.0, time.perf_counter() - began - self.period_s))
+            self.at.append(time.time())
+
+    def clear(self) -> None:
+        """Forget the samples so far."""
+        del self.at[:], self.lag_s[:]
+
+    def worst_between(self, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The largest lag sampled in each wall interval [begin, end + period] (0 if none).
+
+        A sample taken at t covers [t - period - lag, t]; a CALL sent at `begin` and answered
+        at `end` waited on this loop at most about the largest lag that overlaps it.
+        """
+        at = np.asarray(self.at, dtype=float)
+        lags = np.asarray(self.lag_s, dtype=float)
+        lo = np.searchsorted(at, np.asarray(begins, dtype=float), side="left")
+        hi = np.searchsorted(at, np.asarray(ends, dtype=float) + self.period_s, side="right")
+        return range_max(lags, lo, hi)
+
+
+def range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max(values[lo[i]:hi[i]]) for every i (0.0 for an empty range), by a sparse table."""
+    out = np.zeros(len(lo), dtype=float)
+    length = np.asarray(hi) - np.asarray(lo)
+    if values.size == 0 or out.size == 0:
+        return out
+    table = [np.asarray(values, dtype=float)]
+    while 2 ** len(table) <= values.size:
+        prev, half = table[-1], 2 ** (len(table) - 1)
+        table.append(np.maximum(prev[:-half], prev[half:]))
+    full = length > 0
+    level = np.zeros(len(lo), dtype=int)
+    level[full] = np.floor(np.log2(length[full])).astype(int)
+    for k in np.unique(level[full]):
+        pick = full & (level == k)
+        row = table[int(k)]
+        a = row[np.asarray(lo)[pick]]
+        b = row[np.asarray(hi)[pick] - 2 ** int(k)]
+        out[pick] = np.maximum(a, b)
+    return out
+
+
+# A round trip counts as "with the chargers' loop calm" when the chargers' event loop never ran
+# a timer later than this during the call: what is left of its time is the controller's (and
+# the kernel's).
+CALM_LAG_S = 0.010
+
 
 @dataclass(slots=True)
 class FaultRecord:
-    """One injected fault: what, when (wall s from the start), how long until recovered."""
+    """One injected fault: what, when (wall s from the start), how long until recovered.
+
+    `up_at` is the `time.time()` a killed server was up again (Redis kills), from which the
+    first acknowledged transaction message is found in the ledger after the run.
+    """
 
     kind: str
     at_s: float
     recovery_s: float | None = None
     detail: str = ""
+    up_at: float | None = None
 
 
 @dataclass(slots=True)
 class SoakReport:
-    """The figures of one run."""
+    """The figures of one run.
+
+    With the chargers in processes of their own, `cpu_s` and `rss_mib` are the controller
+    process's alone (it also runs the embedded MQTT broker and the feeds' publisher); the
+    chargers' are in `charger_cpu_s` and `charger_rss_mib`. `controller_lag_ms` and
+    `charger_lag_ms` are the two sides' event-loop lag (`LoopLag`); `rtt_calm_ms` the round
+    trips outside fault windows during which the chargers' loop lag stayed under
+    `CALM_LAG_S`.
+    """
 
     config: SoakConfig
     verdict: Verdict | None = None
     faults: list[FaultRecord] = field(default_factory=list)
     rtt_ms: dict[str, float] = field(default_factory=dict)
     rtt_outside_faults_ms: dict[str, float] = field(default_factory=dict)
+    rtt_calm_ms: dict[str, float] = field(default_factory=dict)
     event_to_profile_s: dict[str, float] = field(default_factory=dict)
     transactions_without_profile: int = 0
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
-    cpu_s: float = 0.0  # this process's CPU during the soak window (restart mode: whole run)
+    open_transactions: list[tuple[float, int]] = field(default_factory=list)
+    cpu_s: float = 0.0  # the controller process's CPU in the soak window (restart: whole run)
+    charger_cpu_s: list[float] = field(default_factory=list)  # each charger process, same window
+    charger_rss_mib: list[tuple[float, float]] = field(default_factory=list)  # each: start, end
+    controller_lag_ms: dict[str, float] = field(default_factory=dict)
+    charger_lag_ms: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     sim_reached: str = ""
     calls: dict[str, int] = field(default_factory=dict)
@@ -759,6 +1007,11 @@ class SoakReport:
         if len(after) < 2:
             return None
         return after[0], after[-1], 100.0 * (after[-1] - after[0]) / after[0]
+
+    def open_between(self, from_s: float) -> tuple[int, int] | None:
+        """Open transactions in the controller's state at `from_s` and at the end."""
+        after = [n for t, n in self.open_transactions if t >= from_s]
+        return (after[0], after[-1]) if len(after) >= 2 else None
 
 
 def _percentiles(values: Iterable[float], scale: float = 1.0) -> dict[str, float]:
@@ -781,8 +1034,139 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def cpu_s() -> float:
+    """This process's user + system CPU so far (s)."""
+    return sum(os.times()[:2])
+
+
+def ledger_chargers(
+    config: SoakConfig,
+    indices: Iterable[int],
+    clock: SimClock,
+    ledger: Ledger,
+    stats: FleetStats,
+) -> list[LedgerChargePoint]:
+    """The soak's ledger chargers with the given indices (each with its own seeded rng)."""
+    return [
+        LedgerChargePoint(
+            ChargerSpec(
+                charger_id=charger_id_for(index),
+                max_power_kw=11.0,
+                meter_interval_s=config.meter_interval_s,
+            ),
+            clock,
+            ledger,
+            heartbeat_s=config.heartbeat_s,
+            stats=stats,
+            rng=random.Random(config.seed * 1_000_003 + index),
+        )
+        for index in indices
+    ]
+
+
+async def connect_chargers(
+    chargers: Sequence[LedgerChargePoint],
+    url: str,
+    tasks: list[asyncio.Task[None]],
+    *,
+    connects_per_s: float,
+    stats: FleetStats,
+) -> None:
+    """Start each charger's connection (at `connects_per_s`) and wait until all are online;
+    raises `RuntimeError` with what the chargers saw if they are not in time."""
+    started = time.perf_counter()
+    for index, charger in enumerate(chargers):
+        charger_id = charger.spec.charger_id
+        tasks.append(asyncio.create_task(charger.run(url, charger_password(charger_id))))
+        pause = started + (index + 1) / connects_per_s - time.perf_counter()
+        if pause > 0:
+            await asyncio.sleep(pause)
+    try:
+        async with asyncio.timeout(120.0 + len(chargers) * 0.05):
+            for charger in chargers:
+                await charger.wait_online()
+    except TimeoutError:
+        online = sum(1 for c in chargers if c.online.is_set())
+        boots = Counter(str(c.boot_status) for c in chargers)
+        raise RuntimeError(
+            f"only {online} of {len(chargers)} chargers online; boot answers {boots}, "
+            f"errors {dict(stats.errors)}, sent {dict(stats.sent)}"
+        ) from None
+
+
+def sim_car(visit: Visit) -> SimCar:
+    """The simulated car of a visit."""
+    return SimCar(
+        vehicle_id=visit.vehicle_id,
+        id_tag=visit.vehicle_id,
+        capacity_kwh=visit.capacity_kwh,
+        energy_kwh=visit.arrival_soc * visit.capacity_kwh,
+        max_charge_kw=11.0,
+    )
+
+
+async def until(done: Callable[[], bool], timeout_s: float) -> float | None:
+    """Wall seconds until `done()` holds (polled every 10 ms), None after `timeout_s`."""
+    started = time.perf_counter()
+    while not done():
+        if time.perf_counter() - started > timeout_s:
+            return None
+        await asyncio.sleep(0.01)
+    return time.perf_counter() - started
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLEET_LINE = "@fleet "  # a charger process's protocol lines on its stdout start with this
+
+
+@dataclass(slots=True)
+class ChargerProcessHandle:
+    """One charger process of a soak (`simulators.chaos_fleet`), seen from the controller's."""
+
+    shard: int
+    process: asyncio.subprocess.Process
+    result_path: Path
+
+    async def read(self, timeout_s: float) -> dict[str, Any]:
+        """The next protocol line the process printed (other lines are passed on)."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout_s):
+            while True:
+                raw = await self.process.stdout.readline()
+                if not raw:
+                    code = await self.process.wait()
+                    raise RuntimeError(f"charger process {self.shard} ended ({code})")
+                line = raw.decode(errors="replace").rstrip("\n")
+                if line.startswith(FLEET_LINE):
+                    message: dict[str, Any] = json.loads(line[len(FLEET_LINE) :])
+                    return message
+                print(f"[chargers {self.shard}] {line}", flush=True)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """One protocol line to the process's stdin."""
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        await self.process.stdin.drain()
+
+    async def end(self) -> None:
+        """Wait a moment for the process to end; kill it (this one process) if it does not."""
+        if self.process.returncode is None:
+            try:
+                async with asyncio.timeout(30.0):
+                    await self.process.wait()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+
 class StackSoak:
-    """One full-stack soak run (see the module docstring); `run()` returns its `SoakReport`."""
+    """One full-stack soak run (see the module docstring); `run()` returns its `SoakReport`.
+
+    `run()` (T-08, L-01..L-03) runs the chargers in `config.charger_processes` processes of
+    their own (`simulators.chaos_fleet`), so this process holds the controller alone; both
+    sides move their simulated clocks by the same `Pace`s. `run_restart()` (S-12) keeps the
+    chargers in this process, since its simulated time steps with the fleet's state.
+    """
 
     SITE = "chaos"
 
@@ -806,12 +1190,19 @@ class StackSoak:
         self.broker = RestartableBroker()
         self.report = SoakReport(config)
         self.chargers: list[LedgerChargePoint] = []
-        self.visits = fleet_visits(config.chargers, config.start, config.sim_hours, config.seed)
+        self.visits = fleet_visits(
+            config.chargers, config.start, config.sim_hours, config.seed, config.visits
+        )
         self.controller: ControllerUnderTest | None = None
         self.publisher: Publisher | None = None
-        self._fault_windows: list[tuple[float, float]] = []
-        self._t0 = 0.0
+        self._fault_windows: list[tuple[float, float]] = []  # time.time()
+        self._t0 = 0.0  # time.time() at the start of the soak window
         self._charger_tasks: list[asyncio.Task[None]] = []
+        self._processes: list[ChargerProcessHandle] = []
+        self._paces: list[Pace] = []
+        self._lag = LoopLag()
+        self._charger_lags: list[float] = []
+        self._rtt_charger_lag: array[float] = array("d")  # aligned with the ledger's round trips
         self.records: ControllerRecords | None = None
 
     # -- set-up --
@@ -930,62 +1321,36 @@ class StackSoak:
             await asyncio.sleep(0.05)
 
     async def _connect_chargers(self) -> None:
-        # Simulated time follows the wall while the fleet connects, so a charger whose
-        # handshake failed (a loaded machine) backs off and tries again.
-        done = asyncio.Event()
-        pacer = asyncio.create_task(self._lockstep(done))
+        """S-12: the chargers in this process; simulated time follows the wall while they
+        connect, so a charger whose handshake failed (a loaded machine) backs off and retries."""
+        pacer = asyncio.create_task(
+            follow_paces(self.clock, [Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0)])
+        )
         try:
-            await self._ramp()
+            self.chargers = ledger_chargers(
+                self.config, range(self.config.chargers), self.clock, self.ledger, self.stats
+            )
+            await connect_chargers(
+                self.chargers,
+                self.runtime.central.url().rstrip("/"),
+                self._charger_tasks,
+                connects_per_s=self.config.connects_per_s,
+                stats=self.stats,
+            )
         finally:
-            done.set()
             await stop_task(pacer)
 
     async def _lockstep(self, stop: asyncio.Event) -> None:
         """Simulated time at the wall's pace, from now until `stop` is set."""
-        wall0, sim0 = time.perf_counter(), self.clock.now()
-        while not stop.is_set():
-            elapsed = time.perf_counter() - wall0
-            await self.clock.run_until(sim0 + timedelta(seconds=elapsed))
-            await asyncio.sleep(0.01)
-
-    async def _ramp(self) -> None:
-        url = self.runtime.central.url().rstrip("/")
-        rng = random.Random(self.config.seed)
-        started = time.perf_counter()
-        for index in range(self.config.chargers):
-            charger_id = charger_id_for(index)
-            charger = LedgerChargePoint(
-                ChargerSpec(
-                    charger_id=charger_id,
-                    max_power_kw=11.0,
-                    meter_interval_s=self.config.meter_interval_s,
-                ),
-                self.clock,
-                self.ledger,
-                heartbeat_s=self.config.heartbeat_s,
-                stats=self.stats,
-                rng=random.Random(rng.random()),
-            )
-            self.chargers.append(charger)
-            self._charger_tasks.append(
-                asyncio.create_task(charger.run(url, charger_password(charger_id)))
-            )
-            pause = started + (index + 1) / self.config.connects_per_s - time.perf_counter()
-            if pause > 0:
-                await asyncio.sleep(pause)
+        pacer = asyncio.create_task(
+            follow_paces(self.clock, [Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0)])
+        )
         try:
-            async with asyncio.timeout(120.0 + self.config.chargers * 0.05):
-                for charger in self.chargers:
-                    await charger.wait_online()
-        except TimeoutError:
-            online = sum(1 for c in self.chargers if c.online.is_set())
-            boots = Counter(str(c.boot_status) for c in self.chargers)
-            raise RuntimeError(
-                f"only {online} of {len(self.chargers)} chargers online; boot answers {boots}, "
-                f"errors {dict(self.stats.errors)}, sent {dict(self.stats.sent)}"
-            ) from None
+            await stop.wait()
+        finally:
+            await stop_task(pacer)
 
-    async def _start(self, data_dir: str) -> None:
+    async def _start_controller(self, data_dir: str) -> None:
         self.redis_server.start()
         await self.broker.start()
         self.controller = ControllerUnderTest(self._settings(data_dir), self.clock, self.solver)
@@ -994,14 +1359,55 @@ class StackSoak:
         self.publisher = Publisher(self.broker.host, self.broker.port, link.topics.prefix)
         await self._provision()
         self.progress("configuration applied; connecting chargers")
+
+    async def _start(self, data_dir: str) -> None:
+        """S-12: the controller, and the chargers in this process."""
+        await self._start_controller(data_dir)
         await self._connect_chargers()
         self.progress(f"{len(self.chargers)} chargers online")
+
+    async def _spawn(self, workdir: Path, connect: Pace) -> None:
+        """Start the charger processes and wait until each has its chargers online."""
+        link = self.runtime.link
+        for shard, indices in enumerate(self.config.shards()):
+            job = {
+                "config": self.config.to_json(),
+                "url": self.runtime.central.url().rstrip("/"),
+                "broker": [self.broker.host, self.broker.port],
+                "topic_prefix": link.topics.prefix,
+                "first": indices.start,
+                "count": len(indices),
+                "shard": shard,
+                "connect": connect.to_json(),
+            }
+            job_path = workdir / f"fleet-{shard}.json"
+            job_path.write_text(json.dumps(job))
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "simulators.chaos_fleet",
+                str(job_path),
+                str(workdir / f"fleet-{shard}-result.json"),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=REPO_ROOT,
+            )
+            self._processes.append(
+                ChargerProcessHandle(shard, process, workdir / f"fleet-{shard}-result.json")
+            )
+        timeout = 180.0 + self.config.chargers * 0.06
+        for handle in self._processes:
+            message = await handle.read(timeout)
+            if "online" not in message:
+                raise RuntimeError(f"charger process {handle.shard}: {message}")
 
     async def _stop(self) -> None:
         for task in self._charger_tasks:
             task.cancel()
         for task in self._charger_tasks:
             await stop_task(task)
+        for handle in self._processes:
+            await handle.end()
         if self.publisher is not None:
             await self.publisher.close()
         if self.controller is not None:
@@ -1012,105 +1418,45 @@ class StackSoak:
     # -- the run --
 
     def _wall(self) -> float:
-        return time.perf_counter() - self._t0
-
-    async def _pace(self, stop: asyncio.Event) -> None:
-        """Move the simulated clock with the wall clock at the configured speed."""
-        wall0, sim0 = time.perf_counter(), self.clock.now()
-        end = self.config.start + timedelta(hours=self.config.sim_hours)
-        while not stop.is_set():
-            elapsed = time.perf_counter() - wall0
-            target = min(end, sim0 + timedelta(seconds=elapsed * self.config.speed / PACE_SHARE))
-            await self.clock.run_until(target)
-            await asyncio.sleep(0.02)
-
-    async def _drive(self, charger: LedgerChargePoint, visits: Sequence[Visit]) -> None:
-        """One charger's day: its cars arrive and leave on the simulated clock."""
-        assert self.publisher is not None
-        for visit in visits:
-            await self.clock.sleep_until(visit.arrival)
-            now = self.clock.now().isoformat()
-            await self.publisher.publish(
-                f"vehicle/{visit.vehicle_id}/departure",
-                {
-                    "at": now,
-                    "departure": visit.departure.isoformat(),
-                    "target_soc": visit.target_soc,
-                },
-            )
-            await charger.arrive(self._car(visit))
-            await self.clock.sleep_until(visit.departure)
-            await charger.leave()
-
-    async def _until(self, done: Callable[[], bool], timeout_s: float) -> float | None:
-        """Wall seconds until `done()` holds (polled every 10 ms), None after `timeout_s`."""
-        started = time.perf_counter()
-        while not done():
-            if time.perf_counter() - started > timeout_s:
-                return None
-            await asyncio.sleep(0.01)
-        return time.perf_counter() - started
+        return time.time() - self._t0
 
     async def _kill_redis(self) -> FaultRecord:
         record = FaultRecord("redis kill -9", self._wall())
-        began = time.perf_counter()
+        began = time.time()
         self.redis_server.kill9()
         await asyncio.sleep(self.config.redis_down_s)
         await asyncio.to_thread(self.redis_server.start)
-        up = time.perf_counter()
+        record.up_at = up = time.time()
         applied = self.runtime.service.counters.get("events_applied", 0)
-        acked = len(self.ledger.starts) + len(self.ledger.stops) + len(self.ledger.meters)
-        waits = await asyncio.gather(
-            self._until(
-                lambda: self.runtime.service.counters.get("events_applied", 0) > applied,
-                self.config.recovery_timeout_s,
-            ),
-            self._until(
-                lambda: (
-                    len(self.ledger.starts) + len(self.ledger.stops) + len(self.ledger.meters)
-                    > acked
-                ),
-                self.config.recovery_timeout_s,
-            ),
+        waited = await until(
+            lambda: self.runtime.service.counters.get("events_applied", 0) > applied,
+            self.config.recovery_timeout_s,
         )
-        if None not in waits:
-            record.recovery_s = max(w for w in waits if w is not None)
-        record.detail = (
-            f"down {up - began:.2f} s; restart -> first event applied "
-            f"{_fmt(waits[0])}, first transaction message answered {_fmt(waits[1])}"
-        )
-        self._fault_windows.append((began, time.perf_counter() + 1.0))
+        record.recovery_s = waited  # the chargers' side is added from the ledger (`_judge`)
+        record.detail = f"down {up - began:.2f} s; restart -> first event applied {_fmt(waited)}"
+        self._fault_windows.append((began, time.time() + 1.0))
         return record
 
     async def _restart_broker(self) -> FaultRecord:
         record = FaultRecord("broker restart", self._wall())
-        began = time.perf_counter()
+        began = time.time()
         link = self.runtime.link
         before = link.connections
         await self.broker.stop()
         await asyncio.sleep(self.config.broker_down_s)
         await self.broker.start()
-        waited = await self._until(
+        waited = await until(
             lambda: link.connections > before and link.connected.is_set(),
             self.config.recovery_timeout_s,
         )
         record.recovery_s = waited
         record.detail = f"broker up -> controller resubscribed {_fmt(waited)}"
-        self._fault_windows.append((began, time.perf_counter() + 1.0))
-        return record
-
-    async def _drop_one(self, charger: LedgerChargePoint) -> FaultRecord:
-        record = FaultRecord("socket drop", self._wall(), detail=charger.spec.charger_id)
-        sessions = len(charger.connected_at)
-        await charger.drop()
-        record.recovery_s = await self._until(
-            lambda: len(charger.connected_at) > sessions and charger.online.is_set(),
-            self.config.recovery_timeout_s,
-        )
+        self._fault_windows.append((began, time.time() + 1.0))
         return record
 
     async def _chaos(self) -> None:
-        """The faults, on a wall-time schedule spread over the run."""
+        """The controller side's faults (Redis kills, broker restarts) on a wall-time schedule
+        spread over the run; the socket drops are the charger processes'."""
         config = self.config
         schedule: list[tuple[float, str]] = []
         for i in range(config.redis_kills):
@@ -1118,17 +1464,7 @@ class StackSoak:
         for j in range(config.broker_restarts):
             at = (j + 0.75) / config.broker_restarts * 0.9 * config.wall_s
             schedule.append((at, "broker"))
-        rng = random.Random(config.seed + 1)
-        minutes = max(1, round(config.wall_s / config.minute_s))
-        per_minute = round(config.drop_fraction_per_min * config.chargers)
-        if config.drop_fraction_per_min > 0:
-            per_minute = max(1, per_minute)
-        for minute in range(minutes):
-            for _ in range(per_minute):
-                at = (minute + rng.random()) * config.wall_s / minutes
-                schedule.append((min(at, config.wall_s * 0.98), "drop"))
         schedule.sort()
-        drops: list[asyncio.Task[FaultRecord]] = []
         for at, kind in schedule:
             pause = at - self._wall()
             if pause > 0:
@@ -1136,38 +1472,31 @@ class StackSoak:
             if kind == "redis":
                 self.progress(f"{self._wall():.0f} s: kill -9 redis-server")
                 self.report.faults.append(await self._kill_redis())
-            elif kind == "broker":
+            else:
                 self.progress(f"{self._wall():.0f} s: restart the broker")
                 self.report.faults.append(await self._restart_broker())
-            else:
-                online = [c for c in self.chargers if c.online.is_set()]
-                if online:
-                    drops.append(asyncio.create_task(self._drop_one(rng.choice(online))))
-        for record in await asyncio.gather(*drops):
-            self.report.faults.append(record)
 
-    async def _sample(self, stop: asyncio.Event) -> None:
+    async def _sample(self) -> None:
+        """RSS and open transactions every 5 s (until cancelled); with `trace_memory`, the
+        growth sites from 20 % of the run on."""
         first: tracemalloc.Snapshot | None = None
         mark = 0.2 * self.config.wall_s
         try:
-            await self._sample_until(stop, mark)
-            if self.config.trace_memory:
-                first = tracemalloc.take_snapshot()
-            await self._sample_until(stop, None)
+            while True:
+                self.report.rss_mib.append((self._wall(), rss_mib()))
+                state = self.runtime.service.state
+                open_now = sum(1 for tx in state.transactions.values() if tx.meter_stop_wh is None)
+                self.report.open_transactions.append((self._wall(), open_now))
+                if self.config.trace_memory and first is None and self._wall() >= mark:
+                    first = tracemalloc.take_snapshot()
+                pause = 5.0 if self._wall() >= mark else max(0.01, min(5.0, mark - self._wall()))
+                await asyncio.sleep(pause)
         finally:
             if first is not None:
                 last = tracemalloc.take_snapshot()
                 top = last.compare_to(first, "lineno")[:15]
                 self.report.memory_growth = [str(stat) for stat in top]
                 tracemalloc.stop()
-
-    async def _sample_until(self, stop: asyncio.Event, until_s: float | None) -> None:
-        while not stop.is_set() and (until_s is None or self._wall() < until_s):
-            self.stats.rtt_s.clear()  # the ledger keeps its own round trips, compactly
-            self.report.rss_mib.append((self._wall(), rss_mib()))
-            pause = 5.0 if until_s is None else max(0.01, min(5.0, until_s - self._wall()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
 
     async def _drain(self) -> None:
         """Wait until the controller has applied everything the chargers were answered for."""
@@ -1185,46 +1514,78 @@ class StackSoak:
         log.warning("the controller did not drain its log within 120 s")
 
     async def run(self) -> SoakReport:
-        """Start everything, run the day with its faults, compare the ledger, stop."""
+        """Start the controller here and the chargers in their processes, run the day with its
+        faults, collect the chargers' ledgers, compare, stop."""
         config, report = self.config, self.report
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
+            background: list[asyncio.Task[None]] = []
             try:
-                await self._start(str(self.data_dir or tmp))
-                cpu0 = sum(os.times()[:2])  # the soak window only, not the set-up
-                stop = asyncio.Event()
-                by_charger: dict[int, list[Visit]] = defaultdict(list)
-                for visit in self.visits:
-                    by_charger[visit.charger_index].append(visit)
+                await self._start_controller(str(self.data_dir or tmp))
+                self._paces.append(Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0))
+                background.append(asyncio.create_task(follow_paces(self.clock, self._paces)))
+                await self._spawn(Path(tmp), self._paces[0])
+                self.progress(f"{config.chargers} chargers online")
+                wall0 = time.time() + 0.5
+                go = Pace(
+                    wall0=wall0,
+                    sim0=self._paces[0].at(wall0),
+                    speed=config.speed / PACE_SHARE,
+                    end=config.start + timedelta(hours=config.sim_hours),
+                )
+                self._paces.append(go)
+                for handle in self._processes:
+                    await handle.send({"go": go.to_json()})
+                await asyncio.sleep(max(0.0, wall0 - time.time()))
+                self._t0 = wall0
                 if config.trace_memory:
                     tracemalloc.start(8)
-                self._t0 = time.perf_counter()
-                del self.ledger.rtt_at[:], self.ledger.rtt_s[:]
-                background = [
-                    asyncio.create_task(self._pace(stop)),
-                    asyncio.create_task(self._sample(stop)),
+                cpu0 = cpu_s()
+                background += [
+                    asyncio.create_task(self._sample()),
                     asyncio.create_task(self._feeds()),
+                    asyncio.create_task(self._lag.watch()),
                 ]
-                drivers = [
-                    asyncio.create_task(self._drive(self.chargers[i], by_charger[i]))
-                    for i in sorted(by_charger)
-                ]
-                chaos = asyncio.create_task(self._chaos())
-                await asyncio.sleep(config.wall_s)
-                await chaos
+                await self._chaos()
+                await asyncio.sleep(max(0.0, config.wall_s - self._wall()))
                 report.wall_s = self._wall()
-                report.cpu_s = sum(os.times()[:2]) - cpu0
+                report.cpu_s = cpu_s() - cpu0
                 report.sim_reached = self.clock.now().isoformat()
-                for task in drivers:
-                    await stop_task(task)
-                stop.set()
+                self.progress("soak window over; collecting the chargers' ledgers")
+                results = [
+                    await handle.read(config.recovery_timeout_s + 120.0)
+                    for handle in self._processes
+                ]
                 for task in background:
                     await stop_task(task)
-                self.progress("faults over; draining the controller's log")
+                background = []
+                for handle, result in zip(self._processes, results, strict=True):
+                    if "done" not in result:
+                        raise RuntimeError(f"charger process {handle.shard}: {result}")
+                    self._collect(json.loads(handle.result_path.read_text()))
+                self.progress("draining the controller's log")
                 await self._drain()
                 await self._judge()
             finally:
+                for task in background:
+                    await stop_task(task)
                 await self._stop()
         return report
+
+    def _collect(self, result: dict[str, Any]) -> None:
+        """Add one charger process's ledger, counters, faults and lag to this run's."""
+        self.ledger.merge(Ledger.from_json(result["ledger"]))
+        self._rtt_charger_lag.extend(result["rtt_charger_lag_s"])
+        self._charger_lags += result["lag_s"]
+        stats = result["stats"]
+        self.stats.answered.update(stats["answered"])
+        self.stats.errors.update(stats["errors"])
+        self.stats.sent.update(stats["sent"])
+        self.stats.connects += int(stats["connects"])
+        self.report.faults += [FaultRecord(**f) for f in result["faults"]]
+        self.report.charger_cpu_s.append(float(result["cpu_s"]))
+        start_mib, end_mib = result["rss_mib"]
+        self.report.charger_rss_mib.append((float(start_mib), float(end_mib)))
+        self.report.sim_reached = max(self.report.sim_reached, str(result["sim_reached"]))
 
     async def _judge(self) -> None:
         """Read the controller's records, compare them with the ledger, compute the figures."""
@@ -1234,16 +1595,21 @@ class StackSoak:
         finally:
             await client.aclose()
         self.report.verdict = compare(self.ledger, self.records)
+        self._redis_recoveries()
         self._figures()
 
-    def _car(self, visit: Visit) -> SimCar:
-        return SimCar(
-            vehicle_id=visit.vehicle_id,
-            id_tag=visit.vehicle_id,
-            capacity_kwh=visit.capacity_kwh,
-            energy_kwh=visit.arrival_soc * visit.capacity_kwh,
-            max_charge_kw=11.0,
-        )
+    def _redis_recoveries(self) -> None:
+        """Each Redis kill's recovery: the later of its first applied event and the first
+        transaction message a charger was answered for after the restart (from the ledger)."""
+        acks = np.sort(np.asarray(self.ledger.ack_at, dtype=float))
+        for fault in self.report.faults:
+            if fault.up_at is None:
+                continue
+            i = int(np.searchsorted(acks, fault.up_at, side="right"))
+            answered = float(acks[i] - fault.up_at) if i < acks.size else None
+            fault.detail += f", first transaction message answered {_fmt(answered)}"
+            if fault.recovery_s is not None:
+                fault.recovery_s = None if answered is None else max(fault.recovery_s, answered)
 
     def _settled(self, since: datetime) -> bool:
         """Every charger either waits on the clock (back-off) or is online and re-synced."""
@@ -1254,7 +1620,7 @@ class StackSoak:
     async def _step(self, since: datetime) -> None:
         """One simulated second, then (up to 2 s wall) until the fleet has settled."""
         await self.clock.advance(timedelta(seconds=1))
-        await self._until(lambda: self._settled(since), 2.0)
+        await until(lambda: self._settled(since), 2.0)
 
     async def run_restart(self, max_sim_s: float = 600.0) -> SoakReport:
         """S-12: every charger connected with a car charging, then the controller restarts.
@@ -1270,12 +1636,12 @@ class StackSoak:
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
             try:
                 await self._start(str(self.data_dir or tmp))
-                self._t0 = time.perf_counter()
+                self._t0 = time.time()
                 firsts: dict[int, Visit] = {}
                 for visit in self.visits:
                     firsts.setdefault(visit.charger_index, visit)
                 await asyncio.gather(
-                    *(self.chargers[i].arrive(self._car(v)) for i, v in firsts.items())
+                    *(self.chargers[i].arrive(sim_car(v)) for i, v in firsts.items())
                 )
                 for _ in range(600):  # until each transaction has had its first TxProfile
                     if not self.ledger.awaiting_profile:
@@ -1341,13 +1707,17 @@ class StackSoak:
         report, ledger = self.report, self.ledger
         report.rtt_ms = _percentiles(ledger.rtt_s, 1000.0)
         windows = self._fault_windows
-
-        def calm(at: float) -> bool:
-            return not any(a <= at <= b for a, b in windows)
-
-        report.rtt_outside_faults_ms = _percentiles(
-            (r for t, r in zip(ledger.rtt_at, ledger.rtt_s, strict=True) if calm(t)), 1000.0
-        )
+        at = np.asarray(ledger.rtt_at, dtype=float)
+        rtt = np.asarray(ledger.rtt_s, dtype=float)
+        calm = np.ones(at.size, dtype=bool)
+        for begin, end in windows:
+            calm &= ~((at >= begin) & (at <= end))
+        report.rtt_outside_faults_ms = _percentiles(rtt[calm], 1000.0)
+        if len(self._rtt_charger_lag) == at.size and at.size:
+            quiet = calm & (np.asarray(self._rtt_charger_lag) < CALM_LAG_S)
+            report.rtt_calm_ms = _percentiles(rtt[quiet], 1000.0)
+        report.controller_lag_ms = _percentiles(self._lag.lag_s, 1000.0)
+        report.charger_lag_ms = _percentiles(self._charger_lags, 1000.0)
         report.event_to_profile_s = _percentiles(ledger.event_to_profile_s)
         report.transactions_without_profile = len(ledger.awaiting_profile)
         report.calls = dict(self.stats.answered)

@@ -1,8 +1,9 @@
 """A tiny full-stack chaos soak (RELIABILITY.md T-08, L-03, S-12 in small), and proof that the
 ledger comparison of `benchmarks/soak.py` can fail.
 
-Ten simulated chargers on a `SimClock` paced by the wall (a simulated afternoon and night in a
-few seconds) run against the controller wired as in production (OCPP central system on a real
+Ten simulated chargers in a process of their own (`simulators.chaos_fleet`), on a simulated
+clock paced by the wall like the controller's (a simulated afternoon and night in a few
+seconds), run against the controller wired as in production (OCPP central system on a real
 WebSocket, lease dispatcher, MQTT link, Redis store, planner), with one kill -9 of the
 redis-server, one broker restart and one dropped socket. What the chargers were answered for
 must be exactly what the controller recorded; removing or doubling one record must be seen.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,22 @@ def test_the_ledger_matches_the_controller_through_every_kind_of_fault(
     assert all(f.recovery_s is not None for f in report.faults), report.faults
     assert report.event_to_profile_s["n"] >= 1
     assert report.rtt_ms["p99"] > 0
+
+
+def test_the_chargers_ran_in_their_own_process_and_were_measured_there(soaked: StackSoak) -> None:
+    """L-01's split: the chargers' CPU, RSS and loop lag come from a process of their own, the
+    controller's loop lag from this one, and every round trip has the chargers' lag beside it."""
+    report = _report(soaked)
+    assert len(report.charger_cpu_s) == soaked.config.charger_processes == 1
+    assert report.charger_cpu_s[0] > 0
+    assert report.charger_rss_mib[0][1] > 0
+    assert report.charger_lag_ms["n"] > 0
+    assert report.controller_lag_ms["n"] > 0
+    assert len(soaked._rtt_charger_lag) == len(soaked.ledger.rtt_s) > 0
+    assert report.rtt_calm_ms["n"] <= report.rtt_outside_faults_ms["n"]
+    # Both sides' clocks followed the same pace to the end of the simulated span.
+    end = soaked.config.start + timedelta(hours=soaked.config.sim_hours)
+    assert report.sim_reached == end.isoformat() == soaked.clock.now().isoformat()
 
 
 def test_the_comparison_sees_a_lost_start_stop_and_meter_value(soaked: StackSoak) -> None:

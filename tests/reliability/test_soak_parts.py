@@ -1,0 +1,146 @@
+"""The parts of the split chaos soak (`simulators.chaos`, `simulators.chaos_fleet`) a soak
+cannot check on itself: the shared pace, the loop-lag window maximum, the ledger crossing a
+process boundary, the shares of the fleet and the steady visit pattern of the memory check."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from simulators.chaos import (
+    Ledger,
+    LoopLag,
+    MeterRecord,
+    Pace,
+    SoakConfig,
+    StartRecord,
+    StopRecord,
+    Visit,
+    fleet_visits,
+    range_max,
+)
+
+START = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
+
+
+def test_range_max_matches_a_plain_loop_on_random_ranges() -> None:
+    """The sparse-table maximum equals max() of each slice, 0 for an empty one."""
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 17, 256, 1000):
+        values = rng.random(n)
+        lo = rng.integers(0, n + 1, 500)
+        hi = np.minimum(n, lo + rng.integers(0, n + 1, 500))
+        got = range_max(values, lo, hi)
+        want = [values[a:b].max() if b > a else 0.0 for a, b in zip(lo, hi, strict=True)]
+        assert np.array_equal(got, np.asarray(want))
+
+
+def test_worst_lag_during_a_call_sees_only_samples_that_overlap_it() -> None:
+    """A call gets the largest lag sampled from its sending to one period after its answer."""
+    lag = LoopLag(period_s=0.02)
+    for i, value in enumerate([0.0, 0.001, 0.3, 0.002, 0.0, 0.05]):
+        lag.at.append(100.0 + 0.1 * i)
+        lag.lag_s.append(value)
+    begins = np.array([100.0, 100.25, 100.31, 99.0])
+    ends = np.array([100.15, 100.29, 100.45, 99.5])
+    # [100.0, 100.17] holds the samples at 100.0 and 100.1; [100.25, 100.31] the one at
+    # 100.3; [100.31, 100.47] the one at 100.4; nothing before 100.
+    assert lag.worst_between(begins, ends).tolist() == [0.001, 0.002, 0.0, 0.0]
+
+
+def test_two_processes_with_the_same_paces_agree_on_the_simulated_time() -> None:
+    """A pace read back from JSON gives the same time; before its start it holds, after the
+    end it stops; a second pace takes over from where the first one was."""
+    connect = Pace(wall0=1000.0, sim0=START, speed=1.0)
+    again = Pace.from_json(connect.to_json())
+    assert again == connect
+    assert connect.at(999.0) == START
+    assert connect.at(1010.0) == START + timedelta(seconds=10)
+    go = Pace(wall0=1020.0, sim0=connect.at(1020.0), speed=144.0, end=START + timedelta(hours=24))
+    assert Pace.from_json(go.to_json()) == go
+    assert go.at(1021.0) == START + timedelta(seconds=20 + 144)
+    assert go.at(10**6) == START + timedelta(hours=24)
+    with pytest.raises(ValueError, match="positive speed"):
+        Pace(wall0=0.0, sim0=START, speed=0.0)
+
+
+def test_a_ledger_survives_json_and_merges_with_another() -> None:
+    """Every field of a ledger comes back from its JSON; merging adds the records."""
+    ledger = Ledger()
+    ledger.starts.append(
+        StartRecord(
+            charger_id="CP-0001",
+            connector_id=1,
+            transaction_id=7,
+            meter_start_wh=120,
+            timestamp="2024-03-04T12:00:00Z",
+        )
+    )
+    ledger.stops.append(
+        StopRecord(
+            charger_id="CP-0001",
+            transaction_id=7,
+            meter_stop_wh=9120,
+            timestamp="2024-03-04T15:00:00Z",
+        )
+    )
+    ledger.meters.append(
+        MeterRecord(charger_id="CP-0001", connector_id=1, transaction_id=7, event_ids=("a", "b"))
+    )
+    ledger.retries["StartTransaction:InternalError"] += 2
+    ledger.rtt_at.extend([1.0, 2.0])
+    ledger.rtt_s.extend([0.01, 0.02])
+    ledger.ack_at.append(1.5)
+    ledger.event_to_profile_s.append(0.3)
+    ledger.awaiting_profile[("CP-0002", 9)] = 4.0
+    ledger.meter_values_unanswered = 3
+    back = Ledger.from_json(ledger.to_json())
+    assert back == ledger
+    other = Ledger.from_json(ledger.to_json())
+    back.merge(other)
+    assert len(back.starts) == len(back.stops) == len(back.meters) == 2
+    assert back.retries["StartTransaction:InternalError"] == 4
+    assert list(back.rtt_s) == [0.01, 0.02, 0.01, 0.02]
+    assert back.meter_values_unanswered == 6
+
+
+def test_the_shares_of_the_fleet_cover_every_charger_once() -> None:
+    """Charger processes split the fleet into contiguous shares with nothing left out."""
+    for chargers, processes in ((10, 1), (10, 3), (5000, 2), (7, 7)):
+        config = SoakConfig(chargers=chargers, charger_processes=processes)
+        shares = config.shards()
+        assert len(shares) == processes
+        assert [i for share in shares for i in share] == list(range(chargers))
+    assert SoakConfig.from_json(SoakConfig(chargers=3).to_json()) == SoakConfig(chargers=3)
+    with pytest.raises(ValueError, match="charger_processes"):
+        SoakConfig(chargers=2, charger_processes=3)
+
+
+def _plugged_in(visits: list[Visit], at: datetime) -> int:
+    return sum(1 for v in visits if v.arrival <= at < v.departure)
+
+
+def test_the_steady_pattern_keeps_the_fleet_level_while_the_day_pattern_fills_up() -> None:
+    """From 20 % of the day to its end the steady pattern's cars plugged in stay within a few
+    per cent of their mean (as many arrivals as departures: a leak check can use it); the
+    day pattern's rise several-fold over the same span (why it cannot)."""
+    chargers, hours = 2000, 24.0
+    times = [START + timedelta(hours=hours * f) for f in np.linspace(0.2, 0.9, 15)]
+    steady = fleet_visits(chargers, START, hours, seed=4, pattern="steady")
+    levels = np.array([_plugged_in(steady, t) for t in times])
+    assert levels.mean() > 0.5 * chargers
+    assert (np.abs(levels - levels.mean()) / levels.mean()).max() < 0.08, levels
+    arrivals = sum(1 for v in steady if times[0] <= v.arrival < times[-1])
+    departures = sum(1 for v in steady if times[0] <= v.departure < times[-1])
+    assert abs(arrivals - departures) < 0.05 * arrivals
+    day = fleet_visits(chargers, START, hours, seed=4, pattern="day")
+    assert _plugged_in(day, times[-3]) > 3 * _plugged_in(day, times[0])
+    per_charger = [v.charger_index for v in steady]
+    assert set(per_charger) == set(range(chargers))
+    for index in random.Random(1).sample(range(chargers), 50):  # no charger has two cars at once
+        own = sorted((v for v in steady if v.charger_index == index), key=lambda v: v.arrival)
+        assert all(a.departure <= b.arrival for a, b in itertools.pairwise(own))
