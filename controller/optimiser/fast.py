@@ -101,11 +101,6 @@ class _Loaded:
         )
 
 
-# LP repair rounds at most per solve, each only while the plan still loses energy (rare: a
-# site full in every slot the sliver's car could use) and within the solve's budget.
-_REPAIR_ROUNDS = 3
-
-
 class FastSolver:
     """Solves `PlanningProblem`s with HiGHS, keeping the last model and basis for the next one.
 
@@ -142,78 +137,16 @@ class FastSolver:
             if options.min_rate_repair and problem.n_vehicles:
                 hints = self._hints if options.warm_start else None
                 repaired = min_rate_plan(
-                    prepared, result.charge_kw, result.discharge_kw, options, hints
+                    prepared,
+                    result.charge_kw,
+                    result.discharge_kw,
+                    options,
+                    hints,
+                    time_limit_s=deadline - self._clock(),
                 )
-                for _ in range(_REPAIR_ROUNDS):
-                    if repaired[2]["repair_dropped_kwh"] <= 1e-9 or self._loaded is None:
-                        break
-                    again = self._repair_round(prepared, options, repaired, deadline)
-                    if again[0] is repaired[0]:
-                        repaired = again
-                        break  # the round found nothing better: more rounds would not either
-                    repaired = again
             return finish(
                 prepared, result, options, elapsed_s=self._clock() - started, repaired=repaired
             )
-
-    def _repair_round(
-        self,
-        prepared: Prepared,
-        options: OptimiserOptions,
-        plan: tuple[FloatArray, FloatArray, dict[str, float]],
-        deadline: float,
-    ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
-        """A warm LP round when the free moves and the greedy repair would lose energy.
-
-        The money model is re-solved with the plan's pattern as bounds: what runs keeps at
-        least the minimum, a sliver left over goes on (>= minimum) when it is at least half of
-        it, else off. The LP moves energy across all cars at once, which pairwise swaps cannot;
-        its plan is then rounded and repaired as before, and kept if it loses less energy (then
-        costs less). Time-boxed by the solve's budget; the money model's bounds are restored.
-        """
-        loaded = self._loaded
-        assert loaded is not None
-        layout = loaded.layout
-        p = prepared.problem
-        charge, discharge = plan[0], plan[1]
-        nx, nv = layout.nx, layout.nv
-        cols = np.concatenate([np.arange(nx), layout.v0 + np.arange(nv)]).astype(np.int64)
-        car = np.concatenate([layout.x_car, layout.v_car])
-        slot = np.concatenate([layout.x_slot, layout.v_slot])
-        dt, minimum = p.dt_h[slot], p.min_kw[car]
-        power = np.concatenate(
-            [charge[layout.x_car, layout.x_slot], discharge[layout.v_car, layout.v_slot]]
-        )
-        base_lower, base_upper = loaded.col_lower[cols].copy(), loaded.col_upper[cols].copy()
-        limited = (minimum > 1e-9) & (base_lower <= 0.0)
-        fits = base_upper >= minimum * dt - 1e-12
-        running = limited & fits & (power >= minimum - 1e-7)
-        sliver = limited & (power > 1e-7) & (power < minimum - 1e-7)
-        on = sliver & fits & (power >= 0.5 * minimum)
-        lower = np.where(running | on, np.maximum(base_lower, minimum * dt), base_lower)
-        upper = np.where(sliver & ~on, base_lower, base_upper)
-        _cols(loaded, cols, lower, upper)
-        loaded.at_cost_basis = False
-        info = dict(plan[2])
-        info["repair_lp_round"] = 1.0
-        try:
-            status = _run(loaded.highs, _Counter(deadline, self._clock))
-            if status != "optimal":
-                return plan[0], plan[1], info
-            values = _Solution.read(loaded.highs, layout, duals=False).col_value
-            again = _powers(layout, prepared, values)
-        finally:
-            _cols(loaded, cols, base_lower, base_upper)
-        second = min_rate_plan(prepared, again[0], again[1], options)
-        keep = (second[2]["repair_dropped_kwh"], money_eur(p, second[0], second[1])) < (
-            plan[2]["repair_dropped_kwh"],
-            money_eur(p, plan[0], plan[1]),
-        )
-        if not keep:
-            return plan[0], plan[1], info
-        second[2]["repair_lp_round"] = 1.0
-        second[2]["repair_lp_round_kept"] = 1.0
-        return second
 
     def forget(self) -> None:
         """Drop the loaded models (the next solve starts cold)."""

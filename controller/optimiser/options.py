@@ -28,6 +28,9 @@ class OptimiserOptions:
     # Total shortfall (kWh) below which the fleet counts as fully served.
     feasibility_tolerance_kwh: float = 1e-6
     time_limit_s: float = 2.0  # per LP solve
+    # The min-rate step's MIP (`controller.optimiser.residual`), run only when the cheap moves
+    # would lose energy a car needs, may take this long (and never beyond `time_limit_s`).
+    min_rate_mip_s: float = 0.3
     # Fast path only: seed HiGHS with a min-cost-flow basis on a cold start, and carry the
     # previous solve's basis over to the next problem (matched by vehicle and slot time).
     flow_start: bool = True
@@ -40,6 +43,8 @@ class OptimiserOptions:
             raise InvalidEvent("optimiser: feasibility_tolerance_kwh must not be negative")
         if self.time_limit_s <= 0.0:
             raise InvalidEvent("optimiser: time_limit_s must be positive")
+        if self.min_rate_mip_s < 0.0:
+            raise InvalidEvent("optimiser: min_rate_mip_s must not be negative")
         if self.shortfall_penalty_eur_per_kwh < 0.0:
             raise InvalidEvent("optimiser: shortfall_penalty_eur_per_kwh must not be negative")
 

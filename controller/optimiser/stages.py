@@ -16,7 +16,8 @@ from controller.errors import VoltpoolError
 from controller.optimiser.options import OptimiserOptions
 from controller.optimiser.prepare import Prepared
 from controller.optimiser.repair import repair_min_rate
-from controller.optimiser.rounding import Hints, round_slivers
+from controller.optimiser.residual import lost_reasons, settle_residual
+from controller.optimiser.rounding import Hints, round_slivers, slivers
 from controller.planning.problem import (
     FloatArray,
     Schedule,
@@ -76,9 +77,18 @@ def min_rate_plan(
     discharge_kw: FloatArray,
     options: OptimiserOptions,
     hints: Hints | None = None,
+    *,
+    time_limit_s: float | None = None,
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
     """(charge, discharge, figures): the free moves of `round_slivers`, then the greedy
-    `repair_min_rate` for what they leave."""
+    `repair_min_rate` for what they leave, then, if that loses energy a car needs, the exact
+    `settle_residual` MIP (within `options.min_rate_mip_s` and `time_limit_s`, default the
+    options' budget).
+
+    `repair_dropped_kwh` is the battery energy the final plan still gives the cars less than
+    the LP did (capped at their need; `min_rate_lost_*` says why), `repair_greedy_dropped_kwh`
+    what the greedy repair alone dropped.
+    """
     problem = prepared.problem
     cap = prepared.headroom_kw
     if options.peak_flattening or problem.demand_charge_eur_per_kw > 0.0:
@@ -94,6 +104,21 @@ def min_rate_plan(
             ("repair_cars", "repair_moves", "repair_dropped_kwh", "min_rate_violations"), 0.0
         )
     repair_info.update(rounding_info)
+    repair_info["repair_greedy_dropped_kwh"] = repair_info["repair_dropped_kwh"]
+    reasons = lost_reasons(prepared, charge_kw, charge, discharge)
+    if reasons["min_rate_lost_kwh"] > 0.0:
+        limit = options.time_limit_s if time_limit_s is None else time_limit_s
+        limit = min(limit, options.min_rate_mip_s)
+        charge, mip_info = settle_residual(
+            prepared, charge_kw, charge, discharge, time_limit_s=limit
+        )
+        repair_info.update(mip_info)
+        if mip_info.get("repair_mip_kept"):
+            small_charge, small_discharge = slivers(prepared, charge, discharge)
+            repair_info["min_rate_violations"] = float(small_charge.sum() + small_discharge.sum())
+            reasons = lost_reasons(prepared, charge_kw, charge, discharge)
+    repair_info.update(reasons)
+    repair_info["repair_dropped_kwh"] = reasons["min_rate_lost_kwh"]
     return charge, discharge, repair_info
 
 

@@ -1,0 +1,371 @@
+"""Min-rate residual: an exact MIP for the energy the cheap min-rate moves would lose.
+
+The free moves of `controller.optimiser.rounding` and the greedy `controller.optimiser.repair`
+look at one sliver (or one car) at a time. When the site is full in every slot a car can use
+(a morning where the head-room, not the price, decides, and the LP already shares a shortfall),
+no single move can lift a sliver to the charger's minimum, and the greedy repair drops it: the
+car loses the energy. Found on the live depot day (`tests/live/test_day.py`): a car whose
+remaining need is below one slot at the minimum rate (0.92 kWh, 4.14 kW x 0.25 h = 1.04 kWh)
+was given nothing, and cars with a sliver in a saturated slot near their departure lost it.
+
+What fixes both is a trade between cars: another car gives up a little power in the slot so
+that this one can run at its minimum (charging a full minimum-rate slot, a little more than
+needed, beats charging nothing), and takes it back elsewhere, possibly through a chain of
+cars. `settle_residual` finds the best such trade exactly: a small MIP with HiGHS
+semi-continuous columns (x = 0 or m_i dt <= x <= U_it dt) over the cars that lost energy and
+the cars sharing their slots, everything else fixed. Two passes: the least total shortfall
+against what the LP gave each car (capped at its need), then, among the plans that lose no
+more, the least money (for at most `MONEY_S`). It runs within the solve's time budget; its
+plan is checked (head-room, bounds, minimum rates, capacity) and kept only if it loses less
+energy, or as little for less money. What is left is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import highspy as _highspy
+import numpy as np
+from scipy import sparse
+
+from controller.optimiser.prepare import Prepared
+from controller.planning.problem import BoolArray, FloatArray, IntArray
+
+highspy: Any = _highspy
+
+# Largest MIP (semi-continuous columns) of the wider rounds (see `_cells`).
+MAX_CELLS = 4000
+# The money pass (among the plans that lose the least energy) gets at most this long.
+MONEY_S = 0.2
+_HIGHS_OPTIONS: dict[str, float | int | bool | str] = {
+    "mip_abs_gap": 1e-9,  # kWh of shortfall, then EUR
+    "mip_feasibility_tolerance": 1e-9,
+    "primal_feasibility_tolerance": 1e-9,
+}
+_TOL = 1e-7  # kW: below this a setpoint is 0, within it of the minimum it is at the minimum
+_ENERGY_TOL = 1e-6  # kWh: a car that gets this much less than the LP gave it lost nothing
+
+
+def lost_kwh(
+    prepared: Prepared, lp_charge: FloatArray, charge: FloatArray, discharge: FloatArray
+) -> FloatArray:
+    """(N,) battery kWh each charge-only car gets less than its want (see `wanted_kwh`)."""
+    gain = _gain(prepared, charge)
+    lost: FloatArray = np.maximum(0.0, wanted_kwh(prepared, lp_charge) - gain)
+    lost[prepared.v2g] = 0.0
+    lost[discharge.any(axis=1)] = 0.0
+    return lost
+
+
+def wanted_kwh(prepared: Prepared, lp_charge: FloatArray) -> FloatArray:
+    """(N,) what a min-rate plan must give each car: the LP's battery kWh, capped at the need."""
+    need = np.maximum(prepared.need_kwh, 0.0)
+    result: FloatArray = np.minimum(_gain(prepared, lp_charge), need)
+    return result
+
+
+def settle_residual(
+    prepared: Prepared,
+    lp_charge: FloatArray,
+    charge: FloatArray,
+    discharge: FloatArray,
+    *,
+    time_limit_s: float,
+) -> tuple[FloatArray, dict[str, float]]:
+    """(charge, figures): the min-rate plan `charge` with the least energy lost.
+
+    `lp_charge` is the LP's plan (what each car should get, `wanted_kwh`); `charge` and
+    `discharge` the min-rate plan of the cheap moves. Cars that may discharge are left as they
+    are. The MIP runs on growing sets of cells (`_cells`), each started from the best plan so
+    far, until no energy is lost, the widest set is solved to optimality, or `time_limit_s`
+    is spent. Figures: `repair_mip` (1 when it ran), `repair_mip_rounds`, `repair_mip_cells`
+    (of the last round), `repair_mip_proven` (1 when what is left is the least any min-rate
+    plan of the charge-only cars can lose: nothing, or the widest MIP's proven optimum),
+    `repair_mip_kept` (1 when a MIP plan replaced the cheap moves'), `repair_mip_s` (wall).
+    """
+    started = time.perf_counter()
+    lost = lost_kwh(prepared, lp_charge, charge, discharge)
+    info: dict[str, float] = {"repair_mip": 0.0}
+    losers = np.nonzero(lost > _ENERGY_TOL)[0]
+    if not len(losers) or time_limit_s <= 0.0:
+        return charge, info
+    grids = _cells(prepared, lp_charge, charge, discharge, losers)
+    info.update(repair_mip=1.0, repair_mip_rounds=0.0, repair_mip_proven=0.0, repair_mip_kept=0.0)
+    best, best_key = charge, (float(lost.sum()), _money(prepared, charge))
+    for k, cells in enumerate(grids):
+        left = time_limit_s - (time.perf_counter() - started)
+        if left <= 0.0:
+            break
+        info["repair_mip_rounds"] += 1.0
+        info["repair_mip_cells"] = float(len(cells[0]))
+        solved = _solve(prepared, lp_charge, best, discharge, cells, left)
+        if solved is not None and _valid(prepared, solved[0], discharge, best):
+            candidate = solved[0]
+            key = (
+                float(lost_kwh(prepared, lp_charge, candidate, discharge).sum()),
+                _money(prepared, candidate),
+            )
+            if key[0] < best_key[0] - 1e-9 or (
+                key[0] <= best_key[0] + 1e-9 and key[1] < best_key[1] - 1e-9
+            ):
+                best, best_key = candidate, key
+                info["repair_mip_kept"] = 1.0
+        if best_key[0] <= _ENERGY_TOL:
+            info["repair_mip_proven"] = 1.0
+            break
+        if solved is not None and solved[1] and k == len(grids) - 1:
+            info["repair_mip_proven"] = 1.0
+    info["repair_mip_s"] = time.perf_counter() - started
+    return best, info
+
+
+def lost_reasons(
+    prepared: Prepared, lp_charge: FloatArray, charge: FloatArray, discharge: FloatArray
+) -> dict[str, float]:
+    """What a min-rate plan still loses against the LP, and why.
+
+    `min_rate_lost_kwh` / `min_rate_lost_cars`: battery kWh (and cars) below `wanted_kwh`;
+    of those, `min_rate_lost_below_one_slot_kwh` is lost by cars that want less than one slot
+    at their minimum rate gives (then one full minimum-rate slot, a little more than needed,
+    did not fit in the site's head-room or the battery), the rest by cars whose slots the site
+    is too full to run at the minimum in.
+    """
+    lost = lost_kwh(prepared, lp_charge, charge, discharge)
+    problem = prepared.problem
+    one_slot = problem.eta_ch * problem.min_kw * float(problem.dt_h.max(initial=0.0))
+    below = wanted_kwh(prepared, lp_charge) < one_slot - _ENERGY_TOL
+    losing = lost > _ENERGY_TOL
+    return {
+        "min_rate_lost_kwh": float(lost[losing].sum()),
+        "min_rate_lost_cars": float(losing.sum()),
+        "min_rate_lost_below_one_slot_kwh": float(lost[losing & below].sum()),
+    }
+
+
+# -- the MIP -----------------------------------------------------------------------------------
+
+
+def _gain(prepared: Prepared, charge: FloatArray) -> FloatArray:
+    """(N,) battery kWh a charge plan adds before each car's departure."""
+    problem = prepared.problem
+    kwh = np.where(prepared.available, charge, 0.0) * problem.dt_h[None, :]
+    result: FloatArray = problem.eta_ch * kwh.sum(axis=1)
+    return result
+
+
+def _money(prepared: Prepared, charge: FloatArray) -> float:
+    problem = prepared.problem
+    return float((charge.sum(axis=0) * problem.dt_h) @ problem.price_eur_per_kwh)
+
+
+def _cells(
+    prepared: Prepared,
+    lp_charge: FloatArray,
+    charge: FloatArray,
+    discharge: FloatArray,
+    losers: IntArray,
+) -> list[tuple[IntArray, IntArray]]:
+    """(cars, slots) of the MIP's columns, for each round: growing sets of free cells.
+
+    A free cell: a charge-only car is there, may charge (not forced) and its bound allows at
+    least the minimum. The rounds: (1) a neighbourhood (as in RINS) of the losers and the cars
+    that charge where a loser charged in the LP's plan: the losers' cells, those slots, and
+    the cells where the LP's plan and the cheap moves' differ or either runs below its
+    bound; (2) every charge-only car present before the losers' last departure, in every
+    slot until then; (3) those cars in all their slots. A wider round above `MAX_CELLS`
+    cells is left out.
+    """
+    problem = prepared.problem
+    t_count = problem.n_slots
+    free: BoolArray = (
+        prepared.available
+        & (prepared.lower_kw <= 0.0)
+        & (prepared.upper_kw >= problem.min_kw[:, None] - _TOL)
+        & (prepared.upper_kw > _TOL)
+        & (discharge <= _TOL)
+    )
+    free[prepared.v2g | discharge.any(axis=1)] = False
+    end = int(problem.departure_slot[losers].max())
+    in_window: BoolArray = (np.arange(t_count) < end)[None, :]
+    present: BoolArray = np.any(free[:, :end], axis=1)
+    # The slots where a loser had energy in the LP's plan: where a trade can give it back.
+    loser_slots: BoolArray = np.any(lp_charge[losers] > _TOL, axis=0)
+    upper = prepared.upper_kw
+    partial = ((lp_charge > _TOL) & (lp_charge < upper - _TOL)) | (
+        (charge > _TOL) & (charge < upper - _TOL)
+    )
+    moved = np.abs(lp_charge - charge) > _TOL
+    near: BoolArray = partial | moved | loser_slots[None, :]
+    near[losers] = True
+    sharing: BoolArray = np.any((charge + lp_charge)[:, loser_slots] > _TOL, axis=1)
+    sharing[losers] = True
+    rounds: list[BoolArray] = [
+        free & (present & sharing)[:, None] & in_window & near,
+        free & present[:, None] & in_window,
+        free & present[:, None],
+    ]
+    result: list[tuple[IntArray, IntArray]] = []
+    last = -1
+    for k, grid in enumerate(rounds):
+        size = int(grid.sum())
+        if size == last or (k > 0 and size > MAX_CELLS):
+            continue
+        last = size
+        cars, slots = np.nonzero(grid)
+        result.append((cars.astype(np.int64), slots.astype(np.int64)))
+    return result
+
+
+def _solve(
+    prepared: Prepared,
+    lp_charge: FloatArray,
+    charge: FloatArray,
+    discharge: FloatArray,
+    cells: tuple[IntArray, IntArray],
+    time_limit_s: float,
+) -> tuple[FloatArray, bool] | None:
+    """(charge plan, proven optimal) of the MIP over `cells`, or None (no solution in time).
+
+    Columns: grid kWh x per cell (semi-continuous where the charger has a minimum), then one
+    shortfall column per car. Rows: per slot, the site (the cells' kWh within head-room and
+    export limit less the fixed rest); per car, its battery kWh plus shortfall >= want, and
+    its battery kWh <= the room its battery has.
+    """
+    problem = prepared.problem
+    dt = problem.dt_h
+    car_of, slot_of = cells
+    n_x = len(car_of)
+    cars, car_row = np.unique(car_of, return_inverse=True)
+    slots, slot_row = np.unique(slot_of, return_inverse=True)
+    n_cars, n_slots = len(cars), len(slots)
+    varied = np.zeros_like(charge, dtype=bool)
+    varied[car_of, slot_of] = True
+    fixed = np.where(varied, 0.0, charge)
+    fixed_net = fixed.sum(axis=0) - discharge.sum(axis=0)
+    export = problem.export_limit_kw if prepared.any_v2g else 0.0
+
+    minimum = problem.min_kw[car_of] * dt[slot_of]
+    upper = prepared.upper_kw[car_of, slot_of] * dt[slot_of]
+    semi = (minimum > 1e-9) & (minimum < upper)
+    lower = np.where(semi, minimum, 0.0)
+    upper = np.maximum(upper, lower)
+    eta = problem.eta_ch[car_of]
+
+    want = wanted_kwh(prepared, lp_charge)[cars]
+    fixed_gain = _gain(prepared, fixed)[cars]
+    room = np.maximum(problem.capacity_kwh[cars], problem.energy_kwh[cars])
+    room = np.maximum(room - problem.energy_kwh[cars] - fixed_gain, 0.0)
+    short_needed = np.maximum(want - fixed_gain, 0.0)
+
+    n_cols = n_x + n_cars
+    price = problem.price_eur_per_kwh[slot_of]
+    cost = np.concatenate([np.zeros(n_x), np.ones(n_cars)])  # first pass: the shortfall
+    col_lower = np.concatenate([lower, np.zeros(n_cars)])
+    col_upper = np.concatenate([upper, short_needed])
+    # Rows: site slots, then each car's want (x + s >= want), then its room (x <= room).
+    site_rows = slot_row
+    want_rows = n_slots + car_row
+    room_rows = n_slots + n_cars + car_row
+    rows = np.concatenate([site_rows, want_rows, room_rows, n_slots + np.arange(n_cars)]).astype(
+        np.int32
+    )
+    cols = np.concatenate(
+        [np.arange(n_x), np.arange(n_x), np.arange(n_x), n_x + np.arange(n_cars)]
+    ).astype(np.int32)
+    vals = np.concatenate([np.ones(n_x), eta, eta, np.ones(n_cars)])
+    cap = prepared.headroom_kw[slots] - fixed_net[slots]
+    floor = -export - fixed_net[slots]
+    row_lower = np.concatenate([floor * dt[slots], short_needed, np.full(n_cars, -np.inf)])
+    row_upper = np.concatenate([np.maximum(cap, 0.0) * dt[slots], np.full(n_cars, np.inf), room])
+    n_rows = n_slots + 2 * n_cars
+    matrix = sparse.csc_matrix((vals, (rows, cols)), shape=(n_rows, n_cols))
+
+    deadline = time.perf_counter() + time_limit_s
+    highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("time_limit", max(time_limit_s, 1e-3))
+    for key, value in _HIGHS_OPTIONS.items():
+        highs.setOptionValue(key, value)
+    lp = highspy.HighsLp()
+    lp.num_col_ = n_cols
+    lp.num_row_ = n_rows
+    lp.col_cost_ = cost
+    lp.col_lower_ = col_lower
+    lp.col_upper_ = col_upper
+    lp.row_lower_ = row_lower
+    lp.row_upper_ = row_upper
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = matrix.indptr.astype(np.int32)
+    lp.a_matrix_.index_ = matrix.indices.astype(np.int32)
+    lp.a_matrix_.value_ = matrix.data
+    kinds = highspy.HighsVarType
+    lp.integrality_ = [kinds.kSemiContinuous if s else kinds.kContinuous for s in semi.tolist()] + [
+        kinds.kContinuous
+    ] * n_cars
+    if highs.passModel(lp) == highspy.HighsStatus.kError:
+        return None
+    start = charge[car_of, slot_of] * dt[slot_of]
+    gained = np.bincount(car_row, weights=eta * start, minlength=n_cars)
+    x_cols = np.arange(n_x, dtype=np.int32)
+    s_cols = (n_x + np.arange(n_cars)).astype(np.int32)
+    # Energy first: the shortfall alone (a plan that loses nothing ends the search at once).
+    _start(highs, np.concatenate([start, np.maximum(short_needed - gained, 0.0)]))
+    if highs.run() == highspy.HighsStatus.kError:
+        return None
+    if int(highs.getInfo().primal_solution_status) != 2:  # no feasible solution
+        return None
+    energy_optimal = highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    values = np.asarray(highs.getSolution().col_value, dtype=float)
+    shortfall = float(values[n_x:].sum())
+    if energy_optimal:
+        # Then money, among the plans that lose no more, for what is left of the time.
+        highs.changeColsCost(n_x, x_cols, price)
+        highs.changeColsCost(n_cars, s_cols, np.zeros(n_cars))
+        highs.addRow(-np.inf, shortfall + _ENERGY_TOL / 10, n_cars, s_cols, np.ones(n_cars))
+        left = deadline - time.perf_counter()
+        if left > 0.0:
+            highs.setOptionValue("time_limit", highs.getRunTime() + min(left, MONEY_S))
+            _start(highs, values)
+            if highs.run() != highspy.HighsStatus.kError:
+                if int(highs.getInfo().primal_solution_status) == 2:
+                    values = np.asarray(highs.getSolution().col_value, dtype=float)
+    x = values[:n_x]
+    # Snap HiGHS's round-off: 0, or at least the minimum and at most the bound.
+    x = np.where(x <= 1e-9, 0.0, np.clip(x, np.where(semi, minimum, 0.0), upper))
+    plan = fixed.copy()
+    plan[car_of, slot_of] = x / dt[slot_of]
+    return plan, bool(energy_optimal)
+
+
+def _valid(
+    prepared: Prepared, charge: FloatArray, discharge: FloatArray, before: FloatArray
+) -> bool:
+    """Whether a plan keeps head-room, bounds and battery capacity, and has no more setpoints
+    below the minimum than the plan `before` it."""
+    problem = prepared.problem
+    net = charge.sum(axis=0) - discharge.sum(axis=0)
+    if np.any(net > prepared.headroom_kw + 1e-6):
+        return False
+    if np.any(charge > prepared.upper_kw + _TOL) or np.any(charge < -_TOL):
+        return False
+    minimum = problem.min_kw[:, None]
+    unforced = prepared.lower_kw <= 0.0
+    if _below_minimum(charge, minimum, unforced) > _below_minimum(before, minimum, unforced):
+        return False
+    charge_only = ~prepared.v2g
+    top = np.maximum(problem.capacity_kwh, problem.energy_kwh)
+    gained = problem.energy_kwh + _gain(prepared, charge)
+    return not np.any(charge_only & (gained > top + 1e-6))
+
+
+def _below_minimum(charge: FloatArray, minimum: FloatArray, unforced: BoolArray) -> int:
+    return int((unforced & (charge > _TOL) & (charge < minimum - _TOL)).sum())
+
+
+def _start(highs: Any, values: FloatArray) -> None:
+    """Give the MIP a starting solution (HiGHS checks it and ignores it if infeasible)."""
+    solution = highspy.HighsSolution()
+    solution.col_value = values
+    solution.value_valid = True
+    highs.setSolution(solution)
