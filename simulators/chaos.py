@@ -42,7 +42,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import aiomqtt
 import numpy as np
@@ -64,6 +64,7 @@ from controller.domain import SLOT, ChargePoint, Connector, Site, Transaction, V
 from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleRegistered
 from controller.planning.plan import Plan
 from controller.planning.planner import SolveFn
+from controller.ports import Clock
 from controller.settings import Settings
 from simulators.chargepoints.car import SimCar
 from simulators.chargepoints.chargepoint import (
@@ -230,7 +231,7 @@ class LedgerChargePoint(SimChargePoint):
     def __init__(
         self,
         spec: ChargerSpec,
-        clock: SimClock,
+        clock: Clock,
         ledger: Ledger,
         *,
         heartbeat_s: float | None = None,
@@ -869,17 +870,102 @@ class Pace:
         )
 
 
-async def follow_paces(clock: SimClock, paces: Sequence[Pace], period_s: float = 0.02) -> None:
-    """Move `clock` with the wall, by the latest of `paces` whose `wall0` has come (the first
-    one before that); `paces` may grow while this runs. Runs until cancelled."""
+async def follow_wall(clock: SimClock, period_s: float = 0.01) -> None:
+    """Move a `SimClock` at the wall's pace from now on, until cancelled (S-12's chargers run
+    in the controller's process on one `SimClock`)."""
+    wall0, sim0 = time.perf_counter(), clock.now()
     while True:
-        wall = time.time()
-        pace = paces[0]
-        for candidate in paces:
-            if candidate.wall0 <= wall:
-                pace = candidate
-        await clock.run_until(pace.at(wall))
+        await clock.run_until(sim0 + timedelta(seconds=time.perf_counter() - wall0))
         await asyncio.sleep(period_s)
+
+
+class PacedClock:
+    """A `Clock` whose time is derived from the wall by `Pace`s (`add` a new one to change
+    speed): `now()` is the latest begun pace's `at(time.time())`, and a sleeper wakes on an
+    event-loop timer at the wall time its deadline maps to, as `WallClock` does in production.
+
+    Two processes given the same paces agree on the time without talking; and unlike a
+    `SimClock` moved by a pacer task, nothing here steps through the sleepers' deadlines, so
+    a busy process reads the right time (it only wakes its sleepers late, as a busy
+    production controller would).
+    """
+
+    def __init__(self, first: Pace) -> None:
+        self._paces = [first]
+        self._sleepers: dict[asyncio.Future[None], tuple[datetime, asyncio.TimerHandle | None]]
+        self._sleepers = {}
+
+    @property
+    def paces(self) -> tuple[Pace, ...]:
+        """The paces so far, in order."""
+        return tuple(self._paces)
+
+    def pace(self, wall: float) -> Pace:
+        """The pace in force at wall time `wall` (the first one before any has begun)."""
+        current = self._paces[0]
+        for candidate in self._paces:
+            if candidate.wall0 <= wall:
+                current = candidate
+        return current
+
+    def now(self) -> datetime:
+        """The simulated time now."""
+        wall = time.time()
+        return self.pace(wall).at(wall)
+
+    def add(self, pace: Pace) -> None:
+        """A pace taking over at `pace.wall0` (later than the last one's); every sleeper's
+        timer is set again."""
+        if pace.wall0 < self._paces[-1].wall0:
+            raise ValueError("a new pace must begin after the last one")
+        self._paces.append(pace)
+        for future, (when, handle) in list(self._sleepers.items()):
+            if handle is not None:
+                handle.cancel()
+            self._arm(future, when)
+
+    def _wake_at(self, when: datetime) -> float | None:
+        """The wall time (`time.time()`) at which the paces reach `when`; None if never."""
+        for index, pace in enumerate(self._paces):
+            if pace.end is not None and when > pace.end:
+                continue
+            wall = pace.wall0 + max(0.0, (when - pace.sim0).total_seconds()) / pace.speed
+            following = self._paces[index + 1].wall0 if index + 1 < len(self._paces) else None
+            if following is None or wall <= following:
+                return wall
+        return None
+
+    def _arm(self, future: asyncio.Future[None], when: datetime) -> None:
+        wall = self._wake_at(when)
+        handle = None
+        if wall is not None:
+            loop = future.get_loop()
+            handle = loop.call_later(max(0.0, wall - time.time()), self._wake, future, when)
+        self._sleepers[future] = (when, handle)
+
+    def _wake(self, future: asyncio.Future[None], when: datetime) -> None:
+        if future.done():
+            self._sleepers.pop(future, None)
+            return
+        if self.now() >= when:
+            self._sleepers.pop(future, None)
+            future.set_result(None)
+        else:  # the timer fired a hair early (float rounding): once more
+            self._arm(future, when)
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Return once the simulated time has reached `when`."""
+        if when <= self.now():
+            await asyncio.sleep(0)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._arm(future, when)
+        try:
+            await future
+        finally:
+            entry = self._sleepers.pop(future, None)
+            if entry is not None and entry[1] is not None:
+                entry[1].cancel()
 
 
 @dataclass(slots=True)
@@ -1042,7 +1128,7 @@ def cpu_s() -> float:
 def ledger_chargers(
     config: SoakConfig,
     indices: Iterable[int],
-    clock: SimClock,
+    clock: Clock,
     ledger: Ledger,
     stats: FleetStats,
 ) -> list[LedgerChargePoint]:
@@ -1184,7 +1270,10 @@ class StackSoak:
         self.solver = solver
         self.data_dir = data_dir
         self.progress = progress or (lambda _: None)
-        self.clock = SimClock(config.start)
+        # S-12 (chargers in this process) steps a `SimClock`; `run` replaces `clock` with a
+        # `PacedClock` the charger processes share.
+        self.sim_clock = SimClock(config.start)
+        self.clock: Clock = self.sim_clock
         self.ledger = Ledger()
         self.stats = FleetStats()
         self.broker = RestartableBroker()
@@ -1199,7 +1288,6 @@ class StackSoak:
         self._t0 = 0.0  # time.time() at the start of the soak window
         self._charger_tasks: list[asyncio.Task[None]] = []
         self._processes: list[ChargerProcessHandle] = []
-        self._paces: list[Pace] = []
         self._lag = LoopLag()
         self._charger_lags: list[float] = []
         self._rtt_charger_lag: array[float] = array("d")  # aligned with the ledger's round trips
@@ -1323,9 +1411,7 @@ class StackSoak:
     async def _connect_chargers(self) -> None:
         """S-12: the chargers in this process; simulated time follows the wall while they
         connect, so a charger whose handshake failed (a loaded machine) backs off and retries."""
-        pacer = asyncio.create_task(
-            follow_paces(self.clock, [Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0)])
-        )
+        pacer = asyncio.create_task(follow_wall(self.sim_clock))
         try:
             self.chargers = ledger_chargers(
                 self.config, range(self.config.chargers), self.clock, self.ledger, self.stats
@@ -1342,9 +1428,7 @@ class StackSoak:
 
     async def _lockstep(self, stop: asyncio.Event) -> None:
         """Simulated time at the wall's pace, from now until `stop` is set."""
-        pacer = asyncio.create_task(
-            follow_paces(self.clock, [Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0)])
-        )
+        pacer = asyncio.create_task(follow_wall(self.sim_clock))
         try:
             await stop.wait()
         finally:
@@ -1353,7 +1437,9 @@ class StackSoak:
     async def _start_controller(self, data_dir: str) -> None:
         self.redis_server.start()
         await self.broker.start()
-        self.controller = ControllerUnderTest(self._settings(data_dir), self.clock, self.solver)
+        # ControllerUnderTest only hands its clock to `bootstrap.run`, which takes any Clock.
+        clock = cast(SimClock, self.clock)
+        self.controller = ControllerUnderTest(self._settings(data_dir), clock, self.solver)
         await self.controller.start()
         link = self.runtime.link
         self.publisher = Publisher(self.broker.host, self.broker.port, link.topics.prefix)
@@ -1520,19 +1606,19 @@ class StackSoak:
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
             background: list[asyncio.Task[None]] = []
             try:
+                clock = PacedClock(Pace(wall0=time.time(), sim0=config.start, speed=1.0))
+                self.clock = clock
                 await self._start_controller(str(self.data_dir or tmp))
-                self._paces.append(Pace(wall0=time.time(), sim0=self.clock.now(), speed=1.0))
-                background.append(asyncio.create_task(follow_paces(self.clock, self._paces)))
-                await self._spawn(Path(tmp), self._paces[0])
+                await self._spawn(Path(tmp), clock.paces[0])
                 self.progress(f"{config.chargers} chargers online")
                 wall0 = time.time() + 0.5
                 go = Pace(
                     wall0=wall0,
-                    sim0=self._paces[0].at(wall0),
+                    sim0=clock.paces[0].at(wall0),
                     speed=config.speed / PACE_SHARE,
                     end=config.start + timedelta(hours=config.sim_hours),
                 )
-                self._paces.append(go)
+                clock.add(go)
                 for handle in self._processes:
                     await handle.send({"go": go.to_json()})
                 await asyncio.sleep(max(0.0, wall0 - time.time()))
@@ -1619,7 +1705,7 @@ class StackSoak:
 
     async def _step(self, since: datetime) -> None:
         """One simulated second, then (up to 2 s wall) until the fleet has settled."""
-        await self.clock.advance(timedelta(seconds=1))
+        await self.sim_clock.advance(timedelta(seconds=1))
         await until(lambda: self._settled(since), 2.0)
 
     async def run_restart(self, max_sim_s: float = 600.0) -> SoakReport:
@@ -1646,7 +1732,7 @@ class StackSoak:
                 for _ in range(600):  # until each transaction has had its first TxProfile
                     if not self.ledger.awaiting_profile:
                         break
-                    await self.clock.advance(timedelta(seconds=1))
+                    await self.sim_clock.advance(timedelta(seconds=1))
                     await asyncio.sleep(0.01)
                 assert self.controller is not None
                 errors_before = Counter(self.stats.errors)

@@ -10,9 +10,9 @@ speed while the fleet connects). The two sides speak in JSON lines, those of thi
 its stdout prefixed with `@fleet `:
 
 1. this process connects its chargers and prints `{"online": n}`;
-2. the soak sends `{"go": pace}` on stdin: from `pace.wall0` on both sides move their
-   simulated clocks by that pace (`sim0 + (time.time() - wall0) * speed`), so they agree on
-   the time without talking again;
+2. the soak sends `{"go": pace}` on stdin: from `pace.wall0` on both sides' `PacedClock`s
+   read `sim0 + (time.time() - wall0) * speed`, so they agree on the time without talking
+   again;
 3. this process drives its cars (arrival: the departure time published over MQTT, then
    StartTransaction; departure: StopTransaction), drops `drop_fraction_per_min` of its
    sockets each `minute_s` without a close frame, and samples its own event-loop lag
@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from adapters.ocpp.aio import stop_task
-from controller.clock import SimClock
 from simulators.chaos import (
     FLEET_LINE,
     FaultRecord,
@@ -47,13 +46,13 @@ from simulators.chaos import (
     LedgerChargePoint,
     LoopLag,
     Pace,
+    PacedClock,
     Publisher,
     SoakConfig,
     Visit,
     connect_chargers,
     cpu_s,
     fleet_visits,
-    follow_paces,
     ledger_chargers,
     rss_mib,
     sim_car,
@@ -79,8 +78,7 @@ class ChargerFleetProcess:
         self.shard = int(job["shard"])
         first, count = int(job["first"]), int(job["count"])
         self.indices = range(first, first + count)
-        self.paces = [Pace.from_json(job["connect"])]
-        self.clock = SimClock(self.paces[0].at(time.time()))
+        self.clock = PacedClock(Pace.from_json(job["connect"]))
         self.ledger = Ledger()
         self.stats = FleetStats()
         self.lag = LoopLag()
@@ -164,7 +162,6 @@ class ChargerFleetProcess:
         config = self.config
         tasks: list[asyncio.Task[None]] = []
         background = [
-            asyncio.create_task(follow_paces(self.clock, self.paces)),
             asyncio.create_task(self.lag.watch()),
             asyncio.create_task(self._trim_stats()),
         ]
@@ -182,7 +179,7 @@ class ChargerFleetProcess:
             emit({"online": len(self.chargers)})
             line = await asyncio.to_thread(sys.stdin.readline)
             go = Pace.from_json(json.loads(line)["go"])
-            self.paces.append(go)
+            self.clock.add(go)
             self.publisher = Publisher(self.broker_host, int(self.broker_port), self.topic_prefix)
             await asyncio.sleep(max(0.0, go.wall0 - time.time()))
             self._t0 = go.wall0

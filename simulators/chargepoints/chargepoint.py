@@ -794,11 +794,17 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         await super()._send(message)
 
     async def _run_after(self) -> None:
+        """Run the jobs an answer left (triggered messages, remote starts and stops). The
+        library runs this as a task nobody awaits, so a job that gets a CALLERROR or no
+        answer is counted in the fleet's errors (`after_<error>`) rather than raised."""
         jobs, self._after = self._after, []
         for job in jobs:
             try:
                 await job()
             except (NotOnline, ConnectionClosed):
+                return
+            except (OCPPError, TimeoutError) as exc:
+                self.sim.stats.errors[f"after_{type(exc).__name__}"] += 1
                 return
 
     @_on(Action.set_charging_profile)

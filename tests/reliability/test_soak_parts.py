@@ -144,3 +144,46 @@ def test_the_steady_pattern_keeps_the_fleet_level_while_the_day_pattern_fills_up
     for index in random.Random(1).sample(range(chargers), 50):  # no charger has two cars at once
         own = sorted((v for v in steady if v.charger_index == index), key=lambda v: v.arrival)
         assert all(a.departure <= b.arrival for a, b in itertools.pairwise(own))
+
+
+async def test_a_paced_clock_wakes_each_sleeper_at_its_time_and_follows_a_new_pace() -> None:
+    """Sleepers wake in deadline order, never before their time; a faster pace added while
+    they sleep wakes them sooner; past the pace's end the clock stops and a sleeper waits."""
+    import asyncio
+    import time
+
+    from simulators.chaos import PacedClock
+
+    wall0 = time.time()
+    clock = PacedClock(Pace(wall0=wall0, sim0=START, speed=100.0))  # 1 s simulated = 10 ms
+    woke: list[tuple[int, datetime]] = []
+
+    async def sleeper(n: int, seconds: float) -> None:
+        await clock.sleep_until(START + timedelta(seconds=seconds))
+        woke.append((n, clock.now()))
+
+    tasks = [asyncio.create_task(sleeper(n, s)) for n, s in ((1, 3.0), (0, 1.0), (2, 600.0))]
+    await asyncio.sleep(0.05)  # 5 s simulated: the first two are done, the third (6 s wall at
+    assert [n for n, _ in woke] == [0, 1]  # this pace) is not
+    assert woke[0][1] >= START + timedelta(seconds=1)
+    assert woke[1][1] >= START + timedelta(seconds=3)
+    now = time.time()
+    clock.add(
+        Pace(
+            wall0=now, sim0=clock.pace(now).at(now), speed=50_000.0, end=START + timedelta(hours=1)
+        )
+    )
+    async with asyncio.timeout(2.0):
+        await tasks[2]  # 600 s simulated now takes about 12 ms
+    assert woke[2][0] == 2
+    assert woke[2][1] >= START + timedelta(seconds=600)
+    await asyncio.sleep(0.1)  # 5,000 s simulated at the new pace: capped at its end
+    assert clock.now() == START + timedelta(hours=1)
+    late = asyncio.create_task(clock.sleep_until(START + timedelta(hours=2)))
+    await asyncio.sleep(0.02)
+    assert not late.done()  # never reached: the pace ended
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
+    with pytest.raises(ValueError, match="after the last"):
+        clock.add(Pace(wall0=wall0, sim0=START, speed=1.0))
