@@ -47,7 +47,7 @@ import aiomqtt
 from adapters.codec import decode_event
 from adapters.embedded import MqttEndpoint
 from adapters.mqtt_payloads import command_id_of, event_for
-from adapters.redis_store import plan_summary
+from adapters.redis_store import plan_summary_json
 from controller.errors import InvalidEvent, Refused, StoreUnavailable
 from controller.events import Event
 from controller.planning.plan import Plan
@@ -355,7 +355,7 @@ class MqttPlanPublisher:
 
     async def publish(self, plan: Plan, state: FleetState) -> None:
         """Publish the plan on `{prefix}/schedule`."""
-        await self._link.publish(self._link.topics.schedule, plan_summary(plan), retain=True)
+        await self._link.publish(self._link.topics.schedule, plan_summary_json(plan), retain=True)
 
 
 def _json_default(value: object) -> object:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -383,7 +384,7 @@ class RedisFleetStore:
     async def save_plan(self, plan: Plan) -> None:
         """Store the plan's summary: what `voltpool status` shows and a restart starts from."""
         try:
-            await self._redis.set(keys.plan(self._site), json.dumps(plan_summary(plan)))
+            await self._redis.set(keys.plan(self._site), plan_summary_json(plan))
         except RedisError as exc:
             raise StoreUnavailable("redis unreachable saving the plan") from exc
 
@@ -421,11 +422,35 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
                 "charger_id": s.charger_id,
                 "connector_id": s.connector_id,
                 "vehicle_id": s.vehicle_id,
-                "kw": [round(x, 3) for x in s.kw],
+                "kw": kw,
             }
-            for s in plan.setpoints
+            for s, kw in zip(plan.setpoints, _rounded_kw(plan), strict=True)
         ],
     }
+
+
+def _rounded_kw(plan: Plan) -> list[list[float]]:
+    """Each setpoint's kW rounded to 3 decimals: in one numpy pass when the rows are equally
+    long (a plan of 1,000 connectors x 100 slots took ~50 ms one `round` at a time)."""
+    rows = [s.kw for s in plan.setpoints]
+    if rows and all(len(r) == len(rows[0]) for r in rows):
+        table: list[list[float]] = np.round(np.asarray(rows, dtype=float), 3).tolist()
+        return table
+    return [[round(x, 3) for x in r] for r in rows]
+
+
+# The last plan's summary as JSON: each plan is stored in Redis and published over MQTT, so it
+# is built once, not once per sink (the plan itself keeps the cache entry honest: `is`).
+_last_summary: list[tuple[Plan, str]] = []
+
+
+def plan_summary_json(plan: Plan) -> str:
+    """`plan_summary(plan)` as JSON text, built once for the latest plan."""
+    if _last_summary and _last_summary[0][0] is plan:
+        return _last_summary[0][1]
+    text = json.dumps(plan_summary(plan))
+    _last_summary[:] = [(plan, text)]
+    return text
 
 
 def _text(value: Any) -> str:

@@ -706,7 +706,9 @@ class CentralSystem:
         # S-04: charge points answered Rejected, and when they may boot again.
         self.rejected_until: dict[ChargerId, datetime] = {}
         install_log_redaction()  # websockets logs handshake headers (Authorization) at DEBUG
-        self._open: dict[tuple[ChargerId, ConnectorId], TransactionId] = {}
+        # Running transactions by charger, then connector (the dispatcher asks per charger for
+        # every charger at every plan: a scan of all of them each time was quadratic).
+        self._open: dict[ChargerId, dict[ConnectorId, TransactionId]] = {}
         self._loaded: set[ChargerId] = set()  # chargers whose running transactions we know
         self._server: Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -845,22 +847,25 @@ class CentralSystem:
         self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId
     ) -> None:
         """Remember the running transaction of a connector (for TxProfiles)."""
-        self._open[(charger_id, connector_id)] = transaction_id
+        self._open.setdefault(charger_id, {})[connector_id] = transaction_id
         self._loaded.add(charger_id)
 
     def close_transaction(
         self, charger_id: ChargerId, connector_id: ConnectorId, transaction_id: TransactionId
     ) -> None:
         """Forget a connector's transaction once it stopped."""
-        if self._open.get((charger_id, connector_id)) == transaction_id:
-            del self._open[(charger_id, connector_id)]
+        running = self._open.get(charger_id)
+        if running is not None and running.get(connector_id) == transaction_id:
+            del running[connector_id]
+            if not running:
+                del self._open[charger_id]
 
     def active_transactions(self, charger_id: ChargerId) -> dict[ConnectorId, TransactionId] | None:
         """The running transactions of a charge point, per connector; None when this process
         has not read them from the transaction book yet (then only the fleet state knows)."""
         if charger_id not in self._loaded:
             return None
-        return {c: tx for (cid, c), tx in self._open.items() if cid == charger_id}
+        return dict(self._open.get(charger_id, {}))
 
     # -- handshake --
 
@@ -1096,7 +1101,7 @@ class CentralSystem:
             log.warning("%s: could not read its running transactions", charger_id)
             return
         for connector_id, tx in running.items():
-            self._open.setdefault((charger_id, connector_id), tx)
+            self._open.setdefault(charger_id, {}).setdefault(connector_id, tx)
         self._loaded.add(charger_id)
 
     async def _submit_quietly(self, event: Event) -> None:

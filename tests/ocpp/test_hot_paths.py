@@ -1,0 +1,95 @@
+"""Hot paths the 1,000-charger soak found in the controller process (benchmarks/soak.py,
+docs/reliability.md): kept fast without changing what they return.
+
+- `CentralSystem.active_transactions` is asked for every charger at every plan by the lease
+  dispatcher; it scanned every running transaction of the site each time (quadratic). It is
+  now an index by charger, checked here against a plain model over random opens and closes.
+- A plan's summary was built and JSON-encoded twice per plan (Redis and MQTT), rounding each
+  setpoint value one by one; it is now built once per plan, in one numpy pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+
+from adapters.redis_store import RedisFleetStore, plan_summary, plan_summary_json
+from tests.ocpp.conftest import Harness, plan_for
+
+
+async def test_running_transactions_by_charger_follow_every_open_and_close(
+    harness: Harness,
+) -> None:
+    """Random opens and closes (some with a stale id) on three chargers, two connectors each:
+    each charger's running transactions equal a model kept beside them."""
+    central = harness.central
+    rng = random.Random(11)
+    model: dict[tuple[str, int], int] = {}
+    chargers = ["CP-1", "CP-2", "CP-3"]
+    next_tx = 1
+    for _ in range(600):
+        charger_id, connector_id = rng.choice(chargers), rng.choice([1, 2])
+        if rng.random() < 0.5:
+            central.open_transaction(charger_id, connector_id, next_tx)
+            model[(charger_id, connector_id)] = next_tx
+            next_tx += 1
+        else:
+            running = model.get((charger_id, connector_id))
+            stale = running is None or rng.random() < 0.3
+            tx = rng.randrange(1, next_tx + 1) if stale else running
+            assert tx is not None
+            central.close_transaction(charger_id, connector_id, tx)
+            if running == tx:
+                del model[(charger_id, connector_id)]
+        for cid in chargers:
+            want = {c: t for (m, c), t in model.items() if m == cid}
+            got = central.active_transactions(cid)
+            assert got == want or (got is None and not want), (cid, got, want)
+    # What it returns is a copy: changing it changes nothing inside.
+    got = central.active_transactions("CP-1")
+    assert got is not None
+    got[9] = 999
+    assert 9 not in (central.active_transactions("CP-1") or {})
+    assert central.active_transactions("CP-unknown") is None
+
+
+def test_the_summary_rounds_every_setpoint_to_the_millikilowatt() -> None:
+    """Equal-length rows (the numpy pass) and a ragged plan (one value at a time) give each
+    value within 0.5 W of the plan's, in order, for every connector."""
+    now = datetime(2024, 3, 4, 12, 7, tzinfo=UTC)
+    rng = random.Random(3)
+    setpoints = {(f"CP-{i}", 1): [rng.uniform(-11, 11) for _ in range(8)] for i in range(50)}
+    plan = plan_for(now, setpoints)
+    summary = plan_summary(plan)
+    assert [s["charger_id"] for s in summary["setpoints"]] == [s.charger_id for s in plan.setpoints]
+    for row, setpoint in zip(summary["setpoints"], plan.setpoints, strict=True):
+        assert len(row["kw"]) == len(setpoint.kw)
+        assert all(
+            abs(a - b) <= 0.0005 + 1e-12 for a, b in zip(row["kw"], setpoint.kw, strict=True)
+        )
+        assert all(a == round(a, 3) for a in row["kw"])
+    ragged = dataclasses.replace(
+        plan, setpoints=(plan.setpoints[0], dataclasses.replace(plan.setpoints[1], kw=(1.23456,)))
+    )
+    assert [s["kw"] for s in plan_summary(ragged)["setpoints"]][1] == [1.235]
+
+
+async def test_one_plan_is_summarised_once_for_redis_and_mqtt(redis: Redis) -> None:
+    """The Redis copy and the JSON published over MQTT are the same text, made once per plan
+    (the same object back for the same plan, a new one for the next plan)."""
+    now = datetime(2024, 3, 4, 12, 7, tzinfo=UTC)
+    first = plan_for(now, {("CP-1", 1): [3.0, 4.0]})
+    second = plan_for(now, {("CP-1", 1): [5.0]})
+    text = plan_summary_json(first)
+    assert plan_summary_json(first) is text
+    assert json.loads(text) == json.loads(json.dumps(plan_summary(first)))
+    store = RedisFleetStore(redis, "hot")
+    await store.save_plan(first)
+    assert await store.latest_plan() == json.loads(text)
+    other = plan_summary_json(second)
+    assert other is not text
+    assert json.loads(other)["setpoints"][0]["kw"][0] == 5.0
