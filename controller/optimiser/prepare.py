@@ -77,18 +77,10 @@ def prepare(problem: PlanningProblem) -> Prepared:
     headroom = np.maximum(problem.headroom_kw, 0.0)
     room = np.maximum(problem.capacity_kwh - problem.energy_kwh, 0.0)
 
-    # Forced power, first as far as the battery takes it (in time order, without discharging)...
-    wanted = np.minimum(np.where(available, problem.lower_kw, 0.0), upper)
-    battery_side = problem.eta_ch[:, None] * wanted * dt[None, :]
-    kept = np.diff(np.minimum(np.cumsum(battery_side, axis=1), room[:, None]), axis=1, prepend=0.0)
-    kept_share = np.divide(kept, battery_side, out=np.zeros_like(kept), where=battery_side > 0.0)
-    lower = wanted * kept_share
-    # ...then as far as the site takes it: forced cars share a too-small head-room in proportion.
-    forced_total = lower.sum(axis=0)
-    scale = np.where(forced_total > headroom, headroom / np.maximum(forced_total, TINY), 1.0)
-    lower = np.minimum(lower * scale[None, :], upper)
-    lower[lower < TINY] = 0.0
-    clipped = float(((wanted - lower) * dt[None, :]).sum())
+    if problem.lower_kw.any():
+        lower, clipped = _forced(problem, available, upper, headroom, room)
+    else:  # nothing forced (the usual case): skip the (N, T) arithmetic
+        lower, clipped = np.zeros_like(upper), 0.0
 
     v2g = problem.v2g & (problem.max_discharge_kw > TINY) & (n > 0)
     discharge_available = v2g[:, None] & available & (upper > TINY) & (problem.lower_kw <= 0.0)
@@ -120,3 +112,27 @@ def prepare(problem: PlanningProblem) -> Prepared:
         scale_kwh=scale_kwh,
         floor_kwh=floor,
     )
+
+
+def _forced(
+    problem: PlanningProblem,
+    available: BoolArray,
+    upper: FloatArray,
+    headroom: FloatArray,
+    room: FloatArray,
+) -> tuple[FloatArray, float]:
+    """(forced kW that fits, grid kWh of forced power that did not fit)."""
+    dt = problem.dt_h
+    # Forced power, first as far as the battery takes it (in time order, without discharging)...
+    wanted = np.minimum(np.where(available, problem.lower_kw, 0.0), upper)
+    battery_side = problem.eta_ch[:, None] * wanted * dt[None, :]
+    kept = np.diff(np.minimum(np.cumsum(battery_side, axis=1), room[:, None]), axis=1, prepend=0.0)
+    kept_share = np.divide(kept, battery_side, out=np.zeros_like(kept), where=battery_side > 0.0)
+    lower = wanted * kept_share
+    # ...then as far as the site takes it: forced cars share a too-small head-room in proportion.
+    forced_total = lower.sum(axis=0)
+    scale = np.where(forced_total > headroom, headroom / np.maximum(forced_total, TINY), 1.0)
+    lower = np.minimum(lower * scale[None, :], upper)
+    lower[lower < TINY] = 0.0
+    clipped = float(((wanted - lower) * dt[None, :]).sum())
+    return lower, clipped

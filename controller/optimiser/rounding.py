@@ -95,14 +95,6 @@ def round_slivers(
     for kind, i in sorted(set(zip(kinds[left].tolist(), cars[left].tolist(), strict=True))):
         moves += rounding.gather(kind, i)
     left = rounding.still(kinds, cars, slots)
-    if hints is not None and done.any() and left.sum() > hints.left:
-        # The replayed swaps are first-fit choices of another plan; where they leave more
-        # slivers than last time, a fresh search is tried and wins if it leaves fewer.
-        fresh = round_slivers(prepared, charge_kw, discharge_kw, site_cap_kw=site_cap_kw)
-        if fresh[2]["rounding_left"] < left.sum():
-            hints.swaps.clear()  # (the fresh search's swaps are not kept: next time, search)
-            hints.left = int(fresh[2]["rounding_left"])
-            return fresh
     if hints is not None:
         hints.swaps = rounding.learned
         hints.left = int(left.sum())
@@ -161,9 +153,10 @@ class _Rounding:
     def replay(self, kinds: IntArray, cars: IntArray, slots: IntArray) -> BoolArray:
         """Apply the last solve's swaps for these slivers at once, where they still fit.
 
-        The same four checks as `_pair`, on arrays; a swap is applied only if none of its four
-        setpoints is touched by another swap of the batch (the rest go one by one). Cars with
-        V2G are left to the one-by-one path (their battery is checked slot by slot).
+        The same four checks as `_pair`, on arrays, in passes: of swaps that share a setpoint
+        the first goes in one pass and the others are checked again in the next (what no pass
+        applies goes one by one). Cars with V2G are left to the one-by-one path (their battery
+        is checked slot by slot).
         Returns which slivers were settled.
         """
         done = np.zeros(len(cars), dtype=bool)
@@ -191,30 +184,37 @@ class _Rounding:
         usable &= ~v2g[cars] & ~v2g[np.maximum(partner, 0)]
         minimum = self.p.problem.min_kw
         for kind in (0, 1):
-            sel = np.nonzero(usable & (kinds == kind))[0]
-            if not len(sel):
-                continue
+            pending = np.nonzero(usable & (kinds == kind))[0]
             power, upper, allowed = self.power[kind], self.upper[kind], self.allowed[kind]
-            i, j, t, u = cars[sel], partner[sel], slots[sel], other[sel]
-            change = np.where(lift[sel], minimum[i] - power[i, t], -power[i, t])
-            back = change * self.dt[t] / self.dt[u]
-            cells = ((i, t, change), (i, u, -back), (j, t, -change), (j, u, back))
-            new = [power[c, s] + d for c, s, d in cells]
-            ok = np.ones(len(sel), dtype=bool)
-            for (c, s, _), value in zip(cells, new, strict=True):
-                ok &= _valid(value, minimum[c], upper[c, s], allowed[c, s])
-            flat = np.concatenate([c * t_count + s for c, s, _ in cells])
-            taken = np.concatenate([ok] * 4)
-            _, where, counts = np.unique(flat[taken], return_inverse=True, return_counts=True)
-            alone = np.ones(len(flat), dtype=bool)
-            alone[np.nonzero(taken)[0]] = counts[where] == 1
-            ok &= alone.reshape(4, -1).all(axis=0)
-            for (c, s, _), value in zip(cells, new, strict=True):
-                power[c[ok], s[ok]] = np.where(np.abs(value[ok]) <= _TOL, 0.0, value[ok])
-            done[sel[ok]] = True
-            for k in np.nonzero(ok)[0].tolist():
-                key = (kind, ids[int(i[k])], first + int(t[k]))
-                self.learned[key] = (ids[int(j[k])], first + int(u[k]), bool(lift[sel[k]]))
+            while len(pending):
+                sel = pending
+                i, j, t, u = cars[sel], partner[sel], slots[sel], other[sel]
+                value_now = power[i, t]
+                still = (value_now > _TOL) & (value_now < minimum[i] - _TOL)
+                change = np.where(lift[sel], minimum[i] - value_now, -value_now)
+                back = change * self.dt[t] / self.dt[u]
+                cells = ((i, t, change), (i, u, -back), (j, t, -change), (j, u, back))
+                new = [power[c, s] + d for c, s, d in cells]
+                ok = still.copy()
+                for (c, s, _), value in zip(cells, new, strict=True):
+                    ok &= _valid(value, minimum[c], upper[c, s], allowed[c, s])
+                # Swaps that share a setpoint: the first in order goes now, the others are
+                # checked again against what it left (a later pass of this loop).
+                flat = np.concatenate([c * t_count + s for c, s, _ in cells])
+                order = np.tile(np.arange(len(sel)), 4)
+                first_of = np.full(power.size, len(sel), dtype=np.int64)
+                taken = np.concatenate([ok] * 4)
+                np.minimum.at(first_of, flat[taken], order[taken])
+                go = ok & (first_of[flat] == order).reshape(4, -1).all(axis=0)
+                if not go.any():
+                    break
+                for (c, s, _), value in zip(cells, new, strict=True):
+                    power[c[go], s[go]] = np.where(np.abs(value[go]) <= _TOL, 0.0, value[go])
+                done[sel[go]] = True
+                for k in np.nonzero(go)[0].tolist():
+                    key = (kind, ids[int(i[k])], first + int(t[k]))
+                    self.learned[key] = (ids[int(j[k])], first + int(u[k]), bool(lift[sel[k]]))
+                pending = sel[ok & ~go]
         return done
 
     def still(self, kinds: IntArray, cars: IntArray, slots: IntArray) -> BoolArray:

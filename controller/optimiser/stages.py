@@ -78,16 +78,15 @@ def min_rate_plan(
     options: OptimiserOptions,
     hints: Hints | None = None,
     *,
+    mip: bool = True,
     time_limit_s: float | None = None,
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
     """(charge, discharge, figures): the free moves of `round_slivers`, then the greedy
-    `repair_min_rate` for what they leave, then, if that loses energy a car needs, the exact
-    `settle_residual` MIP (within `options.min_rate_mip_s` and `time_limit_s`, default the
-    options' budget).
+    `repair_min_rate` for what they leave, then (with `mip`) `settle_plan`.
 
-    `repair_dropped_kwh` is the battery energy the final plan still gives the cars less than
-    the LP did (capped at their need; `min_rate_lost_*` says why), `repair_greedy_dropped_kwh`
-    what the greedy repair alone dropped.
+    `repair_dropped_kwh` is the battery energy the plan gives the cars less than the LP did
+    (capped at their need; `min_rate_lost_*` says why), `repair_greedy_dropped_kwh` what the
+    greedy repair alone dropped.
     """
     problem = prepared.problem
     cap = prepared.headroom_kw
@@ -105,21 +104,50 @@ def min_rate_plan(
         )
     repair_info.update(rounding_info)
     repair_info["repair_greedy_dropped_kwh"] = repair_info["repair_dropped_kwh"]
-    reasons = lost_reasons(prepared, charge_kw, charge, discharge)
-    if reasons["min_rate_lost_kwh"] > 0.0:
-        limit = options.time_limit_s if time_limit_s is None else time_limit_s
-        limit = min(limit, options.min_rate_mip_s)
-        charge, mip_info = settle_residual(
-            prepared, charge_kw, charge, discharge, time_limit_s=limit
+    if rounding_info["rounding_left"] > 0.0:
+        reasons = lost_reasons(prepared, charge_kw, charge, discharge)
+    else:  # the free moves keep every car's energy
+        reasons = dict.fromkeys(
+            ("min_rate_lost_kwh", "min_rate_lost_cars", "min_rate_lost_below_one_slot_kwh"), 0.0
         )
-        repair_info.update(mip_info)
-        if mip_info.get("repair_mip_kept"):
-            small_charge, small_discharge = slivers(prepared, charge, discharge)
-            repair_info["min_rate_violations"] = float(small_charge.sum() + small_discharge.sum())
-            reasons = lost_reasons(prepared, charge_kw, charge, discharge)
     repair_info.update(reasons)
     repair_info["repair_dropped_kwh"] = reasons["min_rate_lost_kwh"]
-    return charge, discharge, repair_info
+    plan = (charge, discharge, repair_info)
+    if mip:
+        plan = settle_plan(prepared, charge_kw, plan, options, time_limit_s=time_limit_s)
+    return plan
+
+
+def settle_plan(
+    prepared: Prepared,
+    lp_charge_kw: FloatArray,
+    plan: tuple[FloatArray, FloatArray, dict[str, float]],
+    options: OptimiserOptions,
+    *,
+    time_limit_s: float | None = None,
+) -> tuple[FloatArray, FloatArray, dict[str, float]]:
+    """The min-rate `plan` after the exact `settle_residual` MIP, if it loses energy a car
+    needs (within `options.min_rate_mip_s` and `time_limit_s`, default the options' budget)."""
+    charge, discharge, info = plan
+    if "repair_lp_round" in info:  # its figures are against the round's LP: against ours
+        info = {**info, **lost_reasons(prepared, lp_charge_kw, charge, discharge)}
+        info["repair_dropped_kwh"] = info["min_rate_lost_kwh"]
+        plan = (charge, discharge, info)
+    if info["min_rate_lost_kwh"] <= 0.0:
+        return plan
+    limit = options.time_limit_s if time_limit_s is None else time_limit_s
+    limit = min(limit, options.min_rate_mip_s)
+    charge, mip_info = settle_residual(
+        prepared, lp_charge_kw, charge, discharge, time_limit_s=limit
+    )
+    info = {**info, **mip_info}
+    if mip_info.get("repair_mip_kept"):
+        small_charge, small_discharge = slivers(prepared, charge, discharge)
+        info["min_rate_violations"] = float(small_charge.sum() + small_discharge.sum())
+        reasons = lost_reasons(prepared, lp_charge_kw, charge, discharge)
+        info.update(reasons)
+        info["repair_dropped_kwh"] = reasons["min_rate_lost_kwh"]
+    return charge, discharge, info
 
 
 def finish(

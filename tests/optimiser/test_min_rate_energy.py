@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from controller.optimiser import FastSolver, OptimiserOptions
-from controller.planning.problem import FloatArray, PlanningProblem, Schedule
+from controller.optimiser.prepare import prepare
+from controller.optimiser.stages import min_rate_plan
+from controller.planning.problem import FloatArray, PlanningProblem, Schedule, schedule_from_power
 from tests.optimiser.checks import assert_valid, problem
 
 DATA = Path(__file__).parent / "data"
@@ -137,12 +139,14 @@ def test_a_need_that_no_minimum_slot_fits_is_lost_and_reported_with_its_reason()
     assert plan.details["repair_mip_proven"] == 1.0
 
 
-def _recorded(name: str) -> PlanningProblem:
-    """A planning problem recorded from the live depot day (`tests/live/test_day.py`)."""
+def _recorded(name: str) -> tuple[PlanningProblem, FloatArray]:
+    """A planning problem recorded from the live depot day (`tests/live/test_day.py`), and
+    the LP plan (second stage, before the min-rate step) the solver gave it then."""
     with np.load(DATA / f"{name}.npz") as data:
         arrays = {key: data[key] for key in data.files}
     forecast = int(arrays.pop("price_forecast_from"))
-    return PlanningProblem(
+    lp_charge = arrays.pop("lp_charge_kw")
+    p = PlanningProblem(
         start=datetime.fromisoformat(str(arrays.pop("start"))),
         vehicle_ids=tuple(str(v) for v in arrays.pop("vehicle_ids")),
         charger_ids=tuple(str(c) or None for c in arrays.pop("charger_ids")),
@@ -152,23 +156,32 @@ def _recorded(name: str) -> PlanningProblem:
         price_forecast_from=None if forecast < 0 else forecast,
         **arrays,
     )
+    return p, lp_charge
 
 
 @pytest.mark.parametrize("name", ["live_morning_0600", "live_night_0250"])
 def test_the_live_days_saturated_plans_lose_no_energy(name: str) -> None:
     """Two re-plans of the live day with the planned head-room full in every slot (a
-    shortfall shared by the LP): the free moves and the greedy repair dropped 1.0-1.8 kWh
-    (slivers near departure, a 0.96 kWh need below one minimum slot); a trade through other
-    cars (the MIP) gives every car what the LP gave it, at the LP's money."""
-    p = _recorded(name)
-    lp, plan = _solve(p)
-    details = plan.details
+    shortfall shared by the LP): on the LP plan the solver gave them then, the free moves and
+    the greedy repair drop 1.0-1.8 kWh (slivers near departure, a 0.96 kWh need below one
+    minimum slot); a trade through other cars (the MIP) gives every car what the LP gave it,
+    at the LP's money. The whole solve (whatever LP vertex it lands on) loses nothing either."""
+    p, lp_charge = _recorded(name)
+    lp = schedule_from_power(p, lp_charge, strategy="managed")
+    prepared = prepare(p)
+    charge, discharge, details = min_rate_plan(
+        prepared, lp_charge, np.zeros_like(lp_charge), OPTIONS
+    )
     assert details["repair_greedy_dropped_kwh"] > 0.5  # the cheap moves alone lose energy
+    plan = schedule_from_power(p, charge, discharge, strategy="managed")
     assert_valid(p, plan)
     assert _lost(p, lp, plan) <= 1e-6
     assert details["repair_dropped_kwh"] <= 1e-6
     assert details["repair_mip_kept"] == 1.0
     assert plan.cost_eur == pytest.approx(lp.cost_eur, rel=1e-3)
+    lp_now, solved = _solve(p)
+    assert_valid(p, solved)
+    assert _lost(p, lp_now, solved) <= 1e-6
 
 
 @st.composite
