@@ -21,10 +21,8 @@ from controller.optimiser.rounding import Hints, round_slivers, slivers
 from controller.planning.problem import (
     FloatArray,
     Schedule,
-    energy_trajectory,
     money,
     schedule_from_power,
-    shortfalls,
 )
 
 
@@ -150,6 +148,18 @@ def settle_plan(
     return charge, discharge, info
 
 
+def _shortfalls(prepared: Prepared, charge: FloatArray, discharge: FloatArray) -> FloatArray:
+    """(N,) kWh each car misses at departure: `shortfalls` of the plan's trajectory, from one
+    masked sum (no (N, T+1) trajectory)."""
+    problem = prepared.problem
+    delta = problem.eta_ch[:, None] * charge
+    if prepared.any_v2g:
+        delta = delta - discharge / problem.eta_dis[:, None]
+    gained = np.where(prepared.available, delta, 0.0) @ problem.dt_h
+    result: FloatArray = np.maximum(0.0, problem.target_kwh - problem.energy_kwh - gained)
+    return result
+
+
 def finish(
     prepared: Prepared,
     result: StageResult,
@@ -178,7 +188,7 @@ def finish(
         charge, discharge, repair_info = min_rate_plan(
             prepared, lp_charge, lp_discharge, options, hints
         )
-    lp_short = shortfalls(problem, energy_trajectory(problem, lp_charge, lp_discharge))
+    lp_short = _shortfalls(prepared, lp_charge, lp_discharge)
     schedule = schedule_from_power(
         problem,
         charge,
