@@ -12,13 +12,16 @@ import pytest
 
 from controller.forecast.models import ForecastModels
 from controller.planning.problem import PlanningProblem, Schedule
-from simulators.dayinputs import FleetDay, SiteSpec, seed_fleet
+from simulators.dayinputs import DayFactory, FleetDay, SiteSpec, seed_fleet
 from simulators.study import (
     STRATEGIES,
     CostBasis,
     DayResult,
+    SolvePolicy,
     StudyOptions,
     run_study,
+    scaled_site,
+    sensitivity,
     strategy_table,
     write_report,
 )
@@ -157,3 +160,50 @@ def test_the_report_totals_are_the_sums_of_the_per_car_figures(
             assert rows[name]["cost_eur"] == pytest.approx(
                 sum(r.outcomes[name].cost_eur[basis] for r in results), abs=1e-9
             )
+
+
+def test_a_scaled_site_scales_the_head_room_with_the_fleet(evidence_models: ForecastModels) -> None:
+    """`scaled_site` multiplies the connection and the households, so the chargers' assured
+    head-room grows with them (the households' noise grows more slowly than their mean)."""
+    base = SiteSpec(capacity_kw=760.0)
+    big = scaled_site(base, 3.0)
+    assert big.capacity_kw == pytest.approx(3 * base.capacity_kw)
+    assert big.household_counts == {g: 3 * n for g, n in base.household_counts.items()}
+    vehicles = seed_fleet(DATA, CARS, 1000.0)
+    day = date(2024, 3, 5)
+    small = DayFactory(evidence_models, vehicles, base, first_day=day, days=3).day(day)
+    large = DayFactory(evidence_models, vehicles, big, first_day=day, days=3).day(day)
+    ratio = large.headroom_forecast_kw.mean() / small.headroom_forecast_kw.mean()
+    assert 2.8 < ratio < 3.3
+    with pytest.raises(ValueError, match="positive"):
+        scaled_site(base, 0.0)
+
+
+def test_sensitivity_rows_for_big_fleets_say_how_they_were_solved(
+    evidence_models: ForecastModels,
+) -> None:
+    """Fleet-size rows on the base site and on a scaled site: above `fair_share_until` the
+    fairness stage is off and the row says so, and the scaled row names its connection."""
+    rows = sensitivity(
+        evidence_models,
+        lambda n: seed_fleet(DATA, n, 1000.0),
+        dataclasses.replace(WEEK_OPTIONS, v2g_share=0.0, workers=1, dates=(date(2024, 3, 5),)),
+        days=1,
+        fleet_sizes=(12,),
+        scaled_fleet_sizes=(24,),
+        quantiles=(),
+        years=(),
+        v2g_shares=(),
+        big_fleet_from=10,
+        fair_share_until=20,
+    )
+    assert [(r.factor, r.cars, r.days) for r in rows] == [
+        ("fleet size (cars)", 12, 1),
+        ("fleet size, site scaled (cars)", 24, 1),
+    ]
+    assert "not shared fairly" not in rows[0].note
+    assert "connection" not in rows[0].note
+    assert "not shared fairly" in rows[1].note
+    assert f"connection {760.0 * 24 / CARS:,.0f} kW" in rows[1].note
+    assert SolvePolicy(fairness=False).options(v2g=False).fairness is False
+    assert SolvePolicy().options(v2g=True).fairness is True
