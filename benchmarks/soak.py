@@ -302,6 +302,14 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
             f"  ... and chargers' loop lag < {1000 * CALM_LAG_S:.0f} ms",
             _ms(quiet, "p50", "p99", "max"),
         ),
+    ]
+    for action, figures in report.rtt_by_action_ms.items():
+        rows.append((f"  {action} (outside faults)", _ms(figures, "p50", "p99", "max")))
+    rows += [
+        (
+            "wait for the charger's own call before",
+            _ms(report.queued_ms, "p50", "p99", "max"),
+        ),
         ("controller loop lag p50/p99/max", _ms(report.controller_lag_ms, "p50", "p99", "max")),
         ("chargers' loop lag p50/p99/max", _ms(report.charger_lag_ms, "p50", "p99", "max")),
     ]
@@ -351,6 +359,8 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
     ]
     for line in report.memory_growth:
         rows.append(("  memory grew at", line))
+    for line in report.slow_callbacks:
+        rows.append(("  slow callbacks", line))
     p99_target = 100.0 if config.chargers <= 1000 else 250.0
     targets = {
         "0 lost, 0 duplicated": verdict.ok,
@@ -422,6 +432,7 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         trace_memory=args.trace_memory,
         visits=args.visits,
         charger_processes=args.charger_processes,
+        slow_callback_ms=args.slow_callback_ms,
         seed=args.seed,
     )
     solver = share_by_need if args.solver == "share" else None
@@ -462,6 +473,12 @@ def main() -> None:
     )
     stack.add_argument(
         "--charger-processes", type=int, default=1, help="processes the chargers run in"
+    )
+    stack.add_argument(
+        "--slow-callback-ms",
+        type=float,
+        default=0.0,
+        help="list the controller process's event-loop callbacks slower than this (diagnostic)",
     )
     stack.add_argument("--seed", type=int, default=0)
     stack.add_argument("--json", help="also write the report as JSON to this file")

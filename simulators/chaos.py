@@ -131,11 +131,14 @@ class Ledger:
     """What the chargers sent and got a CALLRESULT for, shared by a fleet of ledger chargers.
 
     `rtt_at`/`rtt_s` hold the wall time (`time.time()`, comparable across processes) at the
-    answer and the round trip (s) of every answered CALL; `ack_at` the wall time of each
-    acknowledged start, stop and MeterValues; `retries` counts re-sent transaction messages by
-    action and cause; `event_to_profile_s` the wall time from a StartTransaction's answer to
-    the first TxProfile for that transaction. A ledger crosses a process boundary as JSON
-    (`to_json`, `from_json`) and the ledgers of several charger processes are `merge`d.
+    answer and the round trip (s) of every answered CALL, from its frame going out to its
+    answer; `queued_s` the time before that it waited for the charger's own call in flight
+    (OCPP-J allows one) and `rtt_kind` its action (index into `RTT_ACTIONS`); `ack_at` the
+    wall time of each acknowledged start, stop and MeterValues; `retries` counts re-sent
+    transaction messages by action and cause; `event_to_profile_s` the wall time from a
+    StartTransaction's answer to the first TxProfile for that transaction. A ledger crosses a
+    process boundary as JSON (`to_json`, `from_json`) and the ledgers of several charger
+    processes are `merge`d.
     """
 
     starts: list[StartRecord] = field(default_factory=list)
@@ -145,6 +148,8 @@ class Ledger:
     meter_values_unanswered: int = 0
     rtt_at: array[float] = field(default_factory=lambda: array("d"))  # time.time() of answer
     rtt_s: array[float] = field(default_factory=lambda: array("d"))
+    queued_s: array[float] = field(default_factory=lambda: array("d"))
+    rtt_kind: array[int] = field(default_factory=lambda: array("B"))
     ack_at: array[float] = field(default_factory=lambda: array("d"))  # transaction records
     event_to_profile_s: list[float] = field(default_factory=list)
     awaiting_profile: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -159,6 +164,8 @@ class Ledger:
         self.meter_values_unanswered += other.meter_values_unanswered
         self.rtt_at.extend(other.rtt_at)
         self.rtt_s.extend(other.rtt_s)
+        self.queued_s.extend(other.queued_s)
+        self.rtt_kind.extend(other.rtt_kind)
         self.ack_at.extend(other.ack_at)
         self.event_to_profile_s += other.event_to_profile_s
         self.awaiting_profile.update(other.awaiting_profile)
@@ -174,6 +181,8 @@ class Ledger:
             "meter_values_unanswered": self.meter_values_unanswered,
             "rtt_at": list(self.rtt_at),
             "rtt_s": list(self.rtt_s),
+            "queued_s": list(self.queued_s),
+            "rtt_kind": list(self.rtt_kind),
             "ack_at": list(self.ack_at),
             "event_to_profile_s": self.event_to_profile_s,
             "awaiting_profile": [[c, t, w] for (c, t), w in self.awaiting_profile.items()],
@@ -194,6 +203,8 @@ class Ledger:
             meter_values_unanswered=int(data["meter_values_unanswered"]),
             rtt_at=array("d", data["rtt_at"]),
             rtt_s=array("d", data["rtt_s"]),
+            queued_s=array("d", data["queued_s"]),
+            rtt_kind=array("B", data["rtt_kind"]),
             ack_at=array("d", data["ack_at"]),
             event_to_profile_s=[float(x) for x in data["event_to_profile_s"]],
             awaiting_profile={(c, int(t)): float(w) for c, t, w in data["awaiting_profile"]},
@@ -204,6 +215,19 @@ class Ledger:
 def _fields(kind: type[Any], row: Sequence[Any]) -> dict[str, Any]:
     """A dataclass's field names paired with the values of `row` (its `astuple`)."""
     return dict(zip((f.name for f in dataclasses.fields(kind)), row, strict=True))
+
+
+RTT_ACTIONS = (
+    "other",
+    "BootNotification",
+    "StatusNotification",
+    "Heartbeat",
+    "Authorize",
+    "StartTransaction",
+    "MeterValues",
+    "StopTransaction",
+)
+ACTIONS = {name: n for n, name in enumerate(RTT_ACTIONS)}
 
 
 class Disconnected(ConnectionError):
@@ -321,8 +345,11 @@ class LedgerChargePoint(SimChargePoint):
         now = time.perf_counter()
         wall = time.time()
         ledger = self.acks
+        sent = self.call_sent_at if self.call_sent_at >= started else started
         ledger.rtt_at.append(wall)
-        ledger.rtt_s.append(now - started)
+        ledger.rtt_s.append(now - sent)
+        ledger.queued_s.append(sent - started)
+        ledger.rtt_kind.append(ACTIONS.get(action, 0))
         ledger.last_ack_wall = wall
         if action in ("StartTransaction", "StopTransaction", "MeterValues"):
             ledger.ack_at.append(wall)
@@ -624,10 +651,25 @@ class RestartableBroker:
             return
 
     async def stop(self) -> None:
-        """Shut down; every client is disconnected."""
+        """Shut down; every client is disconnected.
+
+        amqtt stops a client's handler by cancelling its reader task and waiting for it to
+        end; on Python 3.11 a `wait_for` inside the reader can swallow that cancellation and
+        the shutdown then waits for ever (seen in the soak's smoke test). The reader tasks of
+        the sessions being closed are cancelled again every 0.2 s until the shutdown is done.
+        """
         broker, self._broker = self._broker, None
-        if broker is not None:
-            await broker.shutdown()
+        if broker is None:
+            return
+        handlers = [handler for _, handler in broker._sessions.values() if handler is not None]
+        shutdown = asyncio.ensure_future(broker.shutdown())
+        while not shutdown.done():
+            await asyncio.wait({shutdown}, timeout=0.2)
+            for handler in handlers:
+                reader = getattr(handler, "_reader_task", None)
+                if reader is not None and not reader.done():
+                    reader.cancel()
+        shutdown.result()
 
 
 class Publisher:
@@ -797,6 +839,7 @@ class SoakConfig:
     trace_memory: bool = False  # tracemalloc: where the memory grew from 20 % of the run on
     visits: str = "day"
     charger_processes: int = 1
+    slow_callback_ms: float = 0.0  # > 0: list this process's callbacks slower than this
     seed: int = 0
     start: datetime = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
 
@@ -1025,6 +1068,62 @@ def range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return out
 
 
+class SlowCallbacks:
+    """Which event-loop callbacks of this process ran longer than `threshold_s`, by where they
+    were: the coroutine a task step belongs to and the line it stopped at (the end of the long
+    step), or the callback's name. A diagnostic (`--slow-callback-ms`): it wraps
+    `asyncio.Handle._run` for the whole process while installed, at about a microsecond a
+    callback.
+    """
+
+    def __init__(self, threshold_s: float) -> None:
+        self.threshold_s = threshold_s
+        self.seen: dict[str, list[float]] = defaultdict(list)
+        self._original: Any = None
+
+    def install(self) -> None:
+        """Start timing every callback."""
+        original = self._original = asyncio.events.Handle._run
+        seen, threshold = self.seen, self.threshold_s
+
+        def timed(handle: asyncio.events.Handle) -> None:
+            began = time.perf_counter()
+            original(handle)
+            took = time.perf_counter() - began
+            if took > threshold:
+                seen[_where(handle)].append(took)
+
+        asyncio.events.Handle._run = timed  # type: ignore[method-assign,assignment]
+
+    def uninstall(self) -> None:
+        """Stop timing."""
+        if self._original is not None:
+            asyncio.events.Handle._run = self._original  # type: ignore[method-assign]
+            self._original = None
+
+    def top(self, n: int = 15) -> list[str]:
+        """The `n` places with the most time in slow callbacks: count, total and max."""
+        ranked = sorted(self.seen.items(), key=lambda kv: -sum(kv[1]))[:n]
+        return [
+            f"{len(t)} x, {1000 * sum(t):.0f} ms in all, max {1000 * max(t):.0f} ms: {where}"
+            for where, t in ranked
+        ]
+
+
+def _where(handle: asyncio.events.Handle) -> str:
+    callback = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        name = getattr(coro, "__qualname__", repr(coro))
+        if frame is not None:
+            path = frame.f_code.co_filename.removeprefix(f"{REPO_ROOT}/")
+            return f"{name} (stopped at {path}:{frame.f_lineno})"
+        return f"{name} (finished)"
+    return getattr(callback, "__qualname__", repr(callback))
+
+
 # A round trip counts as "with the chargers' loop calm" when the chargers' event loop never ran
 # a timer later than this during the call: what is left of its time is the controller's (and
 # the kernel's).
@@ -1064,6 +1163,8 @@ class SoakReport:
     rtt_ms: dict[str, float] = field(default_factory=dict)
     rtt_outside_faults_ms: dict[str, float] = field(default_factory=dict)
     rtt_calm_ms: dict[str, float] = field(default_factory=dict)
+    rtt_by_action_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # outside faults
+    queued_ms: dict[str, float] = field(default_factory=dict)  # behind the charger's own call
     event_to_profile_s: dict[str, float] = field(default_factory=dict)
     transactions_without_profile: int = 0
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
@@ -1084,6 +1185,7 @@ class SoakReport:
     mqtt_publish_failures: int = 0
     restart: dict[str, Any] = field(default_factory=dict)
     memory_growth: list[str] = field(default_factory=list)  # with `trace_memory`
+    slow_callbacks: list[str] = field(default_factory=list)  # with `slow_callback_ms`
     live_plans: int = 0  # `Plan` objects still referenced at the end (1 or 2 expected)
     plan_holders: dict[str, int] = field(default_factory=dict)  # attribute -> distinct plans
 
@@ -1605,6 +1707,7 @@ class StackSoak:
         config, report = self.config, self.report
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
             background: list[asyncio.Task[None]] = []
+            slow: SlowCallbacks | None = None
             try:
                 clock = PacedClock(Pace(wall0=time.time(), sim0=config.start, speed=1.0))
                 self.clock = clock
@@ -1625,6 +1728,9 @@ class StackSoak:
                 self._t0 = wall0
                 if config.trace_memory:
                     tracemalloc.start(8)
+                if config.slow_callback_ms > 0:
+                    slow = SlowCallbacks(config.slow_callback_ms / 1000.0)
+                    slow.install()
                 cpu0 = cpu_s()
                 background += [
                     asyncio.create_task(self._sample()),
@@ -1635,6 +1741,9 @@ class StackSoak:
                 await asyncio.sleep(max(0.0, config.wall_s - self._wall()))
                 report.wall_s = self._wall()
                 report.cpu_s = cpu_s() - cpu0
+                if slow is not None:
+                    slow.uninstall()
+                    report.slow_callbacks = slow.top()
                 report.sim_reached = self.clock.now().isoformat()
                 self.progress("soak window over; collecting the chargers' ledgers")
                 results = [
@@ -1652,6 +1761,8 @@ class StackSoak:
                 await self._drain()
                 await self._judge()
             finally:
+                if slow is not None:
+                    slow.uninstall()
                 for task in background:
                     await stop_task(task)
                 await self._stop()
@@ -1799,6 +1910,13 @@ class StackSoak:
         for begin, end in windows:
             calm &= ~((at >= begin) & (at <= end))
         report.rtt_outside_faults_ms = _percentiles(rtt[calm], 1000.0)
+        kinds = np.asarray(ledger.rtt_kind, dtype=int)
+        if kinds.size == at.size:
+            for n, action in enumerate(RTT_ACTIONS):
+                picked = rtt[calm & (kinds == n)]
+                if picked.size:
+                    report.rtt_by_action_ms[action] = _percentiles(picked, 1000.0)
+        report.queued_ms = _percentiles(ledger.queued_s, 1000.0)
         if len(self._rtt_charger_lag) == at.size and at.size:
             quiet = calm & (np.asarray(self._rtt_charger_lag) < CALM_LAG_S)
             report.rtt_calm_ms = _percentiles(rtt[quiet], 1000.0)

@@ -184,7 +184,8 @@ class ChargerFleetProcess:
             await asyncio.sleep(max(0.0, go.wall0 - time.time()))
             self._t0 = go.wall0
             self.lag.clear()
-            del self.ledger.rtt_at[:], self.ledger.rtt_s[:]  # the connect phase is not measured
+            ledger = self.ledger  # the connect phase is not measured
+            del ledger.rtt_at[:], ledger.rtt_s[:], ledger.queued_s[:], ledger.rtt_kind[:]
             cpu0, rss0 = cpu_s(), rss_mib()
             drivers = [
                 asyncio.create_task(self._drive(self.chargers[i - self.indices.start], visits))
@@ -230,6 +231,9 @@ def main(argv: Sequence[str]) -> None:
     """Run the job file `argv[0]`, writing the result to `argv[1]`."""
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ocpp").setLevel(logging.CRITICAL)
+    # aiomqtt warns at every publish while more than ten wait for the broker's PUBACK: a
+    # thousand cars publishing their departures at once do that; the publisher retries.
+    logging.getLogger("mqtt").setLevel(logging.ERROR)
     job = json.loads(Path(argv[0]).read_text())
     try:
         asyncio.run(ChargerFleetProcess(job).run(Path(argv[1])))

@@ -229,6 +229,7 @@ class SimChargePoint:
         self.cs_calls_in_flight = 0
         self.max_cs_calls_in_flight = 0
         self.calls_during_cs_call = 0
+        self.call_sent_at = 0.0  # perf_counter when our latest CALL frame went out
         self._t = clock.now()
         self._wire: _Wire | None = None
         self._ws: ClientConnection | None = None
@@ -788,9 +789,14 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
                 task.cancel()
 
     async def _send(self, message: str) -> None:
-        """Send a frame; an answer (CALLRESULT or CALLERROR) ends a central system's CALL."""
-        if message.lstrip().startswith(("[3", "[4")):
+        """Send a frame; an answer (CALLRESULT or CALLERROR) ends a central system's CALL. A
+        CALL of ours stamps `sim.call_sent_at` (its round trip on the wire starts there, after
+        any wait for the one call in flight before it)."""
+        head = message.lstrip()
+        if head.startswith(("[3", "[4")):
             self.sim.cs_calls_in_flight = max(0, self.sim.cs_calls_in_flight - 1)
+        elif head.startswith("[2"):
+            self.sim.call_sent_at = time.perf_counter()
         await super()._send(message)
 
     async def _run_after(self) -> None:

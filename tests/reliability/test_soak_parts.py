@@ -94,6 +94,8 @@ def test_a_ledger_survives_json_and_merges_with_another() -> None:
     ledger.retries["StartTransaction:InternalError"] += 2
     ledger.rtt_at.extend([1.0, 2.0])
     ledger.rtt_s.extend([0.01, 0.02])
+    ledger.queued_s.extend([0.0, 0.5])
+    ledger.rtt_kind.extend([3, 6])
     ledger.ack_at.append(1.5)
     ledger.event_to_profile_s.append(0.3)
     ledger.awaiting_profile[("CP-0002", 9)] = 4.0
@@ -105,6 +107,8 @@ def test_a_ledger_survives_json_and_merges_with_another() -> None:
     assert len(back.starts) == len(back.stops) == len(back.meters) == 2
     assert back.retries["StartTransaction:InternalError"] == 4
     assert list(back.rtt_s) == [0.01, 0.02, 0.01, 0.02]
+    assert list(back.rtt_kind) == [3, 6, 3, 6]
+    assert list(back.queued_s) == [0.0, 0.5, 0.0, 0.5]
     assert back.meter_values_unanswered == 6
 
 

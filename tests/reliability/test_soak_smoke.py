@@ -93,6 +93,11 @@ def test_the_chargers_ran_in_their_own_process_and_were_measured_there(soaked: S
     assert report.controller_lag_ms["n"] > 0
     assert len(soaked._rtt_charger_lag) == len(soaked.ledger.rtt_s) > 0
     assert report.rtt_calm_ms["n"] <= report.rtt_outside_faults_ms["n"]
+    # Round trips by action add up to those outside faults; heartbeats and meter values came.
+    by_action = report.rtt_by_action_ms
+    assert sum(f["n"] for f in by_action.values()) == report.rtt_outside_faults_ms["n"]
+    assert {"Heartbeat", "MeterValues", "StartTransaction"} <= set(by_action)
+    assert report.queued_ms["n"] == len(soaked.ledger.rtt_s)
     # Both sides' clocks followed the same pace to the end of the simulated span.
     end = soaked.config.start + timedelta(hours=soaked.config.sim_hours)
     assert report.sim_reached == end.isoformat() == soaked.clock.now().isoformat()
