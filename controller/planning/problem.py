@@ -93,6 +93,13 @@ class PlanningProblem:
             raise InvalidEvent("planning problem: negative power bounds")
         if np.any(self.energy_kwh > self.capacity_kwh * (1 + 1e-9)):
             raise InvalidEvent("planning problem: energy above capacity")
+        above = np.flatnonzero(self.target_kwh > self.capacity_kwh * (1 + 1e-9))
+        if above.size:
+            i = int(above[0])
+            raise InvalidEvent(
+                f"planning problem: {self.vehicle_ids[i]} target {self.target_kwh[i]:.3f} kWh "
+                f"above its capacity {self.capacity_kwh[i]:.3f} kWh (no battery can hold it)"
+            )
 
     @property
     def n_vehicles(self) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from controller.errors import InvalidEvent
 from controller.optimiser import FastSolver, OptimiserOptions, solve_reference
 from controller.planning.problem import PlanningProblem, Schedule
 from tests.optimiser.checks import assert_valid, money_of, problem
@@ -305,3 +306,18 @@ def test_an_empty_fleet_gives_an_empty_schedule() -> None:
     for s in (_fast(p), solve_reference(p)):
         assert s.charge_kw.shape == (0, 2)
         assert s.cost_eur == 0.0
+
+
+def test_a_target_above_the_battery_is_refused_with_its_reason() -> None:
+    """No schedule can put more into a battery than it holds: the problem is refused up front
+    (naming the car), not left for a solver stage to fail on."""
+    with pytest.raises(InvalidEvent, match="ev-1 target 61.000 kWh above its capacity 60.000"):
+        problem(
+            dt_h=[0.25],
+            upper_kw=[[11], [11]],
+            energy_kwh=[10, 10],
+            capacity_kwh=[60, 60],
+            target_kwh=[20, 61],
+            price=[0.1],
+            headroom_kw=[50],
+        )
