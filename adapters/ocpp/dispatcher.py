@@ -112,6 +112,10 @@ class _Basis:
     epoch: int
 
 
+# Chargers `LeaseDispatcher.publish` looks at between two yields to the event loop.
+PUBLISH_CHUNK = 100
+
+
 def _slot_at(plan: Plan, at: datetime) -> int:
     return max(0, bisect.bisect_right(plan.slot_starts, at) - 1)
 
@@ -232,6 +236,7 @@ class LeaseDispatcher:
         # them). A number, not the plan: a charger whose worker lags would otherwise pin an old
         # plan (the 5,000-charger soak found 53 of them alive).
         self._plan_seq = 0
+        self._publishing = False  # `publish` is looking through the chargers (it yields)
         self._wanted: dict[ChargerId, tuple[int, tuple[object, ...], list[OutgoingProfile]]] = {}
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
@@ -250,27 +255,46 @@ class LeaseDispatcher:
         self.counters["plans"] += 1
         now = self.clock.now()
         woken: list[_Link] = []
-        for charger_id, known in self._links.items():
-            basis = self._basis(charger_id, now)
-            if (
-                not self.config.wake_all_on_plan
-                and known.basis is not None
-                and _same_basis(known.basis, basis, now)
-            ):
-                self.counters["plan_chargers_unchanged"] += 1
-                continue
-            known.basis = basis
-            woken.append(known)
-            wanted = self._wanted_in_form(known, now) or []
-            if any(self._due(known, p, now) and self._change(known, p, now) < 0 for p in wanted):
-                self._decreasing.add(charger_id)
+        # Looking at every charger is the longest step of a plan (the 1,000-charger soak saw
+        # ~180 ms without a yield, every plan): give the loop back every PUBLISH_CHUNK
+        # chargers. Meanwhile the workers hold their increases (`_publishing`), since the
+        # decreases of this plan are not all known yet (P-04).
+        self._publishing = True
+        try:
+            for n, (charger_id, known) in enumerate(list(self._links.items())):
+                if n and n % PUBLISH_CHUNK == 0:
+                    await asyncio.sleep(0)
+                if self._links.get(charger_id) is known:
+                    self._look(known, now, woken)
+        finally:
+            self._publishing = False
         for link in woken:
             link.idle.clear()
             link.wake.set()
+        if not self._decreasing:
+            self._wake_held()
         for charger_id in self.central.online():
             if charger_id not in self._links:
                 # Connected before the dispatcher knew it (or before any plan): bring it up now.
                 self._start_link(charger_id, trigger_status=False)
+
+    def _look(self, known: _Link, now: datetime, woken: list[_Link]) -> None:
+        """One charger at a new plan: wake its worker unless nothing it depends on changed;
+        note a due decrease."""
+        charger_id = known.charger_id
+        basis = self._basis(charger_id, now)
+        if (
+            not self.config.wake_all_on_plan
+            and known.basis is not None
+            and _same_basis(known.basis, basis, now)
+        ):
+            self.counters["plan_chargers_unchanged"] += 1
+            return
+        known.basis = basis
+        woken.append(known)
+        wanted = self._wanted_in_form(known, now) or []
+        if any(self._due(known, p, now) and self._change(known, p, now) < 0 for p in wanted):
+            self._decreasing.add(charger_id)
 
     # -- ChargerListener --
 
@@ -704,11 +728,17 @@ class LeaseDispatcher:
             return
         self._decreasing.discard(charger_id)
         if not self._decreasing:
-            for other in self._links.values():
-                if other.held:
-                    other.held = False
-                    other.idle.clear()
-                    other.wake.set()
+            self._wake_held()
+
+    def _wake_held(self) -> None:
+        """Wake every worker that holds an increase (unless a plan is being published)."""
+        if self._publishing:
+            return
+        for other in self._links.values():
+            if other.held:
+                other.held = False
+                other.idle.clear()
+                other.wake.set()
 
     def _order(
         self, link: _Link, profiles: list[OutgoingProfile], now: datetime
@@ -796,8 +826,9 @@ class LeaseDispatcher:
         if not any(self._change(link, p, now) < 0 for p in due):
             self._release(link.charger_id)
         held = False
-        if self._decreasing - {link.charger_id}:
-            # Others still lower their draw: our increases wait until they are acknowledged.
+        if self._publishing or self._decreasing - {link.charger_id}:
+            # Others still lower their draw (or a plan is being looked through, whose
+            # decreases are not all known): our increases wait until they are acknowledged.
             kept = [p for p in due if self._change(link, p, now) <= 0]
             held = len(kept) < len(due)
             if held:
@@ -809,7 +840,7 @@ class LeaseDispatcher:
             for profile in due:
                 await self._send(link, profile)
             return True
-        if held and not self._decreasing - {link.charger_id}:
+        if held and not self._publishing and not self._decreasing - {link.charger_id}:
             return True  # released while we looked: go again rather than sleep
         if link.trigger_status:
             link.trigger_status = False
