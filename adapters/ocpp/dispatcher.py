@@ -44,7 +44,7 @@ import bisect
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -101,9 +101,12 @@ COURSE_TOLERANCE_KW = 1e-3  # setpoint moves smaller than this do not wake a cha
 
 @dataclass(frozen=True, slots=True)
 class _Basis:
-    """What a charger's wanted profiles are built from, besides the time."""
+    """What a charger's wanted profiles are built from, besides the time. The plan's slot
+    starts, not the plan: a charger whose basis did not change at the next plans would
+    otherwise keep its old plan (every connector's setpoints) alive; the split soak found 42
+    such plans at 1,000 chargers."""
 
-    plan: Plan | None
+    slot_starts: tuple[datetime, ...] | None
     setpoints: dict[int, Setpoint]
     charger: ChargePoint | None
     safe_kw: float
@@ -117,7 +120,11 @@ PUBLISH_CHUNK = 100
 
 
 def _slot_at(plan: Plan, at: datetime) -> int:
-    return max(0, bisect.bisect_right(plan.slot_starts, at) - 1)
+    return _slot_index_at(plan.slot_starts, at)
+
+
+def _slot_index_at(slot_starts: Sequence[datetime], at: datetime) -> int:
+    return max(0, bisect.bisect_right(slot_starts, at) - 1)
 
 
 def _same_course(old: _Basis, new: _Basis, now: datetime) -> bool:
@@ -127,10 +134,10 @@ def _same_course(old: _Basis, new: _Basis, now: datetime) -> bool:
         return False
     if not new.setpoints:
         return True
-    if old.plan is None or new.plan is None:
-        return old.plan is new.plan
-    i, j = _slot_at(old.plan, now), _slot_at(new.plan, now)
-    a, b = old.plan.slot_starts, new.plan.slot_starts
+    a, b = old.slot_starts, new.slot_starts
+    if a is None or b is None:
+        return a is b
+    i, j = _slot_index_at(a, now), _slot_index_at(b, now)
     if i + 1 < len(a) and j + 1 < len(b) and a[i + 1] != b[j + 1]:
         return False  # slot boundaries that do not line up
     for connector_id, setpoint in new.setpoints.items():
@@ -467,7 +474,7 @@ class LeaseDispatcher:
         state = self.state
         charger = state.chargers.get(charger_id)
         return _Basis(
-            plan=self._plan,
+            slot_starts=None if self._plan is None else self._plan.slot_starts,
             setpoints=self._index.get(charger_id, {}),
             charger=charger,
             safe_kw=self._safe_kw(state, charger_id) if charger is not None else 0.0,
@@ -486,7 +493,7 @@ class LeaseDispatcher:
         charger = basis.charger
         if charger is None:
             return None
-        plan = basis.plan
+        plan = self._plan
         second = now.replace(microsecond=0)
         offs = self._offs(charger_id, now)
         key = (

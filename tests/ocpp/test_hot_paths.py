@@ -137,3 +137,43 @@ async def test_a_plan_for_many_chargers_gives_the_loop_back_and_wakes_the_held_a
         assert all(link.wake.is_set() for link in dispatcher._links.values())
         assert not held.held
         await dispatcher.close()
+
+
+def _reaches(root: object, target: object, depth: int = 6) -> bool:
+    """Whether `target` is reachable from `root` through containers and object attributes."""
+    if root is target:
+        return True
+    if depth == 0 or isinstance(root, str | int | float | bytes | datetime | asyncio.Event):
+        return False
+    if isinstance(root, dict):
+        children: list[object] = [*root.keys(), *root.values()]
+    elif isinstance(root, list | tuple | set | frozenset):
+        children = list(root)
+    elif dataclasses.is_dataclass(root):
+        children = [getattr(root, f.name) for f in dataclasses.fields(root)]
+    else:
+        return False
+    return any(_reaches(child, target, depth - 1) for child in children)
+
+
+async def test_a_charger_left_alone_by_a_new_plan_keeps_no_old_plan_alive(
+    redis: Redis, clock: SimClock
+) -> None:
+    """A charger whose inputs did not change at the next plan keeps what it was built from,
+    but not the old plan itself (each plan holds every connector's setpoints: the soak found
+    42 old plans alive at 1,000 chargers)."""
+    state = fleet([charger(f"CP-{i}") for i in (1, 2, 3)], safe_limit_kw=100.0)
+    async with running_central(redis, clock, state) as harness:
+        dispatcher = LeaseDispatcher(harness.central, clock, LeaseConfig(), state=lambda: state)
+        for charger_id in state.chargers:
+            dispatcher._links[charger_id] = _Link(charger_id)
+        old = plan_for(clock.now(), {(cid, 1): [5.0] for cid in state.chargers})
+        await dispatcher.publish(old, state)
+        assert all(link.basis is not None for link in dispatcher._links.values())
+        new = plan_for(clock.now(), {("CP-1", 1): [7.0], ("CP-2", 1): [5.0], ("CP-3", 1): [5.0]})
+        unchanged = dispatcher.counters["plan_chargers_unchanged"]
+        await dispatcher.publish(new, state)
+        assert dispatcher.counters["plan_chargers_unchanged"] == unchanged + 2  # CP-2, CP-3
+        assert not _reaches(dispatcher._links, old)
+        assert _reaches(dispatcher._links, new.setpoints[0])  # CP-1 was looked at again
+        await dispatcher.close()
