@@ -6,18 +6,24 @@
 
 `--mode stack` (default; RELIABILITY.md T-08, L-01..L-03): `--chargers` simulated charge points
 (`simulators.chaos.LedgerChargePoint`: re-send StartTransaction/StopTransaction until answered,
-keep a ledger of every CALLRESULT) against the controller wired as in production (OCPP central
-system on real WebSockets, lease dispatcher, MQTT link, Redis store, planner) for `--duration`
-wall seconds, in which a simulated day (`--sim-hours`) passes on a `SimClock` paced by the wall.
-Each charger gets an evening car (and half of them an afternoon one). Faults: `--kills` kill -9
-of the redis-server (AOF everysec, restarted on the same files), `--broker-restarts` restarts of
-the amqtt broker on its port, and `--drop-per-min` of the sockets dropped (no close frame) each
-wall minute. Printed: lost and duplicated transaction records (the ledger against the
-transaction book, the fleet state and the applied event ids; target 0 and 0), recovery after
-each fault, OCPP round trip p50/p99 (all, and outside fault windows), re-plan event-to-profile
-(StartTransaction answered -> first TxProfile for it) p50/p95, RSS from 20 % of the run to its
-end, CPU. Everything runs in this one process (chargers included), so CPU and RSS are the
-whole stack's plus the simulator's.
+keep a ledger of every CALLRESULT) in `--charger-processes` processes of their own
+(`simulators.chaos_fleet`), against the controller wired as in production (OCPP central system
+on real WebSockets, lease dispatcher, MQTT link, Redis store, planner) in this process, for
+`--duration` wall seconds in which a simulated day (`--sim-hours`) passes; both sides derive
+the simulated time from the wall (`simulators.chaos.PacedClock`). `--visits day`: each charger
+gets an evening car (and half of them an afternoon one); `--visits steady`: car after car, as
+many arriving as leaving (the memory check). Faults: `--kills` kill -9 of the redis-server (AOF
+everysec, restarted on the same files), `--broker-restarts` restarts of the amqtt broker on its
+port (both from this process), and `--drop-per-min` of the sockets dropped (no close frame)
+each wall minute (in the chargers' processes). Printed: lost and duplicated transaction records
+(the chargers' ledgers, sent back as JSON, against the transaction book, the fleet state and
+the applied event ids; target 0 and 0), recovery after each fault, OCPP round trip p50/p99
+measured at the chargers from the frame going out (all, outside fault windows, by action, and
+with the chargers' own event loop calm), the wait behind a charger's own call in flight, both
+processes' event-loop lag, re-plan event-to-profile (StartTransaction answered -> first
+TxProfile for it) p50/p95, the controller process's RSS from 20 % of the run to its end with
+the open transactions then, CPU and RSS of each process, the load average.
+`--slow-callback-ms` lists the controller process's event-loop callbacks slower than that.
 
 `--mode restart` (S-12): every charger connected with a car charging, the controller stopped for
 `--restart-down-s` wall seconds and started again; the simulated seconds until every charger is

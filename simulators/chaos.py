@@ -15,8 +15,12 @@ L-03, S-12) that a test can use too:
   transaction book, the fleet state's transactions, the applied event ids) against the ledger;
   `Verdict.lost` and `Verdict.duplicated` are the soak's two figures.
 - `StackSoak`: one run: controller (`adapters.bootstrap` wiring, as in `simulators.scenario`), a
-  redis-server that can be killed, a broker that can be restarted, N ledger chargers with one or
-  two car visits each on a simulated day, a wall-paced `SimClock`, and the faults on a schedule.
+  redis-server that can be killed, a broker that can be restarted, and N ledger chargers with
+  their cars' visits (`fleet_visits`: a simulated day, or a steady fleet). `run()` puts the
+  chargers in processes of their own (`simulators.chaos_fleet`) so the controller's process is
+  measured alone; both sides read a `PacedClock` (simulated time derived from the wall by shared
+  `Pace`s). `run_restart()` (S-12) keeps them in this process on a `SimClock`.
+- `LoopLag` and `SlowCallbacks`: how late an event loop runs, and which callbacks held it.
 """
 
 from __future__ import annotations
