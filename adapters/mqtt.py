@@ -355,7 +355,8 @@ class MqttPlanPublisher:
 
     async def publish(self, plan: Plan, state: FleetState) -> None:
         """Publish the plan on `{prefix}/schedule`."""
-        await self._link.publish(self._link.topics.schedule, plan_summary_json(plan), retain=True)
+        text = await asyncio.to_thread(plan_summary_json, plan)  # built once, off the loop
+        await self._link.publish(self._link.topics.schedule, text, retain=True)
 
 
 def _json_default(value: object) -> object:

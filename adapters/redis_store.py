@@ -19,6 +19,7 @@ Nothing lost, nothing doubled (docs/reliability.md, cases R-03..R-05):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Sequence
@@ -384,7 +385,10 @@ class RedisFleetStore:
     async def save_plan(self, plan: Plan) -> None:
         """Store the plan's summary: what `voltpool status` shows and a restart starts from."""
         try:
-            await self._redis.set(keys.plan(self._site), plan_summary_json(plan))
+            # Built in a thread: at 1,000 connectors x 100 slots it is tens of ms of work,
+            # which on the event loop would hold every OCPP answer that long.
+            text = await asyncio.to_thread(plan_summary_json, plan)
+            await self._redis.set(keys.plan(self._site), text)
         except RedisError as exc:
             raise StoreUnavailable("redis unreachable saving the plan") from exc
 

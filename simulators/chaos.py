@@ -1118,7 +1118,10 @@ def _where(handle: asyncio.events.Handle) -> str:
     callback = getattr(handle, "_callback", None)
     task = getattr(callback, "__self__", None)
     if isinstance(task, asyncio.Task):
-        coro = task.get_coro()
+        coro: Any = task.get_coro()
+        # The innermost coroutine the task waits in: where the long step ended.
+        while getattr(getattr(coro, "cr_await", None), "cr_frame", None) is not None:
+            coro = coro.cr_await
         frame = getattr(coro, "cr_frame", None)
         name = getattr(coro, "__qualname__", repr(coro))
         if frame is not None:
