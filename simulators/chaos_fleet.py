@@ -41,6 +41,7 @@ import numpy as np
 from adapters.ocpp.aio import stop_task
 from simulators.chaos import (
     FLEET_LINE,
+    PACE_SHARE,
     FaultRecord,
     Ledger,
     LedgerChargePoint,
@@ -129,15 +130,18 @@ class ChargerFleetProcess:
         return record
 
     async def _drops(self) -> None:
-        """`drop_fraction_per_min` of this share's sockets in each wall minute, at random."""
+        """`drop_fraction_per_min` of this share's sockets in each wall minute, at random,
+        all within the simulated span (`PACE_SHARE` of the run): after it the clocks stand
+        still, and a dropped charger's back-off, on the simulated clock, would never end."""
         config = self.config
         if config.drop_fraction_per_min <= 0:
             return
         rng = random.Random(config.seed + 1 + self.shard)
         minutes = max(1, round(config.wall_s / config.minute_s))
         per_minute = max(1, round(config.drop_fraction_per_min * len(self.indices)))
+        span = config.wall_s * PACE_SHARE
         schedule = sorted(
-            min((minute + rng.random()) * config.wall_s / minutes, config.wall_s * 0.98)
+            min((minute + rng.random()) * span / minutes, span * 0.98)
             for minute in range(minutes)
             for _ in range(per_minute)
         )
