@@ -35,6 +35,7 @@ from controller.optimiser.model import (
 from controller.optimiser.options import DEFAULT_OPTIONS, OptimiserOptions
 from controller.optimiser.prepare import Prepared, prepare
 from controller.optimiser.rounding import Hints
+from controller.optimiser.sifting import SiftedHighs
 from controller.optimiser.stages import (
     OptimiserFailed,
     StageResult,
@@ -258,6 +259,8 @@ class FastSolver:
         key = layout_key(prepared, first_slot)
         loaded = self._loaded if warm else None
         if loaded is not None and loaded.layout.key == key:
+            if isinstance(loaded.highs, SiftedHighs):
+                loaded.highs.compact()
             values = build_values(loaded.layout, prepared)
             repriced = _repriced(loaded, problem.price_eur_per_kwh, first_slot)
             _update(loaded, values)
@@ -319,6 +322,8 @@ class FastSolver:
         """The second-stage model for `money`'s layout, carried over from the last one if any."""
         old = self._second if warm else None
         if old is not None and old.layout.key == money.layout.key:
+            if isinstance(old.highs, SiftedHighs):
+                old.highs.compact()
             return old
         layout, values = money.layout, money.values
         second = _Loaded.fresh(_new_highs(layout, values, options), layout, values)
@@ -359,13 +364,38 @@ def _repriced(loaded: _Loaded, prices: FloatArray, first_slot: int) -> bool:
 
 
 def _new_highs(layout: Layout, values: Values, options: OptimiserOptions) -> Any:
-    """A HiGHS instance holding the layout's matrix with `values`."""
-    highs = highspy.Highs()
-    highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("time_limit", float(options.time_limit_s))
+    """A HiGHS instance holding the layout's matrix with `values`.
+
+    With many charge columns of cars without V2G (`options.sifting_min_columns`), a
+    `SiftedHighs` that loads only a working set of them into HiGHS (same interface).
+    """
     rows = np.concatenate([layout.fixed_rows, layout.var_rows])
     cols = np.concatenate([layout.fixed_cols, layout.var_cols])
     vals = np.concatenate([layout.fixed_vals, values.coeffs])
+    plain = np.zeros(layout.n, dtype=bool)
+    plain[layout.plain_cars] = True
+    siftable = np.nonzero(plain[layout.x_car])[0].astype(np.int64)
+    if len(siftable) and len(siftable) >= options.sifting_min_columns:
+        # Variable coefficients keep their (maybe zero) entry: they may change in place.
+        keep = (vals != 0.0) | (np.arange(len(vals)) >= len(layout.fixed_vals))
+        matrix = sparse.csc_matrix(
+            (vals[keep], (rows[keep], cols[keep])), shape=(layout.n_rows, layout.n_cols)
+        )
+        matrix.sum_duplicates()
+        sifted = SiftedHighs(
+            matrix,
+            values.col_lower,
+            values.col_upper,
+            values.row_lower,
+            values.row_upper,
+            siftable,
+        )
+        sifted.setOptionValue("output_flag", False)
+        sifted.setOptionValue("time_limit", float(options.time_limit_s))
+        return sifted
+    highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("time_limit", float(options.time_limit_s))
     keep = vals != 0.0
     matrix = sparse.csc_matrix(
         (vals[keep], (rows[keep], cols[keep])), shape=(layout.n_rows, layout.n_cols)
@@ -447,6 +477,8 @@ def _index(i: int) -> IntArray:
 
 def _set_basis(highs: Any, col_status: IntArray, row_status: IntArray) -> bool:
     """Give HiGHS a starting basis; False if it refused it."""
+    if isinstance(highs, SiftedHighs):
+        return bool(highs.set_basis_codes(col_status, row_status) != highspy.HighsStatus.kError)
     basis = highspy.HighsBasis()
     basis.col_status = [_BY_CODE[int(c)] for c in col_status.tolist()]
     basis.row_status = [_BY_CODE[int(c)] for c in row_status.tolist()]
@@ -454,7 +486,9 @@ def _set_basis(highs: Any, col_status: IntArray, row_status: IntArray) -> bool:
     return bool(highs.setBasis(basis) != highspy.HighsStatus.kError)
 
 
-def _status_codes(statuses: list[Any]) -> IntArray:
+def _status_codes(statuses: list[Any] | IntArray) -> IntArray:
+    if isinstance(statuses, np.ndarray):
+        return statuses.astype(np.int64)
     return np.fromiter((int(s) for s in statuses), dtype=np.int8, count=len(statuses)).astype(
         np.int64
     )
@@ -555,6 +589,9 @@ def _stages(
         _expect(_run(highs, counter), "cost stage")
     cost = _objective_value(highs)
     loaded.cost_basis = highs.getBasis()
+    sifting = {}
+    if isinstance(highs, SiftedHighs):
+        sifting = {"sifting_working_columns": float(highs.working_columns)}
     loaded.at_cost_basis = True
     solution = _Solution.read(highs, layout, duals=options.peak_flattening)
     g_slice = slice(layout.g0, layout.g0 + layout.t_count)
@@ -583,6 +620,7 @@ def _stages(
         solver="highs",
         solves=counter.solves,
         iterations=counter.iterations,
+        extra=sifting,
     )
     return result, solution
 
@@ -620,8 +658,10 @@ class _Solution:
         )
 
 
-def _floats(values: list[float]) -> FloatArray:
+def _floats(values: list[float] | FloatArray) -> FloatArray:
     """A list of floats from HiGHS as an array (fromiter: 5x faster than asarray on lists)."""
+    if isinstance(values, np.ndarray):
+        return values
     result: FloatArray = np.fromiter(values, dtype=np.float64, count=len(values))
     return result
 
@@ -692,6 +732,8 @@ def _second_stage(
         return
     _sync(second, money, solution)
     highs = second.highs
+    if isinstance(highs, SiftedHighs):
+        highs.seat(solution.col_value)  # the money plan is a feasible start of the working set
     _rows(second, _index(layout.cost_row), _one(-INF), _one(cost + options.slack(cost)))
     plan: _Solution | None = None
     stage = "peak stage"

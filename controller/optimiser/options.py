@@ -35,6 +35,9 @@ class OptimiserOptions:
     # previous solve's basis over to the next problem (matched by vehicle and slot time).
     flow_start: bool = True
     warm_start: bool = True
+    # Fast path only: with at least this many charge columns of cars without V2G, HiGHS holds
+    # only a working set of them and the rest are priced out exactly (`sifting.py`); 0: always.
+    sifting_min_columns: int = 200_000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.stage_tolerance <= 1e-3:
@@ -45,6 +48,8 @@ class OptimiserOptions:
             raise InvalidEvent("optimiser: time_limit_s must be positive")
         if self.min_rate_mip_s < 0.0:
             raise InvalidEvent("optimiser: min_rate_mip_s must not be negative")
+        if self.sifting_min_columns < 0:
+            raise InvalidEvent("optimiser: sifting_min_columns must not be negative")
         if self.shortfall_penalty_eur_per_kwh < 0.0:
             raise InvalidEvent("optimiser: shortfall_penalty_eur_per_kwh must not be negative")
 
