@@ -36,7 +36,7 @@ import highspy as _highspy
 import numpy as np
 from scipy import sparse
 
-from controller.planning.problem import FloatArray, IntArray
+from controller.planning.problem import BoolArray, FloatArray, IntArray
 
 highspy: Any = _highspy
 
@@ -70,13 +70,55 @@ _REBUILD_PER_ROW = 2.0
 _REBUILD_FLOOR = 5_000
 
 
-@dataclass(frozen=True, slots=True)
 class SiftBasis:
-    """A basis of the full LP: highspy status codes per column and per row."""
+    """A basis of the full LP: highspy status codes per column and per row.
 
-    col_status: IntArray
-    row_status: IntArray
-    valid: bool = True
+    Taken from a model (`SiftedHighs.getBasis`) it keeps HiGHS's own basis and the held
+    columns' bounds and converts them to codes only when they are read (at 20,000 cars the
+    conversion costs ~0.1 s, and the usual reader is the same model, which takes HiGHS's
+    basis back as it is).
+    """
+
+    __slots__ = ("_col_status", "_held", "_row_status", "owner", "raw", "valid")
+
+    def __init__(
+        self,
+        col_status: IntArray | None,
+        row_status: IntArray | None,
+        *,
+        valid: bool = True,
+        owner: SiftedHighs | None = None,
+        raw: Any = None,
+        held: tuple[IntArray, IntArray, BoolArray] | None = None,
+    ) -> None:
+        """Codes, or (from a model) HiGHS's basis `raw` of the model's columns at the time
+        and `held` = (those columns, the held columns, which of them sit at the upper bound)."""
+        self._col_status = col_status
+        self._row_status = row_status
+        self.valid = valid
+        self.owner = owner
+        self.raw = raw
+        self._held = held
+
+    @property
+    def col_status(self) -> IntArray:
+        """Status code of every column of the full LP."""
+        if self._col_status is None:
+            assert self.owner is not None
+            assert self._held is not None
+            cols, held, upper = self._held
+            status = np.full(self.owner.n_cols, _LOWER, dtype=np.int64)
+            status[cols] = _codes(self.raw.col_status)
+            status[held] = np.where(upper, _UPPER, _LOWER)
+            self._col_status = status
+        return self._col_status
+
+    @property
+    def row_status(self) -> IntArray:
+        """Status code of every row."""
+        if self._row_status is None:
+            self._row_status = _codes(self.raw.row_status)
+        return self._row_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +163,7 @@ class SiftedHighs:
         n_rows, n_cols = self._matrix.shape
         self.n_rows, self.n_cols = int(n_rows), int(n_cols)
         self._cost = np.zeros(self.n_cols)
+        self._sift_cost = False  # whether a siftable column has a cost (x columns have none)
         self._col_lower = np.array(col_lower, dtype=float)
         self._col_upper = np.array(col_upper, dtype=float)
         self._row_lower = np.array(row_lower, dtype=float)
@@ -212,6 +255,8 @@ class SiftedHighs:
         costs = np.asarray(costs, dtype=float)[:num]
         self._solution = None
         self._cost[cols] = costs
+        if self._is_sift[cols].any():
+            self._sift_cost = bool(self._cost[self._sift].any())
         if self._highs is not None:
             inside = self._pos[cols] >= 0
             if inside.any():
@@ -239,6 +284,18 @@ class SiftedHighs:
         """Start the next run from `basis` (a `SiftBasis` of the full LP)."""
         if not isinstance(basis, SiftBasis):
             raise TypeError("sifting: setBasis wants a SiftBasis of the full LP")
+        if basis.owner is self and basis.raw is not None and basis._held is not None:
+            cols, held, upper = basis._held
+            if self._highs is not None and cols is self._cols:
+                # Our own basis, with the same columns loaded: HiGHS takes it back as it is.
+                self._solution = None
+                now = ~self._inside
+                before = self._held_values(self._sift[now])
+                self._at_upper[now] = False
+                self._at_upper[self._k_of[held]] = upper
+                self._move_held(self._sift[now], before)
+                self._push_rows()
+                return self._highs.setBasis(basis.raw)
         return self.set_basis_codes(basis.col_status, basis.row_status)
 
     def set_basis_codes(self, col_status: IntArray, row_status: IntArray) -> Any:
@@ -265,12 +322,10 @@ class SiftedHighs:
             if self._pending is not None:
                 return self._pending
             return SiftBasis(np.zeros(0, np.int64), np.zeros(0, np.int64), valid=False)
-        basis = self._highs.getBasis()
-        col_status = np.full(self.n_cols, _LOWER, dtype=np.int64)
-        col_status[self._cols] = _codes(basis.col_status)
-        held = self._sift[~self._inside]
-        col_status[held] = np.where(self._at_upper[~self._inside], _UPPER, _LOWER)
-        return SiftBasis(col_status, _codes(basis.row_status), valid=bool(basis.valid))
+        raw = self._highs.getBasis()
+        now = ~self._inside
+        held = (self._cols, self._sift[now], self._at_upper[now])
+        return SiftBasis(None, None, valid=bool(raw.valid), owner=self, raw=raw, held=held)
 
     def run(self) -> Any:
         """Solve the full LP: HiGHS on the working set, then price the held columns, repeat."""
@@ -287,10 +342,12 @@ class SiftedHighs:
                 self._highs.setOptionValue("simplex_strategy", 1 if strategy is None else strategy)
         if self._status != _OPTIMAL:
             return highspy.HighsStatus.kWarning
-        held = ~self._inside
-        self._objective = float(self._highs.getInfo().objective_function_value) + float(
-            self._cost[self._sift[held]] @ self._held_values(self._sift[held])
-        )
+        self._objective = float(self._highs.getInfo().objective_function_value)
+        if self._sift_cost:
+            held = ~self._inside
+            self._objective += float(
+                self._cost[self._sift[held]] @ self._held_values(self._sift[held])
+            )
         return highspy.HighsStatus.kOk
 
     def _sift_rounds(self) -> None:
