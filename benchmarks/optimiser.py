@@ -132,6 +132,8 @@ def bench_fast(
     timing.peak_heap_mb = tracemalloc.get_traced_memory()[1] / 1e6
     tracemalloc.stop()
     timing.note = f"{len(timing.resolves_s)} re-solves, last start: {solver.last_start}"
+    if "sifting_working_columns" in last.details:
+        timing.note += f", sifting: {int(last.details['sifting_working_columns'])} columns loaded"
     if options.min_rate_repair:
         d = last.details
         timing.note += (

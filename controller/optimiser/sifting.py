@@ -368,11 +368,14 @@ class SiftedHighs:
             self._iterations += max(0, int(self._highs.getInfo().simplex_iteration_count))
             self._status = self._highs.getModelStatus()
             if self._status in _INFEASIBLE and not self._inside.all():
-                # Proves nothing about the full LP: first the held columns of the rows that
-                # changed since the last optimum, then (still infeasible) all of them.
-                near = self._near_touched() if self._touched.any() else np.zeros(0, np.int64)
+                # Proves nothing about the full LP: first the held columns that the proof (the
+                # dual ray) does not cover, else those of the rows that changed since the last
+                # optimum, else (still infeasible) all of them.
+                found = self._ray_columns()
+                if not len(found) and self._touched.any():
+                    found = self._near_touched()
                 self._touched[:] = False
-                self._add(near if len(near) else np.nonzero(~self._inside)[0])
+                self._add(found if len(found) else np.nonzero(~self._inside)[0])
                 continue
             if self._status != _OPTIMAL:
                 return
@@ -454,6 +457,19 @@ class SiftedHighs:
         before = self._held_values(cols[keep])
         self._at_upper[held[keep]] = at_upper[keep]
         self._move_held(cols[keep], before)
+
+    def _ray_columns(self) -> IntArray:
+        """Held movable columns with an entry in a row of HiGHS's infeasibility proof (its dual
+        ray), if they are few: only they can break the proof."""
+        _, has_ray, ray = self._highs.getDualRay()
+        if not has_ray:
+            return np.zeros(0, dtype=np.int64)
+        hits = np.abs(self._sub_t @ np.asarray(ray, dtype=float)) > 1e-12
+        movable = self._col_lower[self._sift] < self._col_upper[self._sift]
+        found = np.nonzero(hits & movable & ~self._inside)[0]
+        if len(found) > 0.25 * max(1, int((~self._inside).sum())):
+            return np.zeros(0, dtype=np.int64)
+        return found
 
     def _near_touched(self) -> IntArray:
         """Held movable columns with an entry in a touched row, if they are few."""
