@@ -56,12 +56,13 @@ def test_a_realistic_day_serves_every_car_below_every_baseline() -> None:
     assert s.shortfall_kwh == pytest.approx(np.zeros(p.n_vehicles), abs=1e-6)
     assert np.all(s.site_kw <= p.headroom_kw + 1e-6)
     assert s.details["min_rate_violations"] == 0
-    # The rounding's swaps find a min-rate plan at the LP's cost with the second stage's
-    # site profile: no greedy repair, no money, no peak or ramp given up.
-    assert s.details["rounding_left"] == 0
-    assert abs(s.details["repair_cost_eur"]) <= 1e-9 * s.details["lp_cost_eur"]
+    # The min-rate plan stays next to the LP: the swaps settle nearly every sliver and the
+    # greedy repair the rest for at most 0.1 % of the LP's cost, with the second stage's peak
+    # and at most 1 % more ramping. (How many slivers are left depends on which vertex of the
+    # optimal face HiGHS ends on: none on the whole model, 4 for 0.43 EUR with sifting.)
+    assert 0 <= s.details["repair_cost_eur"] <= 1e-3 * s.details["lp_cost_eur"]
     assert s.details["peak_kw"] == pytest.approx(s.details["stage_peak_kw"], abs=1e-6)
-    assert s.details["ramp_kw"] == pytest.approx(s.details["stage_ramp_kw"], abs=1e-6)
+    assert s.details["ramp_kw"] <= 1.01 * s.details["stage_ramp_kw"] + 1e-6
     assert s.details["stage_peak_kw"] <= s.details["stage_cost_peak_kw"] + 1e-6
     assert s.details["stage_ramp_kw"] < s.details["stage_cost_ramp_kw"]
     for baseline in (
