@@ -29,6 +29,7 @@ import highspy as _highspy
 import numpy as np
 from scipy import sparse
 
+from controller.optimiser.highs import column_lp
 from controller.optimiser.prepare import Prepared
 from controller.planning.problem import BoolArray, FloatArray, IntArray
 
@@ -287,18 +288,7 @@ def _solve(
     highs.setOptionValue("time_limit", max(time_limit_s, 1e-3))
     for key, value in _HIGHS_OPTIONS.items():
         highs.setOptionValue(key, value)
-    lp = highspy.HighsLp()
-    lp.num_col_ = n_cols
-    lp.num_row_ = n_rows
-    lp.col_cost_ = cost
-    lp.col_lower_ = col_lower
-    lp.col_upper_ = col_upper
-    lp.row_lower_ = row_lower
-    lp.row_upper_ = row_upper
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = matrix.indptr.astype(np.int32)
-    lp.a_matrix_.index_ = matrix.indices.astype(np.int32)
-    lp.a_matrix_.value_ = matrix.data
+    lp = column_lp(matrix, cost, col_lower, col_upper, row_lower, row_upper)
     kinds = highspy.HighsVarType
     lp.integrality_ = [kinds.kSemiContinuous if s else kinds.kContinuous for s in semi.tolist()] + [
         kinds.kContinuous

@@ -36,6 +36,7 @@ import highspy as _highspy
 import numpy as np
 from scipy import sparse
 
+from controller.optimiser.highs import column_lp, floats
 from controller.planning.problem import BoolArray, FloatArray, IntArray
 
 highspy: Any = _highspy
@@ -379,7 +380,7 @@ class SiftedHighs:
                 continue
             if self._status != _OPTIMAL:
                 return
-            row_dual = _array(self._highs.getSolution().row_dual)
+            row_dual = floats(self._highs.getSolution().row_dual)
             self._reduced = self._cost[self._sift] - self._sub_t @ row_dual
             held = ~self._inside
             movable = self._col_lower[self._sift] < self._col_upper[self._sift]
@@ -412,16 +413,16 @@ class SiftedHighs:
         solution = self._highs.getSolution()
         col_value = np.zeros(self.n_cols)
         col_dual = np.zeros(self.n_cols)
-        col_value[self._cols] = _array(solution.col_value)
-        col_dual[self._cols] = _array(solution.col_dual)
+        col_value[self._cols] = floats(solution.col_value)
+        col_dual[self._cols] = floats(solution.col_dual)
         held = ~self._inside
         col_value[self._sift[held]] = self._held_values(self._sift[held])
         col_dual[self._sift[held]] = self._reduced[held]
         self._solution = SiftSolution(
             col_value=col_value,
             col_dual=col_dual,
-            row_value=_array(solution.row_value) + self._shift,
-            row_dual=_array(solution.row_dual),
+            row_value=floats(solution.row_value) + self._shift,
+            row_dual=floats(solution.row_dual),
         )
         return self._solution
 
@@ -591,18 +592,14 @@ class SiftedHighs:
             highs.setOptionValue(name, value)
         if left is not None:
             highs.setOptionValue("time_limit", max(left, 1e-3))
-        lp = highspy.HighsLp()
-        lp.num_col_ = len(self._cols)
-        lp.num_row_ = self.n_rows
-        lp.col_cost_ = self._cost[self._cols]
-        lp.col_lower_ = self._col_lower[self._cols]
-        lp.col_upper_ = self._col_upper[self._cols]
-        lp.row_lower_ = self._row_lower - self._shift
-        lp.row_upper_ = self._row_upper - self._shift
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.start_ = part.indptr.astype(np.int32)
-        lp.a_matrix_.index_ = part.indices.astype(np.int32)
-        lp.a_matrix_.value_ = part.data.astype(float)
+        lp = column_lp(
+            part,
+            self._cost[self._cols],
+            self._col_lower[self._cols],
+            self._col_upper[self._cols],
+            self._row_lower - self._shift,
+            self._row_upper - self._shift,
+        )
         if highs.passModel(lp) == highspy.HighsStatus.kError:
             raise ValueError("sifting: HiGHS refused the restricted model")
         self._highs = highs
@@ -623,8 +620,3 @@ def _highs_basis(col_status: IntArray, row_status: IntArray) -> Any:
 def _codes(statuses: list[Any]) -> IntArray:
     """highspy status enums as int64 codes."""
     return np.fromiter((int(s) for s in statuses), dtype=np.int64, count=len(statuses))
-
-
-def _array(values: list[float]) -> FloatArray:
-    """A list of floats from HiGHS as an array."""
-    return np.fromiter(values, dtype=np.float64, count=len(values))
