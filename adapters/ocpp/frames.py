@@ -101,6 +101,7 @@ class Verdict:
     unique_id: str = ""
     action: str = ""
     counter: str = ""  # a specific counter to add to, besides the kind (e.g. unmatched answers)
+    payload: Any = None  # a passed CALL's payload as parsed here (so it is not parsed again)
 
 
 def call_error(unique_id: str, code: CallErrorCode, description: str) -> str:
@@ -624,7 +625,7 @@ class FrameChecker:
                 f"{action} before a BootNotification was accepted",
                 action,
             )
-        return Verdict("call", raw, unique_id=unique_id, action=action)
+        return Verdict("call", raw, unique_id=unique_id, action=action, payload=payload)
 
     def _remember(self, unique_id: str) -> None:
         self._seen.add(unique_id)

@@ -57,6 +57,14 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return new
 """
 
+# KEYS: book hash. ARGV: 'conn:{charger}:{connector}'.
+# Returns {id, record JSON or false}, or false when the connector never had a transaction.
+LATEST_LUA = """
+local id = redis.call('HGET', KEYS[1], ARGV[1])
+if not id then return false end
+return {id, redis.call('HGET', KEYS[1], 'tx:' .. id)}
+"""
+
 SAMPLES_TTL_S = 7 * 86_400  # while the transaction runs (refreshed by every write)
 SETTLED_SAMPLES_TTL_S = 86_400  # after its stop: the settlement is in the book record
 DEFAULT_MEASURAND = "Energy.Active.Import.Register"  # OCPP 1.6 defaults of SampledValue
@@ -270,7 +278,16 @@ class BookedTransaction:
 def _text(value: Any) -> str | None:
     if isinstance(value, bytes):
         return value.decode()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a script's integer reply
     return value if isinstance(value, str) else None
+
+
+def _in_time_order(ledger: Mapping[Any, Any]) -> list[StoredSample]:
+    """Parsed ledger rows, in the order of their source timestamps."""
+    rows = [parse_row(_text(k) or "", _text(v) or "") for k, v in ledger.items()]
+    rows.sort(key=lambda s: (s.at, s.connector_id, s.measurand, s.phase or "", s.location))
+    return rows
 
 
 class TransactionBook:
@@ -303,6 +320,7 @@ class TransactionBook:
         self._seq = keys.transaction_seq(site)
         self._allocate = redis.register_script(ALLOCATE_LUA)
         self._add_samples = redis.register_script(SAMPLES_LUA)
+        self._latest = redis.register_script(LATEST_LUA)
 
     async def start(self, record: BookedTransaction) -> tuple[TransactionId, bool]:
         """The id for this start: a new one, or the one a replay of it got (then False)."""
@@ -354,18 +372,50 @@ class TransactionBook:
         raw = await redis_call(
             self._redis.hgetall(keys.transaction_samples(self._site, transaction_id))
         )
-        rows = [parse_row(_text(k) or "", _text(v) or "") for k, v in raw.items()]
-        rows.sort(key=lambda s: (s.at, s.connector_id, s.measurand, s.phase or "", s.location))
-        return rows
+        return _in_time_order(raw)
+
+    async def view(
+        self, transaction_id: TransactionId
+    ) -> tuple[BookedTransaction | None, dict[str, str]]:
+        """The record of a transaction and its sample ledger as stored (field -> JSON), in one
+        round trip (a stop reads both; they were two reads, and a third inside `settle`)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(self._book, f"tx:{transaction_id}")
+        pipe.hgetall(keys.transaction_samples(self._site, transaction_id))
+        raw, ledger = await pipe.execute()
+        text = _text(raw)
+        record = BookedTransaction(**json.loads(text)) if text else None
+        return record, {_text(k) or "": _text(v) or "" for k, v in ledger.items()}
+
+    def ledger_after(
+        self,
+        ledger: Mapping[str, str],
+        connector_id: ConnectorId,
+        meter_value: Sequence[Mapping[str, Any]],
+    ) -> list[StoredSample]:
+        """The samples a ledger read by `view` holds once `record_samples(..., meter_value)`
+        has written (the first write of an identity wins, as HSETNX does), in time order:
+        the stop settles on them without reading the ledger again."""
+        merged = dict(ledger)
+        for key, value in sample_rows(connector_id, meter_value, self._keep):
+            merged.setdefault(key, value)
+        return _in_time_order(merged)
 
     async def settle(
         self,
         transaction_id: TransactionId,
         summary: SessionSummary,
         reason: str,
+        *,
+        record: BookedTransaction | None = None,
     ) -> BookedTransaction | None:
-        """Mark a transaction stopped with what its stop settled; None if unknown."""
-        record = await self.get(transaction_id)
+        """Mark a transaction stopped with what its stop settled; None if unknown.
+
+        `record`: the transaction's record as just read (by `view`), so it is not read again.
+        The settled record and the ledger's shorter expiry are written in one MULTI: both or
+        neither (a refused write, e.g. out of memory, aborts the whole transaction)."""
+        if record is None:
+            record = await self.get(transaction_id)
         if record is None:
             return None
         settled = replace(
@@ -378,11 +428,10 @@ class TransactionBook:
             gaps=[g.to_json() for g in summary.gaps],
             anomalies=list(summary.anomalies),
         )
-        await redis_call(
-            self._redis.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
-        )
-        samples_key = keys.transaction_samples(self._site, transaction_id)
-        await redis_call(self._redis.expire(samples_key, self._settled_ttl_s))
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
+        pipe.expire(keys.transaction_samples(self._site, transaction_id), self._settled_ttl_s)
+        await pipe.execute()
         return settled
 
     async def get(self, transaction_id: TransactionId) -> BookedTransaction | None:
@@ -414,14 +463,15 @@ class TransactionBook:
     async def latest_on(
         self, charger_id: ChargerId, connector_id: ConnectorId
     ) -> tuple[TransactionId, BookedTransaction] | None:
-        """The latest transaction on a connector (running or stopped), if any."""
-        raw_id = _text(
-            await redis_call(self._redis.hget(self._book, f"conn:{charger_id}:{connector_id}"))
-        )
-        if raw_id is None:
+        """The latest transaction on a connector (running or stopped), if any (one script:
+        one round trip, where the connector's id and then its record were two)."""
+        found = await self._latest(keys=[self._book], args=[f"conn:{charger_id}:{connector_id}"])
+        if not found:
             return None
-        record = await self.get(int(raw_id))
-        return None if record is None else (int(raw_id), record)
+        raw_id, raw = _text(found[0]), _text(found[1])
+        if raw_id is None or not raw:
+            return None
+        return int(raw_id), BookedTransaction(**json.loads(raw))
 
     async def open_on(
         self, charger_id: ChargerId, connector_ids: list[ConnectorId]
