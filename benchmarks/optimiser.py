@@ -3,17 +3,21 @@
 For each fleet size (the seed's fleet scaled, 96 slots, one realistic evening-to-morning day) it
 prints: build + first solve, re-solve after one car's event (its SoC changes), re-solve after a
 price change, p50/p99 of repeated car-event re-solves (wall clock and this process's CPU time),
-the cvxpy/ECOS times measured in the same
-run and their ratio to the fast path, the objectives' relative difference, and peak memory.
+the cvxpy/ECOS times measured in the same run and their ratio to the fast path, the objectives'
+relative difference, and peak memory.
 
 Two fast-path configurations are timed: "money" (total shortfall, fairness, money: the seed's LP
 with soft targets) and "full" (the service default: plus the second stage that flattens peak
-and ramps, plus the min-rate repair). cvxpy/ECOS runs the "money" configuration only, and only
-up to `--cvxpy-limit` cars (it takes minutes beyond).
+and ramps, plus the min-rate repair). cvxpy/ECOS runs the "money" configuration in two forms:
+"compact" (`reference_compact.py`, the transportation form: one variable per free car-slot
+entry, one energy row per car) at every size up to `--compact-limit`, and "textbook"
+(`reference.py`: an energy state per car and slot) up to `--textbook-limit` (it takes minutes
+beyond 278 cars). Each cvxpy form runs in a child process with a time limit and an address-space
+limit (`--cvxpy-timeout`, `--cvxpy-memory-gb`); its memory figure is the child's max RSS.
 
     python benchmarks/optimiser.py                 # 278, 1000, 5000, 20000 cars
     python benchmarks/optimiser.py --quick         # 278 and 1000 cars, fewer repeats
-    python benchmarks/optimiser.py --sizes 278,2000 --repeats 50 --cvxpy-limit 0
+    python benchmarks/optimiser.py --sizes 278,2000 --repeats 50 --compact-limit 0
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import resource
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -32,11 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.optimiser import FastSolver, OptimiserOptions, solve_reference
+from controller.optimiser import (
+    FastSolver,
+    OptimiserOptions,
+    solve_reference,
+    solve_reference_compact,
+)
 from controller.optimiser.instances import DayShape, FleetModel, parse_fleet_table, seed_fleet_day
 from controller.planning.problem import PlanningProblem, Schedule
 
-FLEET_CSV = Path(__file__).resolve().parents[1] / "data" / "fleet" / "seed_fleet.csv"
+ROOT = Path(__file__).resolve().parents[1]
+FLEET_CSV = ROOT / "data" / "fleet" / "seed_fleet.csv"
 MONEY = OptimiserOptions(peak_flattening=False, min_rate_repair=False, time_limit_s=600.0)
 FULL = OptimiserOptions(time_limit_s=600.0)
 HEADER = ("first", "car evt", "price", "p50", "p99", "cpu p50", "cpu p99", "heap MB")
@@ -51,6 +63,7 @@ class Timing:
     first_s: float = float("nan")
     car_event_s: float = float("nan")
     price_change_s: float = float("nan")
+    cpu_s: list[float] = field(default_factory=list)  # CPU of first, car event, price change
     resolves_s: list[float] = field(default_factory=list)
     resolves_cpu_s: list[float] = field(default_factory=list)  # process CPU time of each
     cost_eur: list[float] = field(default_factory=list)  # first, car event, price change
@@ -113,14 +126,17 @@ def bench_fast(
     def solve(p: PlanningProblem) -> Schedule:
         return solver.solve(p, options)
 
-    timing.first_s, first = _timed(solve, problem)
-    timing.cost_eur.append(first.details["stage_cost_eur"])
-    timing.car_event_s, after_event = _timed(solve, car_event(problem, 0))
-    timing.cost_eur.append(after_event.details["stage_cost_eur"])
-    timing.price_change_s, after_price = _timed(solve, price_change(problem, 0))
-    timing.cost_eur.append(after_price.details["stage_cost_eur"])
+    last: Schedule
+    for attr, p in (
+        ("first_s", problem),
+        ("car_event_s", car_event(problem, 0)),
+        ("price_change_s", price_change(problem, 0)),
+    ):
+        elapsed, cpu, last = _timed_cpu(solve, p)
+        setattr(timing, attr, elapsed)
+        timing.cpu_s.append(cpu)
+        timing.cost_eur.append(last.details["stage_cost_eur"])
     _timed(solve, problem)  # back to the day's prices, so the repeats are car events only
-    last = after_price
     for k in range(1, repeats + 1):
         elapsed, cpu, last = _timed_cpu(solve, car_event(problem, k))
         timing.resolves_cpu_s.append(cpu)
@@ -143,25 +159,132 @@ def bench_fast(
     return timing
 
 
-def bench_reference(problem: PlanningProblem, repeats: int) -> Timing:
-    """cvxpy/ECOS, money stages: build + compile + first solve, then DPP re-solves."""
-    timing = Timing("cvxpy/ECOS money")
+CVXPY_FORMS: dict[str, Callable[[PlanningProblem, OptimiserOptions], Schedule]] = {
+    "compact": solve_reference_compact,
+    "textbook": solve_reference,
+}
+
+
+def bench_reference(problem: PlanningProblem, form: str, repeats: int) -> Timing:
+    """cvxpy/ECOS, money stages, in `form`: build + compile + first solve, then DPP re-solves."""
+    timing = Timing(f"cvxpy/ECOS {form} money")
+    reference = CVXPY_FORMS[form]
 
     def solve(p: PlanningProblem) -> Schedule:
-        return solve_reference(p, MONEY)
+        return reference(p, MONEY)
 
-    timing.first_s, first = _timed(solve, problem)
-    timing.cost_eur.append(first.details["stage_cost_eur"])
-    timing.car_event_s, after_event = _timed(solve, car_event(problem, 0))
-    timing.cost_eur.append(after_event.details["stage_cost_eur"])
-    timing.price_change_s, after_price = _timed(solve, price_change(problem, 0))
-    timing.cost_eur.append(after_price.details["stage_cost_eur"])
+    schedules = []
+    for attr, p in (
+        ("first_s", problem),
+        ("car_event_s", car_event(problem, 0)),
+        ("price_change_s", price_change(problem, 0)),
+    ):
+        elapsed, cpu, schedule = _timed_cpu(solve, p)
+        setattr(timing, attr, elapsed)
+        timing.cpu_s.append(cpu)
+        timing.cost_eur.append(schedule.details["stage_cost_eur"])
+        schedules.append(schedule)
     for k in range(1, repeats + 1):
-        elapsed, _ = _timed(solve, car_event(problem, k))
+        elapsed, cpu, _ = _timed_cpu(solve, car_event(problem, k))
         timing.resolves_s.append(elapsed)
-    inaccurate = first.details.get("inaccurate_stages", 0.0)
+        timing.resolves_cpu_s.append(cpu)
+    inaccurate = sum(s.details.get("inaccurate_stages", 0.0) for s in schedules)
     timing.note = f"ECOS inaccurate stages: {int(inaccurate)}"
+    if form == "compact":
+        from controller.optimiser.reference_compact import cached_structure
+
+        structure = cached_structure(problem)
+        stats = None if structure is None else structure.hard_stage.solver_stats
+        if stats is not None and stats.num_iters is not None:
+            timing.note += (
+                f"; last hard stage: {stats.num_iters} ECOS iterations,"
+                f" {stats.solve_time * 1e3:.0f} ms in ECOS"
+            )
     return timing
+
+
+def cvxpy_child(form: str, n: int, seed: int, repeats: int) -> int:
+    """The child process's part: time one cvxpy form on one size, print the figures as JSON."""
+    fleet = parse_fleet_table(FLEET_CSV.read_text())
+    warm_up = seed_fleet_day(fleet, np.random.default_rng(0), DayShape(vehicles=20))
+    CVXPY_FORMS[form](warm_up, MONEY)  # imports, cvxpy's and ECOS's first-call costs
+    day = seed_fleet_day(fleet, np.random.default_rng(seed), DayShape(vehicles=n))
+    timing = bench_reference(day, form, repeats)
+    timing.peak_heap_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dataclasses.asdict(timing)))
+    return 0
+
+
+def bench_reference_child(form: str, n: int, args: argparse.Namespace) -> tuple[Timing | None, str]:
+    """Run `cvxpy_child` in a fresh process under the time and memory limits: (figures, or
+    None and what happened)."""
+    limit = int(args.cvxpy_memory_gb * 2**30)
+
+    def guard() -> None:  # runs in the child before it starts Python
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--cvxpy-child",
+        form,
+        "--sizes",
+        str(n),
+        "--seed",
+        str(args.seed),
+        "--cvxpy-repeats",
+        str(args.cvxpy_repeats),
+    ]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=args.cvxpy_timeout,
+            preexec_fn=guard,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            },
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, (
+            f"stopped after {time.perf_counter() - started:.0f} s"
+            f" (--cvxpy-timeout {args.cvxpy_timeout:.0f} s)"
+        )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+        return None, (
+            f"failed after {time.perf_counter() - started:.0f} s (exit {done.returncode},"
+            f" address space limit {args.cvxpy_memory_gb:.1f} GB): {tail}"
+        )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return Timing(**figures), ""
+
+
+def compare(reference: Timing, fast: Timing) -> list[str]:
+    """The ratio and objective lines of a cvxpy row against the fast money row."""
+    walls = (
+        (reference.first_s, fast.first_s),
+        (reference.car_event_s, fast.car_event_s),
+        (reference.price_change_s, fast.price_change_s),
+    )
+    cpus = zip(reference.cpu_s, fast.cpu_s, strict=True)
+    diff = [
+        abs(a - b) / max(1.0, abs(b))
+        for a, b in zip(reference.cost_eur, fast.cost_eur, strict=True)
+    ]
+    form = reference.label.split()[1]
+    return [
+        f"  ratio {form}/fast, wall (first, car event, price change): "
+        + ", ".join(f"{a / b:.0f}x" for a, b in walls)
+        + "; CPU: "
+        + ", ".join(f"{a / b:.0f}x" for a, b in cpus),
+        f"  objectives' relative difference {form}/fast (first, car event, price change): "
+        + ", ".join(f"{d:.1e}" for d in diff),
+    ]
 
 
 def v2g_day(fleet: list[FleetModel], n: int, seed: int) -> PlanningProblem:
@@ -206,8 +329,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="278 and 1000 cars, 5 repeats")
     parser.add_argument("--repeats", type=int, default=20, help="car-event re-solves per size")
-    parser.add_argument("--cvxpy-limit", type=int, default=278, help="largest size for cvxpy/ECOS")
-    parser.add_argument("--cvxpy-repeats", type=int, default=2)
+    parser.add_argument(
+        "--compact-limit", type=int, default=20000, help="largest size for cvxpy's compact form"
+    )
+    parser.add_argument(
+        "--textbook-limit",
+        "--cvxpy-limit",
+        type=int,
+        default=278,
+        help="largest size for cvxpy's textbook form (--cvxpy-limit: its old name)",
+    )
+    parser.add_argument(
+        "--cvxpy-repeats", type=int, default=2, help="car-event re-solves per cvxpy form"
+    )
+    parser.add_argument(
+        "--cvxpy-timeout", type=float, default=1200.0, help="seconds per cvxpy form and size"
+    )
+    parser.add_argument(
+        "--cvxpy-memory-gb", type=float, default=8.0, help="address space of a cvxpy child"
+    )
+    parser.add_argument("--cvxpy-child", choices=sorted(CVXPY_FORMS), help=argparse.SUPPRESS)
     parser.add_argument("--v2g-limit", type=int, default=1000, help="largest size for the V2G day")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
@@ -215,15 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = [278, 1000] if args.quick else [int(s) for s in args.sizes.split(",") if s]
+    if args.cvxpy_child:
+        return cvxpy_child(args.cvxpy_child, sizes[0], args.seed, args.cvxpy_repeats)
     repeats = 5 if args.quick else args.repeats
     fleet = parse_fleet_table(FLEET_CSV.read_text())
     # Warm up imports and solver libraries so the first timed solve measures the solve.
     warm_up = seed_fleet_day(fleet, np.random.default_rng(0), DayShape(vehicles=20))
     FastSolver().solve(warm_up, FULL)
-    solve_reference(warm_up, MONEY)
 
     print("voltpool optimiser benchmark: seed fleet scaled, 96 slots of 15 min, 11 kW chargers,")
-    print("site 1 MW per 278 cars minus households; times in ms, memory = peak Python heap (MB)")
+    print("site 1 MW per 278 cars minus households; times in ms, memory = peak Python heap (MB);")
+    print(
+        "cvxpy/ECOS rows (money stages; compact = transportation form, textbook = energy state"
+        " per car and slot) run in a child process: their MB is its max RSS"
+    )
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}; repeats={repeats}")
     print(
         "cpu p50/p99: CPU time of this process per re-solve (less sensitive to other work on a"
@@ -242,28 +388,17 @@ def main(argv: list[str] | None = None) -> int:
         p99[("no V2G", n, "money")] = (money.percentile(99), money.percentile(99, cpu=True))
         p99[("no V2G", n, "full")] = (full.percentile(99), full.percentile(99, cpu=True))
         print(f"  full / money (p50 CPU, same run): {_ratio(full, money):.2f}")
-        if n <= args.cvxpy_limit:
-            reference = bench_reference(day, args.cvxpy_repeats)
-            print(_row(reference))
-            ratio = [
-                reference.first_s / money.first_s,
-                reference.car_event_s / money.car_event_s,
-                reference.price_change_s / money.price_change_s,
-            ]
-            diff = [
-                abs(a - b) / max(1.0, abs(b))
-                for a, b in zip(money.cost_eur, reference.cost_eur, strict=True)
-            ]
-            print(
-                "  ratio cvxpy/fast (first, car event, price change): "
-                + ", ".join(f"{r:.0f}x" for r in ratio)
-            )
-            print(
-                "  objectives' relative difference (first, car event, price change): "
-                + ", ".join(f"{d:.1e}" for d in diff)
-            )
-        else:
-            print(f"  cvxpy/ECOS skipped: {n} cars is above --cvxpy-limit {args.cvxpy_limit}")
+        for form, limit in (("compact", args.compact_limit), ("textbook", args.textbook_limit)):
+            if n > limit:
+                print(f"  cvxpy/ECOS {form} skipped: {n} cars is above --{form}-limit {limit}")
+                continue
+            reference, failure = bench_reference_child(form, n, args)
+            if reference is None:
+                print(f"  cvxpy/ECOS {form} money: {failure}")
+                continue
+            print(_row(reference) + " (MB: max RSS of its child process)")
+            for line in compare(reference, money):
+                print(line)
         if n <= args.v2g_limit:
             v2g = v2g_day(fleet, n, args.seed)
             print(f"N = {n} cars, half of them V2G (evening price spike)")
