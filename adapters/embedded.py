@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,47 @@ def broker_config(
     return {"listeners": listeners, "plugins": plugins}
 
 
+async def stop_broker(broker: Broker, *, recancel_s: float = 0.2) -> None:
+    """Shut an amqtt broker down so that no client stays connected to it (M-08).
+
+    amqtt's own `shutdown` first ends the sessions it knows and closes its listeners only
+    afterwards, and on Python 3.11 closing a listener leaves the connections it accepted open.
+    A client that reconnects in between (the controller's link retries after 0.1 s; under load
+    the shutdown takes seconds) is accepted by the broker that is going away and stays
+    connected to it: its pings are answered, its subscriptions route nothing, and it never
+    learns that a new broker took the port. So the listeners are closed first, and sessions
+    that still appeared are ended after the shutdown.
+
+    amqtt stops a session's handler by cancelling its reader task and waiting for it to end;
+    on Python 3.11 a `wait_for` inside the reader can swallow that cancellation and the
+    shutdown then waits for ever. The readers of the sessions being closed are cancelled
+    again every `recancel_s` until the shutdown is done.
+    """
+    for server in broker._servers.values():
+        if server.instance is not None:
+            server.instance.close()  # no new connection from here on
+    await _recancelling(broker, broker.shutdown(), recancel_s)
+    late = list(broker._sessions)
+    for client_id in late:  # connected after amqtt took its list of sessions to end
+        await _recancelling(broker, broker._cleanup_session(client_id), recancel_s)
+    if late:
+        log.info("ended %d MQTT session(s) opened during the broker's shutdown", len(late))
+
+
+async def _recancelling(broker: Broker, work: Coroutine[Any, Any, None], every_s: float) -> None:
+    """Await `work`, cancelling again every `every_s` the reader tasks of the broker's sessions
+    (as they were when `work` began) that are still running."""
+    handlers = [handler for _, handler in broker._sessions.values() if handler is not None]
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=every_s)
+        for handler in handlers:
+            reader = getattr(handler, "_reader_task", None)
+            if reader is not None and not reader.done():
+                reader.cancel()
+    task.result()
+
+
 @contextlib.asynccontextmanager
 async def embedded_broker(
     host: str = "127.0.0.1",
@@ -379,7 +420,7 @@ async def embedded_broker(
         else:
             yield MqttEndpoint(host, port, user, secret, embedded=True)
     finally:
-        await broker.shutdown()
+        await stop_broker(broker)
         log.info("embedded MQTT broker stopped")
 
 
