@@ -58,7 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from adapters import bootstrap
 from adapters import redis_keys as keys
 from adapters.codec import encode_event
-from adapters.embedded import broker_config, free_port
+from adapters.embedded import broker_config, free_port, stop_broker
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.credentials import CredentialStore
 from adapters.ocpp.translate import meter_events
@@ -655,25 +655,17 @@ class RestartableBroker:
             return
 
     async def stop(self) -> None:
-        """Shut down; every client is disconnected.
-
-        amqtt stops a client's handler by cancelling its reader task and waiting for it to
-        end; on Python 3.11 a `wait_for` inside the reader can swallow that cancellation and
-        the shutdown then waits for ever (seen in the soak's smoke test). The reader tasks of
-        the sessions being closed are cancelled again every 0.2 s until the shutdown is done.
-        """
+        """Shut down; every client is disconnected, including one that reconnected while the
+        broker was going away (`adapters.embedded.stop_broker`: amqtt alone left such a client
+        connected to the old broker, deaf, which is why the controller was not resubscribed
+        after the second restart of the soak)."""
         broker, self._broker = self._broker, None
-        if broker is None:
-            return
-        handlers = [handler for _, handler in broker._sessions.values() if handler is not None]
-        shutdown = asyncio.ensure_future(broker.shutdown())
-        while not shutdown.done():
-            await asyncio.wait({shutdown}, timeout=0.2)
-            for handler in handlers:
-                reader = getattr(handler, "_reader_task", None)
-                if reader is not None and not reader.done():
-                    reader.cancel()
-        shutdown.result()
+        if broker is not None:
+            await stop_broker(broker)
+
+    def clients(self) -> set[str]:
+        """The client ids with a session on the running broker (empty while it is down)."""
+        return set() if self._broker is None else set(self._broker._sessions)
 
 
 class Publisher:
