@@ -55,7 +55,14 @@ from controller.state import FleetState
 
 log = logging.getLogger(__name__)
 
-RECONNECT_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+RECONNECT_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # the back-off starts again after a good session
+# Keep-alive: the client pings after this long without traffic and gives the connection up when
+# no answer came within as long again, so a half-open connection is left within ~2x this
+# (aiomqtt's default, 60 s, let one linger for up to two minutes).
+KEEPALIVE_S = 10
+# The connect (TCP, CONNACK) and the set-up after it (subscriptions, retained re-publishes) each
+# have this long; one that takes longer is given up and retried.
+CONNECT_TIMEOUT_S = 10.0
 # Received messages waiting for the service. At the few hundred events per second the service
 # applies on a small machine, 1,000 is a few seconds of waiting: fresher than a longer queue.
 INBOX_SIZE = 1_000
@@ -117,7 +124,11 @@ class MqttLink:
 
     `counters`: `received`, `dropped` (inbox full), `inbox_max` (largest backlog seen),
     `resynced` (retained telemetry accepted on subscribe), `spooled` (events kept while the
-    store was down), `spool_resubmitted`, `spool_dropped` (spool full: lost, logged at ERROR).
+    store was down), `spool_resubmitted`, `spool_dropped` (spool full: lost, logged at ERROR),
+    `connection_lost` (a session or a connect attempt ended by the broker or the network),
+    `connect_timeouts` (a connect or its set-up took longer than `connect_timeout_s`),
+    `session_errors` (a session ended by any other exception, logged with its traceback: the
+    link reconnects all the same; it only ends when cancelled).
     """
 
     def __init__(
@@ -130,11 +141,22 @@ class MqttLink:
         inbox_size: int = INBOX_SIZE,
         spool_size: int = SPOOL_SIZE,
         retry_s: float = 0.5,
+        keepalive_s: int = KEEPALIVE_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         if inbox_size < 1 or spool_size < 1:
             raise ValueError(f"inbox_size and spool_size must be >= 1: {inbox_size}, {spool_size}")
         if retry_s <= 0:
             raise ValueError(f"retry_s must be > 0, got {retry_s}")
+        if keepalive_s < 1 or connect_timeout_s <= 0:
+            raise ValueError(
+                f"keepalive_s must be >= 1 and connect_timeout_s > 0: {keepalive_s}, "
+                f"{connect_timeout_s}"
+            )
+        self._keepalive_s = keepalive_s
+        self._connect_timeout_s = connect_timeout_s
+        self._late: set[asyncio.Future[aiomqtt.Client]] = set()  # connects given up
+        self._closing: set[asyncio.Future[None]] = set()  # ... and their connections closing
         self._endpoint = endpoint
         self.topics = Topics(prefix)
         self._submit: Callable[[Event], Awaitable[None]] | None = None
@@ -181,25 +203,45 @@ class MqttLink:
             tasks.create_task(self._connect_forever())
 
     async def _connect_forever(self) -> None:
+        """Run sessions until cancelled: whatever ends one, wait and connect again.
+
+        The wait grows along `RECONNECT_DELAYS_S` while attempts fail and starts again from
+        the first after a session that was up (subscribed and re-published)."""
         attempt = 0
         while True:
+            was_up = self.connections
             try:
                 await self._session()
+                reason = "the broker ended the session"
             except aiomqtt.MqttError as exc:
+                self.counters["connection_lost"] += 1
+                reason = str(exc) or type(exc).__name__
+                if exc.__cause__ is not None:  # e.g. paho's keep-alive time-out
+                    reason += f": {exc.__cause__}"
+            except TimeoutError:
+                self.counters["connect_timeouts"] += 1
+                reason = f"connect or set-up took over {self._connect_timeout_s:.0f} s"
+            except Exception as exc:  # never let the link die: log, count, reconnect
+                self.counters["session_errors"] += 1
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+                log.error("MQTT session ended by an unexpected error", exc_info=exc)
+            finally:
                 self.connected.clear()
                 self._client = None
-                delay = RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
-                attempt += 1
-                log.warning("MQTT connection lost (%s); reconnecting in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-            else:
+            if self.connections > was_up:
                 attempt = 0
+            delay = RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
+            attempt += 1
+            log.warning("MQTT connection lost (%s); reconnecting in %.1f s", reason, delay)
+            await asyncio.sleep(delay)
 
     async def _session(self) -> None:
+        """One connection: connect, subscribe, re-publish the retained topics, then queue what
+        arrives until the connection ends (by raising)."""
         will = aiomqtt.Will(
             self.topics.status, json.dumps({"state": "offline"}), qos=1, retain=True
         )
-        async with aiomqtt.Client(
+        client = aiomqtt.Client(
             self._endpoint.host,
             self._endpoint.port,
             username=self._endpoint.username,
@@ -208,16 +250,50 @@ class MqttLink:
             will=will,
             clean_session=not self._persistent,
             tls_context=self._endpoint.tls_context,
-        ) as client:
+            keepalive=self._keepalive_s,
+            timeout=self._connect_timeout_s,
+        )
+        await self._open(client)
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                for topic in self.topics.inputs:
+                    await client.subscribe(topic, qos=1)
+                for topic, payload in list(self._retained.items()):
+                    await client.publish(topic, payload, qos=1, retain=True)
             self._client = client
-            for topic in self.topics.inputs:
-                await client.subscribe(topic, qos=1)
-            for topic, payload in list(self._retained.items()):
-                await client.publish(topic, payload, qos=1, retain=True)
             self.connections += 1
             self.connected.set()
             async for message in client.messages:
                 self._enqueue(message)
+        finally:
+            self._client = None
+            await _leave(client)
+
+    async def _open(self, client: aiomqtt.Client) -> None:
+        """Connect `client` within `connect_timeout_s`.
+
+        aiomqtt bounds the wait for CONNACK but not the TCP connect, which it runs in the
+        loop's default executor (busy threads there delay it). A connect given up is left to
+        finish in the background and closed as soon as it does, so that no connection the
+        link forgot stays open (its last will would later say `offline`)."""
+        entering = asyncio.ensure_future(client.__aenter__())
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await asyncio.shield(entering)
+        except BaseException:
+            if not entering.done():
+                self._late.add(entering)
+                entering.add_done_callback(self._close_late)
+            raise
+
+    def _close_late(self, entering: asyncio.Future[aiomqtt.Client]) -> None:
+        """A connect given up has finished: close the connection it may have opened."""
+        self._late.discard(entering)
+        if entering.cancelled() or entering.exception() is not None:
+            return
+        closing = asyncio.ensure_future(_leave(entering.result()))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def _enqueue(self, message: aiomqtt.Message) -> None:
         """Queue a received message; drop (and count) telemetry when the inbox is full."""
@@ -357,6 +433,14 @@ class MqttPlanPublisher:
         """Publish the plan on `{prefix}/schedule`."""
         text = await asyncio.to_thread(plan_summary_json, plan)  # built once, off the loop
         await self._link.publish(self._link.topics.schedule, text, retain=True)
+
+
+async def _leave(client: aiomqtt.Client) -> None:
+    """Disconnect `client`; a connection already lost, or lost while disconnecting, is fine."""
+    try:
+        await client.__aexit__(None, None, None)
+    except Exception as exc:  # the connection is being dropped either way
+        log.debug("MQTT disconnect: %s", exc)
 
 
 def _json_default(value: object) -> object:

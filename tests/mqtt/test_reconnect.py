@@ -1,0 +1,244 @@
+"""The MQTT link through broker restarts and failures of its own (RELIABILITY.md M-08).
+
+Real embedded amqtt brokers only. The chaos soak found the controller not resubscribed after the
+*second* broker restart: amqtt's shutdown ends its sessions first and closes its listener only
+afterwards, and under load that took seconds; the link, retrying after 0.1 s, reconnected to
+the broker that was going away and stayed connected to it, deaf (it answered pings, routed
+nothing), while a new broker took the port. `SlowShutdownBroker` reproduces that order: a real
+amqtt broker whose shutdown lasts a second after it has ended its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import aiomqtt
+import pytest
+from amqtt.broker import Broker
+from redis.asyncio import Redis
+
+from adapters.codec import encode_event
+from adapters.embedded import MqttEndpoint, broker_config, free_port, stop_broker
+from adapters.mqtt import RECONNECT_DELAYS_S, MqttLink, MqttPlanPublisher
+from adapters.redis_store import RedisFleetStore
+from controller.clock import SimClock
+from controller.planning.planner import StatePlanner
+from controller.service import ControllerService
+from controller.settings import Settings
+from tests.factories import small_site, soc_reported
+
+TIMEOUT_S = 10.0
+PREFIX = "vp-reconnect"
+CLIENT_ID = "voltpool-reconnect"
+SHUTDOWN_TAIL_S = 0.5  # how long the slow broker's shutdown goes on after ending its sessions
+
+
+class SlowShutdownBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt whose shutdown, after it has ended every session, takes `SHUTDOWN_TAIL_S` more
+    before it closes its listener: what the soak's loaded broker did (8 s measured)."""
+
+    async def _shutdown_broadcast_loop(self) -> None:
+        await asyncio.sleep(SHUTDOWN_TAIL_S)
+        await super()._shutdown_broadcast_loop()
+
+
+async def start_broker(port: int) -> Broker:
+    """A slow-shutdown broker on `port`, retried while the old listener is released."""
+    for _ in range(50):
+        broker = SlowShutdownBroker(broker_config("127.0.0.1", port))
+        try:
+            await broker.start()
+        except Exception:  # amqtt wraps the bind error in its own exceptions
+            await asyncio.sleep(0.1)
+            continue
+        return broker
+    raise RuntimeError(f"no broker could listen on {port}")
+
+
+@contextlib.asynccontextmanager
+async def running(
+    link: MqttLink, redis: Redis, clock: SimClock
+) -> AsyncIterator[tuple[ControllerService, asyncio.Task[None]]]:
+    """The service with `link`, both running until the context exits; yields the service and
+    the link's task (which must never end on its own)."""
+    service = ControllerService(
+        store=RedisFleetStore(redis, "depot"),
+        clock=clock,
+        planner=StatePlanner(),
+        sink=MqttPlanPublisher(link),
+        settings=Settings(site="depot"),
+        results=link,
+    )
+    link.attach(service.submit, service.reject_invalid)
+    service_task = asyncio.create_task(service.run())
+    link_task = asyncio.create_task(link.run())
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            await link.connected.wait()
+        yield service, link_task
+    finally:
+        for task in (service_task, link_task):
+            task.cancel()
+        await asyncio.gather(service_task, link_task, return_exceptions=True)
+
+
+async def publish(port: int, topic: str, payload: str, *, retain: bool = False) -> None:
+    """Publish one message (QoS 1) under the prefix, as a separate client."""
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.publish(f"{PREFIX}/{topic}", payload, qos=1, retain=retain)
+
+
+async def first_message(port: int, topic: str) -> Any:
+    """The first message a new subscriber receives on `topic` (a retained one, if any).
+
+    Messages on other topics are skipped: amqtt 0.12.1 was seen to hand a new subscriber the
+    retained message of another topic as well."""
+    async with aiomqtt.Client("127.0.0.1", port) as client, asyncio.timeout(TIMEOUT_S):
+        await client.subscribe(f"{PREFIX}/{topic}", qos=1)
+        async for message in client.messages:
+            if message.topic.matches(f"{PREFIX}/{topic}"):
+                assert isinstance(message.payload, bytes)
+                return json.loads(message.payload)
+
+
+async def until(done: Any, what: str) -> None:
+    """Wait (wall time: the link's back-off is wall time) until `done()`, or fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TIMEOUT_S
+    while loop.time() < deadline:
+        if done():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"not within {TIMEOUT_S:.0f} s: {what}")
+
+
+def reconnect_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """The waits the link announced before reconnecting, in order."""
+    found = (
+        re.search(r"reconnecting in ([0-9.]+) s$", record.getMessage())
+        for record in caplog.records
+        if record.name == "adapters.mqtt"
+    )
+    return [float(match.group(1)) for match in found if match is not None]
+
+
+async def test_three_broker_restarts_in_a_row_each_end_subscribed_to_the_new_broker(
+    redis: Redis, clock: SimClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """M-08 three times: after each restart the link is connected to the *new* broker (not to
+    the one going away), has subscribed again (an event and a retained telemetry value
+    published there are applied), has re-published its retained schedule, and its back-off
+    started again from the first step."""
+    caplog.set_level(logging.WARNING, logger="adapters.mqtt")
+    port = free_port()
+    broker = await start_broker(port)
+    link = MqttLink(MqttEndpoint("127.0.0.1", port), PREFIX, client_id=CLIENT_ID)
+    try:
+        async with running(link, redis, clock) as (service, link_task):
+            events = small_site(clock.now(), cars=1)
+            for event in events:
+                await publish(port, "events", encode_event(event))  # type: ignore[arg-type]
+            async with asyncio.timeout(TIMEOUT_S):
+                await service.counted("events_applied", len(events))
+            applied = len(events)
+            for restart in range(1, 4):
+                before, delays_before = link.connections, len(reconnect_delays(caplog))
+                await stop_broker(broker)
+                broker = await start_broker(port)
+                await until(
+                    lambda new=broker: CLIENT_ID in new._sessions and link.connected.is_set(),
+                    f"restart {restart}: the link connected to the new broker",
+                )
+                assert link.connections == before + 1, f"restart {restart}: one new session"
+                assert not link_task.done()
+                # The back-off started again from its first step after the good session.
+                assert reconnect_delays(caplog)[delays_before] == RECONNECT_DELAYS_S[0]
+                # Subscribed again: a live event and a retained last value are both applied.
+                await clock.advance(timedelta(minutes=1))
+                soc, at = 0.2 + 0.1 * restart, clock.now()
+                await publish(port, "events", encode_event(soc_reported("ev-1", soc, at)))
+                later = (at + timedelta(seconds=1)).isoformat()
+                await publish(
+                    port,
+                    "vehicle/ev-1/soc",
+                    json.dumps({"at": later, "soc": soc + 0.05}),
+                    retain=True,
+                )
+                applied += 2
+                async with asyncio.timeout(TIMEOUT_S):
+                    await service.counted("events_applied", applied)
+                assert service.state.vehicles["ev-1"].soc == pytest.approx(soc + 0.05)
+                # The retained schedule was published again to the new broker.
+                assert "setpoints" in await first_message(port, "schedule")
+    finally:
+        await stop_broker(broker)
+    assert link.counters["session_errors"] == 0
+
+
+class FaultyLink(MqttLink):
+    """A link whose handling of the first received message fails with an error no MQTT
+    library raises (a bug of ours, in the middle of a session)."""
+
+    failed = False
+
+    def _enqueue(self, message: aiomqtt.Message) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected: a bug while queueing a message")
+        super()._enqueue(message)
+
+
+async def test_an_unexpected_error_ends_the_session_not_the_link(
+    redis: Redis, clock: SimClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any exception that ends a session is logged with its traceback and counted, and the
+    link connects and subscribes again; its task only ends when cancelled."""
+    port = free_port()
+    broker = await start_broker(port)
+    link = FaultyLink(MqttEndpoint("127.0.0.1", port), PREFIX, client_id=CLIENT_ID)
+    try:
+        async with running(link, redis, clock) as (service, link_task):
+            events = small_site(clock.now(), cars=1)
+            await publish(port, "events", encode_event(events[0]))  # type: ignore[arg-type]
+            await until(lambda: link.connections == 2, "the link reconnected after the error")
+            for event in events:  # the first one was lost with the failed session
+                await publish(port, "events", encode_event(event))  # type: ignore[arg-type]
+            async with asyncio.timeout(TIMEOUT_S):
+                await service.counted("events_applied", len(events))
+            assert not link_task.done()
+            assert link.counters["session_errors"] == 1
+            errors = [r for r in caplog.records if r.name == "adapters.mqtt" and r.exc_info]
+            assert len(errors) == 1
+            assert "injected" in str(errors[0].exc_info[1])  # type: ignore[index]
+    finally:
+        await stop_broker(broker)
+
+
+async def test_a_connection_the_broker_stopped_serving_is_left_after_the_keepalive(
+    redis: Redis, clock: SimClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half-open: the broker keeps the socket open but reads nothing more from it (amqtt itself
+    never times a silent client out). With a 1 s keep-alive the link's unanswered ping ends
+    the session within ~2 s and it connects again; aiomqtt's default (60 s) would take up to
+    two minutes."""
+    caplog.set_level(logging.WARNING, logger="adapters.mqtt")
+    port = free_port()
+    broker = await start_broker(port)
+    link = MqttLink(MqttEndpoint("127.0.0.1", port), PREFIX, client_id=CLIENT_ID, keepalive_s=1)
+    try:
+        async with running(link, redis, clock):
+            _, handler = broker._sessions[CLIENT_ID]
+            handler.writer._writer.transport.pause_reading()  # deaf, the socket stays open
+            await until(lambda: link.connections == 2, "the link reconnected")
+            assert link.counters["connection_lost"] == 1
+            lost = [r.getMessage() for r in caplog.records if "connection lost" in r.msg]
+            assert "keep alive timeout" in lost[0].lower(), lost
+    finally:
+        await stop_broker(broker)
