@@ -29,6 +29,7 @@ from adapters.ocpp.config import LeaseConfig, OcppConfig
 from adapters.ocpp.dispatcher import LeaseDispatcher
 from adapters.redis_store import RedisFleetStore
 from adapters.security.mqtt_acl import MqttCredentials, runtime_password_file
+from adapters.solver_process import SolverProcess, SolverProcessConfig
 from controller import failpoints
 from controller.clock import WallClock
 from controller.planning.plan import Plan
@@ -77,6 +78,8 @@ class Runtime:
     central: CentralSystem
     dispatcher: LeaseDispatcher
     extra_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # The optimiser's worker process (None: the solve runs in the planner's thread).
+    solver: SolverProcess | None = None
 
 
 def default_solver() -> SolveFn:
@@ -87,6 +90,26 @@ def default_solver() -> SolveFn:
         return share_by_need
     solve: SolveFn | None = getattr(optimiser, "solve", None)
     return share_by_need if solve is None else solve
+
+
+def planning_solver(settings: Settings, solver: SolveFn | None) -> SolveFn:
+    """The solve the planner calls: `solver` (default: `default_solver()`) in a worker process
+    when `settings.planning.solver_process` is on, else in the planner's thread.
+
+    The proportional share stays in the thread: it is a few numpy passes, less than sending
+    its problem to another process would cost. So does a solver a fresh interpreter cannot
+    import by name (a closure, a lambda), with a warning.
+    """
+    solve = solver or default_solver()
+    if not settings.planning.solver_process or solve is share_by_need:
+        return solve
+    try:
+        return SolverProcess(
+            solve, SolverProcessConfig(solve_deadline_s=settings.planning.solve_deadline_s)
+        )
+    except ValueError as exc:
+        log.warning("solving in the planner's thread: %s", exc)
+        return solve
 
 
 async def run(
@@ -114,7 +137,13 @@ async def run(
             )
         mqtt_ep = await stack.enter_async_context(broker_endpoint(settings))
         sink = FanOutSink([])
-        planner = StatePlanner(settings.planning, solve=solver or default_solver())
+        solve = planning_solver(settings, solver)
+        solver_process = solve if isinstance(solve, SolverProcess) else None
+        if solver_process is not None:
+            solver_process.start()  # it imports numpy, scipy and HiGHS while the rest starts
+            # Closed in a thread: it may wait up to a second for the worker to exit.
+            stack.push_async_callback(asyncio.to_thread, solver_process.close)
+        planner = StatePlanner(settings.planning, solve=solve)
         link = MqttLink(
             mqtt_ep,
             settings.mqtt_prefix,
@@ -152,7 +181,16 @@ async def run(
         await stack.enter_async_context(central)
         stack.push_async_callback(dispatcher.close)
         runtime = Runtime(
-            settings, redis_ep, mqtt_ep, store, service, link, sink, central, dispatcher
+            settings,
+            redis_ep,
+            mqtt_ep,
+            store,
+            service,
+            link,
+            sink,
+            central,
+            dispatcher,
+            solver=solver_process,
         )
         log.info(
             "voltpool site %r up: %d vehicles, %d chargers loaded",
@@ -252,6 +290,8 @@ async def _publish_status(runtime: Runtime) -> None:
                 "chargers_not_following": sorted(runtime.dispatcher.not_following),
                 # received, dropped (inbox full), inbox_max, resynced, spooled, spool_dropped
                 "mqtt": dict(runtime.link.counters),
+                # solves, worker_starts, worker_deaths, timeouts, solve_errors, start_failures
+                "solver_process": dict(runtime.solver.counters) if runtime.solver else None,
                 "store_down_since": (
                     service.store_down_since.isoformat() if service.store_down_since else None
                 ),

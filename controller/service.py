@@ -360,6 +360,8 @@ class ControllerService:
             self._count("plans_failed")
             await self._persist_count("plans_failed")
             plan = _fallback_plan(self._planner, state, now, exc)
+        if plan.fallback:  # the planner's solver failed or timed out: the proportional share
+            self._count("plans_fallback")
         solve_s = time.perf_counter() - started
         try:
             try:

@@ -30,6 +30,12 @@ class PlanningSettings(BaseModel):
     # A measured site load this recent sets the current slot's head-room (capacity - load);
     # older, the slots until the next lease end are planned on the safe limit (P-03).
     site_load_fresh_s: float = Field(default=60.0, gt=0.0)
+    # The composition root runs the optimiser in a worker process of its own (so its Python
+    # work does not hold the interpreter lock the event loop needs) and gives a solve this long
+    # (wall seconds, problem and schedule transfer included) before the worker is killed and
+    # replaced and the plan falls back to the proportional share.
+    solver_process: bool = Field(default=True)
+    solve_deadline_s: float = Field(default=10.0, gt=0.0, le=300.0)
 
 
 class Settings(BaseSettings):
