@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -25,13 +26,20 @@ from amqtt.broker import Broker
 from redis.asyncio import Redis
 
 from adapters.codec import encode_event
-from adapters.embedded import MqttEndpoint, broker_config, free_port, stop_broker
+from adapters.embedded import (
+    MqttEndpoint,
+    broker_config,
+    free_port,
+    stop_broker,
+    until_listening,
+)
 from adapters.mqtt import RECONNECT_DELAYS_S, MqttLink, MqttPlanPublisher
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
 from controller.settings import Settings
+from tests.core.conftest import MOSQUITTO
 from tests.factories import small_site, soc_reported
 
 TIMEOUT_S = 10.0
@@ -180,6 +188,77 @@ async def test_three_broker_restarts_in_a_row_each_end_subscribed_to_the_new_bro
     finally:
         await stop_broker(broker)
     assert link.counters["session_errors"] == 0
+
+
+class Mosquitto:
+    """A real Mosquitto on a fixed loopback port that can be stopped and started again (no
+    persistence: like amqtt it forgets retained messages and sessions across a restart)."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        assert MOSQUITTO is not None
+        self.port = port
+        self.config = workdir / "mosquitto.conf"
+        self.config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start it and wait until it listens."""
+        assert MOSQUITTO is not None
+        self.process = await asyncio.create_subprocess_exec(
+            MOSQUITTO,
+            "-c",
+            str(self.config),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await until_listening(self.port, timeout_s=TIMEOUT_S)
+
+    async def stop(self) -> None:
+        """SIGTERM, and wait for the process to end."""
+        if self.process is not None:
+            self.process.terminate()
+            await self.process.wait()
+            self.process = None
+
+
+async def test_two_mosquitto_restarts_each_end_resubscribed_and_resynced(
+    redis: Redis, clock: SimClock, tmp_path: Path
+) -> None:
+    """M-08 on Mosquitto: after each of two restarts the link has a new session, applies an
+    event published after the restart and has re-published the retained schedule."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (Debian package mosquitto): amqtt only")
+    broker = Mosquitto(tmp_path, free_port())
+    await broker.start()
+    link = MqttLink(MqttEndpoint("127.0.0.1", broker.port), PREFIX, client_id=CLIENT_ID)
+    try:
+        async with running(link, redis, clock) as (service, link_task):
+            events = small_site(clock.now(), cars=1)
+            for event in events:
+                await publish(broker.port, "events", encode_event(event))  # type: ignore[arg-type]
+            async with asyncio.timeout(TIMEOUT_S):
+                await service.counted("events_applied", len(events))
+            applied = len(events)
+            for restart in (1, 2):
+                before = link.connections
+                await broker.stop()
+                await broker.start()
+                await until(
+                    lambda n=before + 1: link.connections == n and link.connected.is_set(),
+                    f"restart {restart}: the link reconnected",
+                )
+                await clock.advance(timedelta(minutes=1))
+                soc = 0.2 + 0.1 * restart
+                event = soc_reported("ev-1", soc, clock.now())
+                await publish(broker.port, "events", encode_event(event))
+                applied += 1
+                async with asyncio.timeout(TIMEOUT_S):
+                    await service.counted("events_applied", applied)
+                assert service.state.vehicles["ev-1"].soc == pytest.approx(soc)
+                assert "setpoints" in await first_message(broker.port, "schedule")
+                assert not link_task.done()
+    finally:
+        await broker.stop()
 
 
 class FaultyLink(MqttLink):
