@@ -480,7 +480,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
     ) -> call_result.StatusNotification:
         """A connector's status; `Available` after a car's session means it left."""
         at = _at(timestamp, self.central.clock.now())
-        await self._emit(
+        emitted = self._emit(
             ConnectorStatusChanged(
                 event_id=event_id(self.id, "st", connector_id, status, iso(at)),
                 at=at,
@@ -490,11 +490,19 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 error_code=error_code,
             )
         )
-        self.central.status_seen(self.id, connector_id, status, at)
         if status == "Available" and connector_id > 0:
-            latest = await self.central.transactions.latest_on(self.id, connector_id)
+            # The connector's latest transaction is read while the event is written (neither
+            # depends on the other): one round trip of latency, not two.
+            both = await asyncio.gather(
+                emitted, self.central.transactions.latest_on(self.id, connector_id)
+            )
+            latest = both[1]
+            self.central.status_seen(self.id, connector_id, status, at)
             if latest is not None:
                 await self._unplugged(latest[0], latest[1], at)
+        else:
+            await emitted
+            self.central.status_seen(self.id, connector_id, status, at)
         return call_result.StatusNotification()
 
     async def _unplugged(
@@ -578,7 +586,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         if record is None or record.stopped:
             return
         started = timestamp_of(record.started_at)
-        samples = book.ledger_after(ledger, record.connector_id, [])
+        samples = book.ledger_after(ledger, [])
         last = [r for s in samples if (r := s.register_wh) is not None and s.at >= started]
         summary = summarise(
             started,
@@ -619,9 +627,9 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         at = _at(timestamp, self.central.clock.now())
         reason = reason or "Local"
         book = self.central.transactions
-        # Round trips: the record and its ledger read together; the transactionData samples
-        # written (only when there are some); the settlement written in one MULTI. The ledger
-        # the stop settles on is the one read plus what was just written (not read again).
+        # Two round trips before the events: the record and its ledger read together, then
+        # the transactionData samples and the settlement written in one MULTI. The ledger the
+        # stop settles on is the one read plus those samples (not read again).
         record, ledger = await book.view(transaction_id)
         stopped_at, stop_wh = at, float(meter_stop)
         if record is None:
@@ -630,9 +638,10 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         else:
             data = transaction_data or []
             samples = self._samples(record.connector_id, transaction_id, data)
-            await book.record_samples(transaction_id, record.connector_id, data)
+            rows = book.rows(record.connector_id, data)
             if record.stopped and record.stopped_at is not None:
                 # Re-sent (its answer lost) or a second stop: the first one settled it.
+                await book.record_samples(transaction_id, record.connector_id, data)
                 self.central.metrics["stops_repeated"] += 1
                 stopped_at = timestamp_of(record.stopped_at)
                 stop_wh = float(record.meter_stop_wh or record.meter_start_wh)
@@ -640,11 +649,11 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 summary = summarise(
                     timestamp_of(record.started_at),
                     float(record.meter_start_wh),
-                    book.ledger_after(ledger, record.connector_id, data),
+                    book.ledger_after(ledger, rows),
                     stopped_at=at,
                     meter_stop_wh=float(meter_stop),
                 )
-                await book.settle(transaction_id, summary, reason, record=record)
+                await book.settle(transaction_id, summary, reason, record=record, rows=rows)
                 stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
                 self._report_settlement(transaction_id, summary)
             self.central.close_transaction(self.id, record.connector_id, transaction_id)

@@ -35,11 +35,16 @@ from adapters.ocpp.translate import iso, timestamp
 from controller.domain import ChargerId, ConnectorId, TransactionId, VehicleId
 
 # KEYS: book hash, id counter. ARGV: start field, record JSON, connector field.
-# Returns {id, 1 if new, the connector's previous transaction id or 0}.
+# Returns {id, 1 if new, the connector's previous transaction id if it has not stopped, or 0}.
 ALLOCATE_LUA = """
 local known = redis.call('HGET', KEYS[1], ARGV[1])
 if known then return {tonumber(known), 0, 0} end
 local previous = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
+if previous ~= 0 then
+  local raw = redis.call('HGET', KEYS[1], 'tx:' .. previous)
+  local ok, record = pcall(cjson.decode, raw or '')
+  if ok and type(record) == 'table' and record['stopped'] == true then previous = 0 end
+end
 local id = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], id, 'tx:' .. id, ARGV[2], ARGV[3], id)
 return {id, 1, previous}
@@ -330,7 +335,9 @@ class TransactionBook:
     async def allocate(
         self, record: BookedTransaction
     ) -> tuple[TransactionId, bool, TransactionId | None]:
-        """(id, new, the transaction the connector had before) for this start.
+        """(id, new, the transaction the connector had before if it never stopped) for this
+        start (the script reads the previous record's `stopped`, so the usual start after a
+        stop costs no further read).
 
         A replayed start gets its first id, `new` False and no previous transaction.
         """
@@ -387,17 +394,22 @@ class TransactionBook:
         record = BookedTransaction(**json.loads(text)) if text else None
         return record, {_text(k) or "": _text(v) or "" for k, v in ledger.items()}
 
+    def rows(
+        self, connector_id: ConnectorId, meter_value: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[str, str]]:
+        """The ledger rows (identity field, JSON) of a meterValue list, with this book's
+        choice of measurands."""
+        return sample_rows(connector_id, meter_value, self._keep)
+
+    @staticmethod
     def ledger_after(
-        self,
-        ledger: Mapping[str, str],
-        connector_id: ConnectorId,
-        meter_value: Sequence[Mapping[str, Any]],
+        ledger: Mapping[str, str], rows: Sequence[tuple[str, str]]
     ) -> list[StoredSample]:
-        """The samples a ledger read by `view` holds once `record_samples(..., meter_value)`
-        has written (the first write of an identity wins, as HSETNX does), in time order:
-        the stop settles on them without reading the ledger again."""
+        """The samples a ledger read by `view` holds once `rows` are written (the first write
+        of an identity wins, as HSETNX does), in time order: a stop settles on them without
+        reading the ledger again."""
         merged = dict(ledger)
-        for key, value in sample_rows(connector_id, meter_value, self._keep):
+        for key, value in rows:
             merged.setdefault(key, value)
         return _in_time_order(merged)
 
@@ -408,12 +420,15 @@ class TransactionBook:
         reason: str,
         *,
         record: BookedTransaction | None = None,
+        rows: Sequence[tuple[str, str]] = (),
     ) -> BookedTransaction | None:
         """Mark a transaction stopped with what its stop settled; None if unknown.
 
         `record`: the transaction's record as just read (by `view`), so it is not read again.
-        The settled record and the ledger's shorter expiry are written in one MULTI: both or
-        neither (a refused write, e.g. out of memory, aborts the whole transaction)."""
+        `rows`: ledger rows the stop carries (its transactionData), each written unless its
+        identity is stored already (HSETNX). The rows, the settled record and the ledger's
+        shorter expiry are written in one MULTI: all or nothing (a refused write, e.g. out of
+        memory, aborts the whole transaction), one round trip."""
         if record is None:
             record = await self.get(transaction_id)
         if record is None:
@@ -428,9 +443,12 @@ class TransactionBook:
             gaps=[g.to_json() for g in summary.gaps],
             anomalies=list(summary.anomalies),
         )
+        samples_key = keys.transaction_samples(self._site, transaction_id)
         pipe = self._redis.pipeline(transaction=True)
+        for key, value in rows:
+            pipe.hsetnx(samples_key, key, value)
         pipe.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
-        pipe.expire(keys.transaction_samples(self._site, transaction_id), self._settled_ttl_s)
+        pipe.expire(samples_key, self._settled_ttl_s)
         await pipe.execute()
         return settled
 

@@ -133,10 +133,12 @@ async def test_a_meter_values_is_answered_only_after_its_ledger_row_is_in_redis(
     assert spent == {"evalsha": 1, **script}, spent
 
 
-async def test_a_stop_reads_once_and_writes_its_settlement_in_one_multi(harness: Harness) -> None:
-    """A StopTransaction (with transactionData) costs one pipelined read of record and ledger,
-    one ledger script and one MULTI (settled record + ledger expiry); the settlement includes
-    the transactionData reading it wrote without reading the ledger again."""
+async def test_a_stop_reads_once_and_writes_its_samples_and_settlement_in_one_multi(
+    harness: Harness,
+) -> None:
+    """A StopTransaction (with transactionData) costs two round trips before its events: one
+    pipelined read of record and ledger, one MULTI (its reading, the settled record, the
+    ledger's expiry); the settlement includes that reading without reading the ledger again."""
     began = T0 - timedelta(hours=1)
     async with harness.connect("CP-1") as ws:
         tx = await start(ws, "s", began, 5_000, "TAG-1")
@@ -150,14 +152,12 @@ async def test_a_stop_reads_once_and_writes_its_settlement_in_one_multi(harness:
     spent = _delta(before, after)
     spent.pop("info", None)
     assert spent == {
-        "hget": 1,  # the pipelined read
+        "hget": 1,  # the pipelined read of record and ledger
         "hgetall": 1,
-        "evalsha": 1,  # the ledger script: HEXISTS, HSETNX of the one register row, EXPIRE
-        "hexists": 1,
+        "multi": 1,  # the settlement: the one register row, the record, the ledger's expiry
         "hsetnx": 1,
-        "multi": 1,  # the settlement: the record and the ledger's expiry
         "hset": 1,
-        "expire": 2,
+        "expire": 1,
         "exec": 1,
     }, spent
     record = await harness.central.transactions.get(tx)
@@ -239,3 +239,26 @@ async def test_the_latest_transaction_of_a_connector_is_one_script(harness: Harn
     # The script (its two HGETs), then the unplugged flag (a read and a write of the record).
     assert spent == {"evalsha": 1, "hget": 2 + 1, "hset": 1}, spent
     assert [e.kind for e in harness.recorder.events][-1] == "vehicle_unplugged"
+
+
+async def test_a_start_after_a_stopped_transaction_is_one_script(harness: Harness) -> None:
+    """The allocation script reads the connector's previous record itself: a start after a
+    stopped transaction costs that one script (no read of the old record from here), and the
+    old transaction stays as it was settled; the superseding of one never stopped is shown by
+    test_transactions.py (T-07)."""
+    began = T0 - timedelta(hours=2)
+    async with harness.connect("CP-1") as ws:
+        first = await start(ws, "s1", began, 5_000, "TAG-1")
+        assert (await stop(ws, "x1", first, began + timedelta(minutes=5), 5_100))[0] == 3
+        settled = await harness.central.transactions.get(first)
+        before = await _commands(harness.redis)
+        second = await start(ws, "s2", began + timedelta(minutes=30), 5_100, "TAG-1")
+        after = await _commands(harness.redis)
+    spent = _delta(before, after)
+    spent.pop("info", None)
+    # Inside the script: the start's field, the connector's field, the previous record; the
+    # counter; the new fields.
+    assert spent == {"evalsha": 1, "hget": 3, "incr": 1, "hset": 1}, spent
+    assert second == first + 1
+    assert await harness.central.transactions.get(first) == settled
+    assert harness.central.metrics["transactions_superseded"] == 0
