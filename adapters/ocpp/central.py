@@ -35,7 +35,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -627,9 +627,10 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         at = _at(timestamp, self.central.clock.now())
         reason = reason or "Local"
         book = self.central.transactions
-        # Two round trips before the events: the record and its ledger read together, then
-        # the transactionData samples and the settlement written in one MULTI. The ledger the
-        # stop settles on is the one read plus those samples (not read again).
+        # Round trips: the record and its ledger read together (one script); then, side by
+        # side, the transactionData samples and the settlement written in one MULTI and the
+        # samples' events; then the stop's event. The ledger the stop settles on is the one
+        # read plus those samples (not read again).
         record, ledger = await book.view(transaction_id)
         stopped_at, stop_wh = at, float(meter_stop)
         if record is None:
@@ -639,10 +640,11 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             data = transaction_data or []
             samples = self._samples(record.connector_id, transaction_id, data)
             rows = book.rows(record.connector_id, data)
+            summary: SessionSummary | None = None
+            write: Awaitable[object]
             if record.stopped and record.stopped_at is not None:
                 # Re-sent (its answer lost) or a second stop: the first one settled it.
-                await book.record_samples(transaction_id, record.connector_id, data)
-                self.central.metrics["stops_repeated"] += 1
+                write = book.record_samples(transaction_id, record.connector_id, data, settled=True)
                 stopped_at = timestamp_of(record.stopped_at)
                 stop_wh = float(record.meter_stop_wh or record.meter_start_wh)
             else:
@@ -653,12 +655,23 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                     stopped_at=at,
                     meter_stop_wh=float(meter_stop),
                 )
-                await book.settle(transaction_id, summary, reason, record=record, rows=rows)
+                write = book.settle(transaction_id, summary, reason, record=record, rows=rows)
+
+            async def sample_events() -> None:
+                for sample in samples:  # one after the other: the log keeps their order
+                    await self._emit(sample)
+
+            # Both must hold before the CALLRESULT and neither depends on the other; both are
+            # idempotent, so a failure of either (InternalError, the charger re-sends) is safe.
+            for outcome in await asyncio.gather(write, sample_events(), return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if summary is None:
+                self.central.metrics["stops_repeated"] += 1
+            else:
                 stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
                 self._report_settlement(transaction_id, summary)
             self.central.close_transaction(self.id, record.connector_id, transaction_id)
-            for sample in samples:
-                await self._emit(sample)
         await self._emit(
             TransactionStopped(
                 event_id=event_id(self.id, "tx", transaction_id, "stop"),

@@ -62,6 +62,17 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return new
 """
 
+# KEYS: book hash, the transaction's sample hash. ARGV: 'tx:{id}'.
+# Returns {} for an unknown transaction, {record JSON} for a stopped one, else {record JSON,
+# the ledger as HGETALL returns it}: a stop reads both at once, a repeated stop not the ledger.
+VIEW_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return {} end
+local ok, record = pcall(cjson.decode, raw)
+if ok and type(record) == 'table' and record['stopped'] == true then return {raw} end
+return {raw, redis.call('HGETALL', KEYS[2])}
+"""
+
 # KEYS: book hash. ARGV: 'conn:{charger}:{connector}'.
 # Returns {id, record JSON or false}, or false when the connector never had a transaction.
 LATEST_LUA = """
@@ -326,6 +337,7 @@ class TransactionBook:
         self._allocate = redis.register_script(ALLOCATE_LUA)
         self._add_samples = redis.register_script(SAMPLES_LUA)
         self._latest = redis.register_script(LATEST_LUA)
+        self._view = redis.register_script(VIEW_LUA)
 
     async def start(self, record: BookedTransaction) -> tuple[TransactionId, bool]:
         """The id for this start: a new one, or the one a replay of it got (then False)."""
@@ -358,12 +370,18 @@ class TransactionBook:
         transaction_id: TransactionId,
         connector_id: ConnectorId,
         meter_value: Sequence[Mapping[str, Any]],
+        *,
+        settled: bool = False,
     ) -> int | None:
-        """Store each sampled value once; how many were new, or None for an unknown id."""
+        """Store each sampled value once; how many were new, or None for an unknown id.
+
+        `settled`: the transaction has stopped (a repeated stop): the ledger keeps the shorter
+        retention of a settled transaction."""
         rows = sample_rows(connector_id, meter_value, self._keep)
         if not rows:
             return 0
-        args: list[str | int] = [f"tx:{transaction_id}", self._samples_ttl_s]
+        ttl_s = self._settled_ttl_s if settled else self._samples_ttl_s
+        args: list[str | int] = [f"tx:{transaction_id}", ttl_s]
         for key, value in rows:
             args.extend((key, value))
         new = int(
@@ -384,15 +402,20 @@ class TransactionBook:
     async def view(
         self, transaction_id: TransactionId
     ) -> tuple[BookedTransaction | None, dict[str, str]]:
-        """The record of a transaction and its sample ledger as stored (field -> JSON), in one
-        round trip (a stop reads both; they were two reads, and a third inside `settle`)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hget(self._book, f"tx:{transaction_id}")
-        pipe.hgetall(keys.transaction_samples(self._site, transaction_id))
-        raw, ledger = await pipe.execute()
-        text = _text(raw)
-        record = BookedTransaction(**json.loads(text)) if text else None
-        return record, {_text(k) or "": _text(v) or "" for k, v in ledger.items()}
+        """The record of a transaction and, unless it has stopped, its sample ledger as stored
+        (field -> JSON; empty for a stopped one), in one round trip: a stop reads both (they
+        were two reads, and a third inside `settle`); a repeated stop, which settles nothing,
+        does not read a ledger of thousands of rows."""
+        found = await self._view(
+            keys=[self._book, keys.transaction_samples(self._site, transaction_id)],
+            args=[f"tx:{transaction_id}"],
+        )
+        if not found:
+            return None, {}
+        record = BookedTransaction(**json.loads(_text(found[0]) or ""))
+        flat = found[1] if len(found) > 1 else []
+        ledger = {_text(flat[i]) or "": _text(flat[i + 1]) or "" for i in range(0, len(flat), 2)}
+        return record, ledger
 
     def rows(
         self, connector_id: ConnectorId, meter_value: Sequence[Mapping[str, Any]]

@@ -137,22 +137,28 @@ async def test_a_stop_reads_once_and_writes_its_samples_and_settlement_in_one_mu
     harness: Harness,
 ) -> None:
     """A StopTransaction (with transactionData) costs two round trips before its events: one
-    pipelined read of record and ledger, one MULTI (its reading, the settled record, the
-    ledger's expiry); the settlement includes that reading without reading the ledger again."""
+    script reading record and ledger, one MULTI (its reading, the settled record, the ledger's
+    expiry); the settlement includes that reading without reading the ledger again. A repeated
+    stop does not read the ledger."""
     began = T0 - timedelta(hours=1)
     async with harness.connect("CP-1") as ws:
         tx = await start(ws, "s", began, 5_000, "TAG-1")
         entry = meter_value(began + timedelta(minutes=10), 6_000, 7_000)
         assert (await ask(ws, meter_frame("m1", tx, [entry])))[0] == 3
+        await harness.central.transactions.view(tx)  # the script is loaded
         before = await _commands(harness.redis)
         data = [meter_value(began + timedelta(minutes=20), 7_000, 7_000)]
         answer = await stop(ws, "x", tx, began + timedelta(minutes=30), 7_500, data=data)
         after = await _commands(harness.redis)
+        repeated = await stop(ws, "y", tx, began + timedelta(minutes=30), 7_500, data=data)
+        again = await _commands(harness.redis)
     assert answer == [3, "x", {}]
+    assert repeated == [3, "y", {}]
     spent = _delta(before, after)
     spent.pop("info", None)
     assert spent == {
-        "hget": 1,  # the pipelined read of record and ledger
+        "evalsha": 1,  # the view script: the record, then (not stopped) the ledger
+        "hget": 1,
         "hgetall": 1,
         "multi": 1,  # the settlement: the one register row, the record, the ledger's expiry
         "hsetnx": 1,
@@ -160,6 +166,12 @@ async def test_a_stop_reads_once_and_writes_its_samples_and_settlement_in_one_mu
         "expire": 1,
         "exec": 1,
     }, spent
+    # The repeat: the record only (stopped: its ledger of any size is not read), then its
+    # reading offered again to the ledger script (stored already: nothing new).
+    spent = _delta(after, again)
+    spent.pop("info", None)
+    ledger_script = {"hexists": 1, "hsetnx": 1, "expire": 1}
+    assert spent == {"evalsha": 2, "hget": 1, **ledger_script}, spent
     record = await harness.central.transactions.get(tx)
     assert record is not None
     assert record.stopped
