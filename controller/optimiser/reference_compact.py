@@ -16,12 +16,14 @@ figures for (cars -> slots):
   equation and every capacity row of the textbook form.
 
 The lexicographic stages (total shortfall, fairness, money, and when the options ask for them
-the peak and the ramps) are `cvxpy.Problem`s over the same variables, all data are
-`cvxpy.Parameter`s (DPP), and every coefficient matrix that is not a parameter depends only on
-which entries are free: a structure compiles once and a re-solve after a car's event or a price
-change only loads new parameter values and re-runs ECOS. Fleets in which a car may discharge
-(V2G) are refused with `CompactFormUnsupported`: their content is not monotone, and the textbook
-reference covers them.
+the peak and the ramps) are `cvxpy.Problem`s over the same variables. The first one solved is
+the money stage with every target hard: when ECOS finds it feasible the total shortfall is 0,
+so it is the money stage (one ECOS run on a feasible day); only when it is infeasible do the
+shortfall, fairness and money stages run. All data are `cvxpy.Parameter`s (DPP), and every
+coefficient matrix that is not a parameter depends only on which entries are free: a structure
+compiles once and a re-solve after a car's event or a price change only loads new parameter
+values and re-runs ECOS. Fleets in which a car may discharge (V2G) are refused with
+`CompactFormUnsupported`: their content is not monotone, and the textbook reference covers them.
 """
 
 from __future__ import annotations
