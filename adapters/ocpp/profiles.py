@@ -293,17 +293,26 @@ def tx_profile(
     start = _whole_seconds(now)
     lease_end = start + timedelta(seconds=cfg.lease_window_s)
     # (time, planned kW or None) at each change: now, the slot boundaries, the lease end.
+    # Built for every running transaction at every plan (1,000 chargers: the dispatcher's
+    # largest share of the event loop), so the slots are walked once in order (the times are
+    # sorted) and each distinct power is converted once.
     points: list[tuple[datetime, float | None]] = []
-    starts = list(plan.slot_starts) if plan is not None and setpoint is not None else []
+    starts = plan.slot_starts if plan is not None and setpoint is not None else ()
     times = sorted({start, lease_end, *(s for s in starts if s > start)})
+    t = -1  # the plan slot containing `at`: bisect_right(starts, at) - 1, walked forward
     for at in times:
-        t = _slot_index(starts, at) if starts else None
-        kw = setpoint.kw[t] if setpoint is not None and t is not None else None
+        while t + 1 < len(starts) and starts[t + 1] <= at:
+            t += 1
+        kw = None
+        if setpoint is not None and starts and t >= 0:
+            past_end = t == len(starts) - 1 and at >= starts[t] + SLOT
+            kw = None if past_end else setpoint.kw[t]
         points.append((at, kw))
     offsets: list[int] = []
     limits: list[float] = []
     discharge: list[float] = []
     mode = charger.v2g_mode
+    converted: dict[float, float] = {}
     for at, kw in points:
         in_lease = at < lease_end
         if kw is None:
@@ -312,7 +321,9 @@ def tx_profile(
             kw_now = kw
         else:
             kw_now = max(0.0, min(kw, safe_kw))
-        charge = to_limit(kw_now, charger)
+        charge = converted.get(kw_now)
+        if charge is None:
+            charge = converted[kw_now] = to_limit(kw_now, charger)
         dis = 0.0
         if charge < 0.0:
             if mode == "negative_limit":
