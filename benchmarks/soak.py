@@ -269,7 +269,15 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
             f"{report.wall_s:.0f} s / {config.sim_hours:g} h (x{config.speed:.0f}), "
             f"reached {report.sim_reached[:19]}",
         ),
-        ("solver", args.solver),
+        (
+            "solver",
+            f"{args.solver}, "
+            + (
+                "in a worker process"
+                if report.solver_cpu_s is not None
+                else "in the controller process (planner's thread)"
+            ),
+        ),
         (
             "transaction records compared",
             f"{verdict.starts} starts, {verdict.stops} stops, {verdict.meter_values} MeterValues",
@@ -344,6 +352,13 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
         (
             "CPU of the controller process",
             f"{report.cpu_s:.0f} s = {100 * report.cpu_s / wall:.0f} % of one core",
+        ),
+        (
+            "CPU of the solver process",
+            "n/a (none)"
+            if report.solver_cpu_s is None
+            else f"{report.solver_cpu_s:.0f} s = {100 * report.solver_cpu_s / wall:.0f} % "
+            f"of one core; {dict(report.solver_counters)}",
         ),
         (
             "CPU of the charger processes",
@@ -440,6 +455,7 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         charger_processes=args.charger_processes,
         slow_callback_ms=args.slow_callback_ms,
         seed=args.seed,
+        solver_process=not args.solver_in_thread,
     )
     solver = share_by_need if args.solver == "share" else None
     started = time.perf_counter()
@@ -470,6 +486,11 @@ def main() -> None:
     stack.add_argument("--connects-per-s", type=float, default=200.0)
     stack.add_argument("--restart-down-s", type=float, default=10.0, help="restart mode")
     stack.add_argument("--solver", choices=("share", "optimiser"), default="share")
+    stack.add_argument(
+        "--solver-in-thread",
+        action="store_true",
+        help="the optimiser in the planner's thread, not in a worker process (comparison)",
+    )
     stack.add_argument("--coalesce-wall-s", type=float, default=0.3)
     stack.add_argument(
         "--trace-memory", action="store_true", help="tracemalloc: top growth sites (slow)"

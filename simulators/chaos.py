@@ -69,7 +69,7 @@ from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleR
 from controller.planning.plan import Plan
 from controller.planning.planner import SolveFn
 from controller.ports import Clock
-from controller.settings import Settings
+from controller.settings import PlanningSettings, Settings
 from simulators.chargepoints.car import SimCar
 from simulators.chargepoints.chargepoint import (
     ChargerSpec,
@@ -836,6 +836,10 @@ class SoakConfig:
     visits: str = "day"
     charger_processes: int = 1
     slow_callback_ms: float = 0.0  # > 0: list this process's callbacks slower than this
+    # The optimiser in a worker process of its own (as `voltpool serve` runs it); False: in
+    # the planner's thread of the controller process. The proportional share is always solved
+    # in the thread (`adapters.bootstrap.planning_solver`).
+    solver_process: bool = True
     seed: int = 0
     start: datetime = datetime(2024, 3, 4, 12, 0, tzinfo=UTC)
 
@@ -1169,6 +1173,10 @@ class SoakReport:
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
     open_transactions: list[tuple[float, int]] = field(default_factory=list)
     cpu_s: float = 0.0  # the controller process's CPU in the soak window (restart: whole run)
+    # The optimiser's worker process (None: the solve ran in the controller process): its CPU
+    # in the soak window and its counters (solves, timeouts, worker_deaths, ...).
+    solver_cpu_s: float | None = None
+    solver_counters: dict[str, int] = field(default_factory=dict)
     charger_cpu_s: list[float] = field(default_factory=list)  # each charger process, same window
     charger_rss_mib: list[tuple[float, float]] = field(default_factory=list)  # each: start, end
     controller_lag_ms: dict[str, float] = field(default_factory=dict)
@@ -1224,6 +1232,18 @@ def rss_mib() -> float:
 def cpu_s() -> float:
     """This process's user + system CPU so far (s)."""
     return sum(os.times()[:2])
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """Another process's user + system CPU so far (s), from /proc (None: no such process)."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ledger_chargers(
@@ -1415,6 +1435,7 @@ class StackSoak:
             max_event_ahead_s=3600.0,
             deadband_kw=0.5,
             site_capacity_kw=4.0 * self.config.chargers,
+            planning=PlanningSettings(solver_process=self.config.solver_process),
         )
 
     def _configuration(self) -> list[Event]:
@@ -1731,6 +1752,9 @@ class StackSoak:
                     slow = SlowCallbacks(config.slow_callback_ms / 1000.0)
                     slow.install()
                 cpu0 = cpu_s()
+                solver = self.runtime.solver
+                solver_pid = solver.pid if solver is not None else None
+                solver_cpu0 = process_cpu_s(solver_pid) or 0.0
                 background += [
                     asyncio.create_task(self._sample()),
                     asyncio.create_task(self._feeds()),
@@ -1740,6 +1764,12 @@ class StackSoak:
                 await asyncio.sleep(max(0.0, config.wall_s - self._wall()))
                 report.wall_s = self._wall()
                 report.cpu_s = cpu_s() - cpu0
+                if solver is not None:
+                    # A worker replaced in the window: its successor's CPU only (counted).
+                    same = solver.pid == solver_pid
+                    report.solver_cpu_s = (process_cpu_s(solver.pid) or 0.0) - (
+                        solver_cpu0 if same else 0.0
+                    )
                 if slow is not None:
                     slow.uninstall()
                     report.slow_callbacks = slow.top()
@@ -1931,6 +1961,8 @@ class StackSoak:
             k: v for k, v in self.runtime.service.counters.items() if isinstance(v, int)
         }
         report.dispatch_counters = dict(self.runtime.dispatcher.counters)
+        if self.runtime.solver is not None:
+            report.solver_counters = dict(self.runtime.solver.counters)
         plans = {id(o) for o in gc.get_objects() if isinstance(o, Plan)}
         report.live_plans = len(plans)
         runtime = self.runtime
