@@ -159,6 +159,9 @@ async def test_three_broker_restarts_in_a_row_each_end_subscribed_to_the_new_bro
             for restart in range(1, 4):
                 before, delays_before = link.connections, len(reconnect_delays(caplog))
                 await stop_broker(broker)
+                # Nobody is left on the old broker: a client there would be deaf, and what it
+                # published would pile up in the stopped broker's queue (the soak's RSS growth).
+                assert not broker._sessions, f"restart {restart}: sessions left on the old broker"
                 broker = await start_broker(port)
                 await until(
                     lambda new=broker: CLIENT_ID in new._sessions and link.connected.is_set(),
