@@ -341,9 +341,13 @@ def serve(target: str, from_parent: int, to_parent: int) -> None:
     try:
         solve = resolve_target(target)
     except Exception as exc:
-        _write(to_parent, ("error", f"cannot import {target}: {type(exc).__name__}: {exc}"))
+        with contextlib.suppress(BrokenPipeError):
+            _write(to_parent, ("error", f"cannot import {target}: {type(exc).__name__}: {exc}"))
         return
-    _write(to_parent, ("ready", os.getpid()))
+    try:
+        _write(to_parent, ("ready", os.getpid()))
+    except BrokenPipeError:
+        return  # the parent is gone already
     while True:
         try:
             problem = _read(from_parent, None)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -277,3 +279,45 @@ async def test_the_runtime_plans_in_its_worker_and_leaves_no_process_behind(
             await task
     assert not _alive(pid)
     assert _children() == []
+
+
+def test_a_worker_whose_controller_is_killed_exits_by_itself() -> None:
+    """kill -9 of the process that started the worker (no `close()`), the worker idle after a
+    solve: it reads end of file on its input and exits; nothing is left running."""
+    code = (
+        "import time\n"
+        "from datetime import UTC, datetime\n"
+        "from adapters.solver_process import SolverProcess\n"
+        "from controller.planning.build import build_problem\n"
+        "from controller.settings import PlanningSettings\n"
+        "from controller.state import FleetState\n"
+        "now = datetime(2024, 3, 4, 16, 0, tzinfo=UTC)\n"
+        "problem, _ = build_problem(FleetState(), now, PlanningSettings())\n"
+        f"solver = SolverProcess({SHARE!r})\n"
+        "solver(problem)  # the worker is up and waits for the next problem\n"
+        "print(solver.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=Path(__file__).parents[2]
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            worker = int(parent.stdout.readline())
+            assert _running(worker)
+        finally:
+            parent.kill()
+    deadline = time.monotonic() + 20.0
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a real process exiting: wall time is what it takes
+    assert not _running(worker)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (an exited orphan may wait as a zombie for a
+    reaper that never comes in a container)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
