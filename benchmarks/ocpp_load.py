@@ -337,10 +337,12 @@ async def paced_load(
     await asyncio.sleep(min(5.0, args.duration / 4))
     window = (time.time(), 0.0)
     cpu_before = proc_cpu_s(server_pid)
+    client_before = time.process_time()
     started = time.perf_counter()
     await asyncio.sleep(args.duration)
     window_s = time.perf_counter() - started
     cpu_s = proc_cpu_s(server_pid) - cpu_before
+    client_cpu_s = time.process_time() - client_before
     window = (window[0], time.time())
     rss, peak = proc_memory_mib(server_pid)
     held = sum(1 for t in tasks if not t.done())
@@ -367,6 +369,7 @@ async def paced_load(
         "server_cpu_s": cpu_s,
         "server_cpu_core_share": cpu_s / window_s,
         "server_cpu_ms_per_call": 1000.0 * cpu_s / max(1, len(every)),
+        "client_cpu_core_share": client_cpu_s / window_s,
         "server_rss_mib": rss,
         "server_peak_rss_mib": peak,
         "client_errors": dict(errors),
@@ -410,12 +413,14 @@ async def fleet_load(
     stats.rtt_s.clear()
     answered_before = sum(stats.answered.values())
     cpu_before = proc_cpu_s(server_pid)
+    client_before = time.process_time()
     window_started = time.perf_counter()
     window = (time.time(), 0.0)
     await asyncio.sleep(args.duration)
     window_s = time.perf_counter() - window_started
     window = (window[0], time.time())
     cpu_s = proc_cpu_s(server_pid) - cpu_before
+    client_cpu_s = time.process_time() - client_before
     rss, peak = proc_memory_mib(server_pid)
     answered = sum(stats.answered.values()) - answered_before
     held = sum(1 for s in sims if s.online.is_set())
@@ -434,6 +439,7 @@ async def fleet_load(
         "server_cpu_s": cpu_s,
         "server_cpu_core_share": cpu_s / window_s,
         "server_cpu_ms_per_call": 1000.0 * cpu_s / max(1, answered),
+        "client_cpu_core_share": client_cpu_s / window_s,
         "server_rss_mib": rss,
         "server_peak_rss_mib": peak,
         "client_errors": client_errors,
@@ -554,6 +560,10 @@ def report_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("server CPU", f"{100 * r['server_cpu_core_share']:.1f} % of one core"),
         ("server CPU per CALL answered", f"{r['server_cpu_ms_per_call']:.3f} ms"),
         ("server loop lag p50/p95/p99/max", _ms(r["server_loop_lag_ms"])),
+        (
+            "client CPU (the chargers' process)",
+            f"{100 * r['client_cpu_core_share']:.1f} % of one core",
+        ),
         (
             "server memory",
             f"{r['server_rss_mib']:.0f} MiB RSS (peak {r['server_peak_rss_mib']:.0f} MiB)",
