@@ -321,16 +321,23 @@ _FAST: dict[str, Check | None] = {}
 
 
 def fast_check(action: str) -> Check | None:
-    """The compiled predicate of a 1.6 CALL schema (built once), or None when it cannot be
-    compiled (then jsonschema decides every payload) or the library has no such schema."""
+    """The compiled predicate of the 1.6 CALL schema of an action a charge point sends and the
+    central system takes (built once), or None: another action, or a schema that cannot be
+    compiled (then jsonschema decides every payload).
+
+    Only those actions: the library caches one validator per schema whatever float parser it
+    was built with, and parses the schemas of some CALLs we send (SetChargingProfile,
+    RemoteStartTransaction) with Decimal; asking for those here first would leave it a float
+    one."""
     if action in _FAST:
         return _FAST[action]
-    check: Check | None
-    try:
+    check: Check | None = None
+    if action in HANDLED_ACTIONS:
         validator = get_validator(2, action, "1.6")
-        check = compile_schema(validator.schema) if validator.format_checker is None else None
-    except (UnsupportedSchema, OSError, ValueError):
-        check = None
+        try:
+            check = compile_schema(validator.schema) if validator.format_checker is None else None
+        except UnsupportedSchema:
+            check = None
     _FAST[action] = check
     return check
 

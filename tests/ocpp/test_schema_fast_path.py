@@ -233,7 +233,19 @@ def test_a_schema_with_a_keyword_not_compiled_is_left_to_jsonschema(schema: dict
         compile_schema(schema)
 
 
-def test_an_action_without_a_compilable_schema_has_no_fast_path() -> None:
-    """SetChargingProfile's schema uses multipleOf: not compiled; an unknown action: none."""
+def test_only_the_actions_the_central_system_takes_have_a_fast_path() -> None:
+    """A CALL we send (SetChargingProfile, whose schema the library parses with Decimal for
+    multipleOf) or an unknown action gets no predicate, and the library's validator of such a
+    schema is not built here (its cache would keep a float-parsed one)."""
+    from ocpp import messages
+
     assert fast_check("SetChargingProfile") is None
     assert fast_check("NoSuchAction") is None
+    assert "SetChargingProfile_1.6" not in messages._validators or (
+        messages._validators["SetChargingProfile_1.6"]
+        .schema["properties"]["csChargingProfiles"]["properties"]["chargingSchedule"]["properties"][
+            "chargingSchedulePeriod"
+        ]["items"]["properties"]["limit"]["multipleOf"]
+        .__class__.__name__
+        == "Decimal"
+    )
