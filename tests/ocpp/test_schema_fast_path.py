@@ -29,7 +29,7 @@ from adapters.ocpp.frames import (
     schema_error,
 )
 
-EXAMPLES_PER_ACTION = 80
+EXAMPLES_PER_ACTION = 50
 VERDICTS: Counter[str] = Counter()
 
 scalars = (
