@@ -38,11 +38,12 @@ import json
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.reasoncodes import ReasonCode
 
 from adapters.codec import decode_event
 from adapters.embedded import MqttEndpoint
@@ -61,8 +62,10 @@ RECONNECT_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # the back-off starts again afte
 # (aiomqtt's default, 60 s, let one linger for up to two minutes).
 KEEPALIVE_S = 10
 # The connect (TCP, CONNACK) and the set-up after it (subscriptions, retained re-publishes) each
-# have this long; one that takes longer is given up and retried.
-CONNECT_TIMEOUT_S = 10.0
+# have this long; one that takes longer is given up and retried. (aiomqtt's own time-out, 10 s,
+# still bounds each wait for CONNACK, SUBACK or PUBACK.) Generous: on an event loop that lags by
+# seconds a tighter bound gave up connects that would have succeeded.
+CONNECT_TIMEOUT_S = 30.0
 # Received messages waiting for the service. At the few hundred events per second the service
 # applies on a small machine, 1,000 is a few seconds of waiting: fresher than a longer queue.
 INBOX_SIZE = 1_000
@@ -127,6 +130,7 @@ class MqttLink:
     store was down), `spool_resubmitted`, `spool_dropped` (spool full: lost, logged at ERROR),
     `connection_lost` (a session or a connect attempt ended by the broker or the network),
     `connect_timeouts` (a connect or its set-up took longer than `connect_timeout_s`),
+    `subscriptions_refused` (a topic the broker would not subscribe the link to, logged),
     `session_errors` (a session ended by any other exception, logged with its traceback: the
     link reconnects all the same; it only ends when cancelled).
     """
@@ -251,15 +255,20 @@ class MqttLink:
             clean_session=not self._persistent,
             tls_context=self._endpoint.tls_context,
             keepalive=self._keepalive_s,
-            timeout=self._connect_timeout_s,
         )
         await self._open(client)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                for topic in self.topics.inputs:
-                    await client.subscribe(topic, qos=1)
-                for topic, payload in list(self._retained.items()):
-                    await client.publish(topic, payload, qos=1, retain=True)
+                # One SUBSCRIBE for every topic and the retained re-publishes side by side: on
+                # a lagging event loop each round trip costs the lag.
+                granted = await client.subscribe([(topic, 1) for topic in self.topics.inputs])
+                self._check_granted(granted)
+                await asyncio.gather(
+                    *(
+                        client.publish(topic, payload, qos=1, retain=True)
+                        for topic, payload in list(self._retained.items())
+                    )
+                )
             self._client = client
             self.connections += 1
             self.connected.set()
@@ -268,6 +277,15 @@ class MqttLink:
         finally:
             self._client = None
             await _leave(client)
+
+    def _check_granted(self, granted: Sequence[int | ReasonCode]) -> None:
+        """Log (ERROR) and count each subscription the broker refused (an ACL, say): the
+        controller would not hear that topic."""
+        for topic, code in zip(self.topics.inputs, granted, strict=False):
+            value = code.value if isinstance(code, ReasonCode) else int(code)
+            if value >= 0x80:
+                self.counters["subscriptions_refused"] += 1
+                log.error("the MQTT broker refused the subscription to %s (code %#x)", topic, value)
 
     async def _open(self, client: aiomqtt.Client) -> None:
         """Connect `client` within `connect_timeout_s`.
