@@ -29,12 +29,14 @@ from adapters.codec import encode_event
 from adapters.embedded import (
     MqttEndpoint,
     broker_config,
+    embedded_broker,
     free_port,
     stop_broker,
     until_listening,
 )
 from adapters.mqtt import RECONNECT_DELAYS_S, MqttLink, MqttPlanPublisher
 from adapters.redis_store import RedisFleetStore
+from adapters.security.mqtt_acl import TELEMETRY, generate_credentials, write_password_file
 from controller.clock import SimClock
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
@@ -324,3 +326,35 @@ async def test_a_connection_the_broker_stopped_serving_is_left_after_the_keepali
             assert "keep alive timeout" in lost[0].lower(), lost
     finally:
         await stop_broker(broker)
+
+
+async def test_subscriptions_the_broker_refuses_are_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A link connected as a principal whose ACL forbids the input topics (here the telemetry
+    principal, which may only read `schedule` and `status`) is told so in the SUBACK: each
+    refused topic is counted and logged at ERROR, since the controller would not hear it."""
+    credentials = generate_credentials()
+    password_file = write_password_file(
+        tmp_path / "passwd", credentials, time_cost=1, memory_cost_kib=8_192
+    )
+    async with embedded_broker(
+        password_file=password_file, prefix=PREFIX, credentials=credentials[TELEMETRY]
+    ) as endpoint:
+        link = MqttLink(endpoint, PREFIX, client_id=CLIENT_ID)
+
+        async def ignore(*_: object) -> None:
+            """Nothing arrives: no subscription was granted."""
+
+        link.attach(ignore, ignore)
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                await link.connected.wait()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    refused = len(link.topics.inputs)
+    assert link.counters["subscriptions_refused"] == refused
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert sum("refused the subscription" in line for line in errors) == refused
