@@ -371,13 +371,19 @@ async def stop_broker(broker: Broker, *, recancel_s: float = 0.2) -> None:
 
 async def _recancelling(broker: Broker, work: Coroutine[Any, Any, None], every_s: float) -> None:
     """Await `work`, cancelling again every `every_s` the reader tasks of the broker's sessions
-    (as they were when `work` began) that are still running."""
+    (as they were when `work` began) that are still in their read loop.
+
+    A reader that left its loop (`_reader_stopped` set) is closing its connection: cancelling
+    it then could interrupt the close and leave the socket open."""
     handlers = [handler for _, handler in broker._sessions.values() if handler is not None]
     task = asyncio.ensure_future(work)
     while not task.done():
         await asyncio.wait({task}, timeout=every_s)
         for handler in handlers:
             reader = getattr(handler, "_reader_task", None)
+            stopped = getattr(handler, "_reader_stopped", None)
+            if stopped is not None and stopped.is_set():
+                continue
             if reader is not None and not reader.done():
                 reader.cancel()
     task.result()

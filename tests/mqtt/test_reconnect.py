@@ -319,8 +319,10 @@ async def test_a_connection_the_broker_stopped_serving_is_left_after_the_keepali
     try:
         async with running(link, redis, clock):
             _, handler = broker._sessions[CLIENT_ID]
-            handler.writer._writer.transport.pause_reading()  # deaf, the socket stays open
+            deaf = handler.writer._writer.transport
+            deaf.pause_reading()  # the broker hears nothing more; the socket stays open
             await until(lambda: link.connections == 2, "the link reconnected")
+            deaf.abort()  # the new session replaced it: amqtt would never close it
             assert link.counters["connection_lost"] == 1
             lost = [r.getMessage() for r in caplog.records if "connection lost" in r.msg]
             assert "keep alive timeout" in lost[0].lower(), lost
