@@ -246,6 +246,7 @@ class LeaseDispatcher:
         self._plan_seq = 0
         self._publishing = False  # `publish` is looking through the chargers (it yields)
         self._wanted: dict[ChargerId, tuple[int, tuple[object, ...], list[OutgoingProfile]]] = {}
+        self._retiring: set[asyncio.Future[None]] = set()  # replaced workers being stopped
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -409,9 +410,11 @@ class LeaseDispatcher:
         return dict(link.sent) if link is not None else {}
 
     async def close(self) -> None:
-        """Stop every worker."""
+        """Stop every worker (and the replaced ones still stopping)."""
         for charger_id in list(self._links):
             await self.charger_gone(charger_id)
+        while self._retiring:
+            await asyncio.wait(set(self._retiring))
 
     # -- what is wanted --
 
@@ -688,10 +691,23 @@ class LeaseDispatcher:
     def _start_link(self, charger_id: ChargerId, *, trigger_status: bool) -> None:
         old = self._links.pop(charger_id, None)
         if old is not None and old.task is not None:
-            old.task.cancel()
+            self._retire(old.task)
         link = _Link(charger_id, trigger_status=trigger_status)
         self._links[charger_id] = link
         link.task = asyncio.ensure_future(self._work(link))
+
+    def _retire(self, task: asyncio.Task[None]) -> None:
+        """Stop a replaced worker for good, holding a reference until it has stopped.
+
+        One cancel is not enough: Python 3.11's `wait_for` (the ocpp library awaits a reply
+        with it) can swallow a cancellation that arrives with the reply, and the worker then
+        ran on, referenced by nothing, as a second worker of the charger (woken by its lease
+        refresh timer), or was destroyed while pending (the soak logged "Task was destroyed
+        but it is pending" for such workers). `stop_task` repeats the cancel until it is done.
+        """
+        stopper = asyncio.ensure_future(stop_task(task))
+        self._retiring.add(stopper)
+        stopper.add_done_callback(self._retiring.discard)
 
     def _due(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
         """Whether the profile must be sent now: it differs beyond the deadband from what the

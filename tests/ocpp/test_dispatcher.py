@@ -3,6 +3,8 @@ deadband, refresh, V2G, and what the chargers then draw."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -381,3 +383,31 @@ async def test_a_charger_that_lags_behind_does_not_pin_an_old_plan(
         await r.publish({("CP-1", 1): [5.0] * 8})
         assert r.dispatcher.wanted("CP-2", clock.now()) is not None  # CP-1 is not looked at
         assert not _holds(r.dispatcher, old)
+
+
+async def test_a_replaced_worker_that_swallows_its_cancellation_is_stopped_anyway(
+    redis: Redis, clock: SimClock
+) -> None:
+    """A reconnect replaces the charger's worker. If the old one swallows the cancellation
+    (Python 3.11's `wait_for` in the ocpp library can, when a reply comes at the same moment),
+    it is cancelled again until it has stopped, not left running as a second worker."""
+
+    async def swallows_one_cancel() -> None:
+        # Swallowed, as a reply arriving with the cancellation makes 3.11's wait_for do.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    async with rig(redis, clock, charger("CP-1")) as r:
+        await r.dispatcher.charger_ready("CP-1", rebooted=True)
+        link = r.dispatcher._links["CP-1"]
+        assert link.task is not None
+        link.task.cancel()
+        old = asyncio.ensure_future(swallows_one_cancel())
+        link.task = old
+        await asyncio.sleep(0)  # the old worker is in its first sleep
+        await r.dispatcher.charger_ready("CP-1", rebooted=True)
+        await asyncio.wait({old}, timeout=5.0)  # wall time: the repeated cancel's pace
+        assert old.done()
+        assert old.cancelled()
+        assert r.dispatcher._links["CP-1"].task is not old
