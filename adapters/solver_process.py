@@ -11,8 +11,8 @@ the waiting thread sleeps in `poll(2)`, without the lock.
 The worker is a fresh interpreter (`python -m adapters.solver_process`, never a fork of the
 threaded asyncio process), started at the first solve (or by `start()`), and kept: the fast
 solver's warm-start state (the last basis) lives in it, so a re-plan after a small change stays
-warm. Messages are pickles framed by an 8-byte length on two pipes of its own (not stdin and
-stdout, which a solver library may write to).
+warm. Messages go as `multiprocessing.connection.Connection` messages (length-framed pickles)
+on two pipes of its own (not stdin and stdout, which a solver library may write to).
 
 Failures (RELIABILITY.md: an optimiser error or time-out never blocks dispatch): a worker that
 dies (killed, crashed in native code) or takes longer than `solve_deadline_s` is killed, reaped
@@ -32,16 +32,14 @@ import contextlib
 import importlib
 import logging
 import os
-import pickle
-import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +49,6 @@ if TYPE_CHECKING:  # the worker imports only what its target needs: it starts fa
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">Q")  # the length of the pickle that follows
-_CHUNK = 1 << 20
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -126,36 +122,22 @@ def resolve_target(target: str) -> SolveFn:
     return solve
 
 
-# --- framing: one pickle per message, preceded by its length ----------------------------------
+# --- transport: the standard library's pickled, length-framed messages over a pipe ------------
 
 
-def _write(fd: int, message: object) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(data)) + data)
-    while view:
-        written = os.write(fd, view)  # raises BrokenPipeError when the reader is gone
-        view = view[written:]
+def _connection(fd: int, *, readable: bool) -> Connection:
+    """One direction of a pipe as a `multiprocessing.connection.Connection` (it owns `fd`)."""
+    return Connection(fd, readable=readable, writable=not readable)
 
 
-def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
-    buffer = bytearray()
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while len(buffer) < size:
-        if deadline is not None:
-            left_ms = (deadline - time.monotonic()) * 1000.0
-            if left_ms <= 0 or not poller.poll(max(1, int(left_ms))):
-                raise TimeoutError("no answer before the deadline")
-        chunk = os.read(fd, min(_CHUNK, size - len(buffer)))
-        if not chunk:
-            raise EOFError("the other end closed its pipe")
-        buffer += chunk
-    return bytes(buffer)
+def _read(conn: Connection, deadline: float | None) -> Any:
+    """The next message; `TimeoutError` if none has started by `deadline` (monotonic s).
 
-
-def _read(fd: int, deadline: float | None) -> Any:
-    (size,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size, deadline))
-    return pickle.loads(_read_exactly(fd, size, deadline))
+    `poll` waits in select(2), without the interpreter lock; the message is our own worker's
+    (or parent's) answer on a pipe no one else holds, so unpickling it is safe."""
+    if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise TimeoutError("no answer before the deadline")
+    return conn.recv()
 
 
 # --- the parent's side --------------------------------------------------------------------------
@@ -164,8 +146,8 @@ def _read(fd: int, deadline: float | None) -> Any:
 @dataclass(slots=True)
 class _Worker:
     process: subprocess.Popen[bytes]
-    to_worker: int  # our write end of its input pipe
-    from_worker: int  # our read end of its output pipe
+    to_worker: Connection  # our write end of its input pipe
+    from_worker: Connection  # our read end of its output pipe
     ready: bool = False
 
 
@@ -216,7 +198,7 @@ class SolverProcess:
             worker = self._ready_worker()
             deadline = time.monotonic() + self.config.solve_deadline_s
             try:
-                _write(worker.to_worker, problem)
+                worker.to_worker.send(problem)
                 kind, payload = _read(worker.from_worker, deadline)
             except TimeoutError as exc:
                 self.counters["timeouts"] += 1
@@ -282,7 +264,11 @@ class SolverProcess:
         os.close(from_write)
         self.counters["worker_starts"] += 1
         log.info("solver process %d started for %s", process.pid, self.target)
-        return _Worker(process, to_write, from_read)
+        return _Worker(
+            process,
+            _connection(to_write, readable=False),
+            _connection(from_read, readable=True),
+        )
 
     def _ready_worker(self) -> _Worker:
         if self._closed:
@@ -319,9 +305,9 @@ class SolverProcess:
 
 def _stop(worker: _Worker, *, grace_s: float) -> int | None:
     """End `worker`: close its input, wait `grace_s` for it to exit, else kill; reap it."""
-    for fd in (worker.to_worker, worker.from_worker):
+    for conn in (worker.to_worker, worker.from_worker):
         with contextlib.suppress(OSError):
-            os.close(fd)
+            conn.close()
     process = worker.process
     if grace_s > 0:
         try:
@@ -336,16 +322,18 @@ def _stop(worker: _Worker, *, grace_s: float) -> int | None:
 # --- the worker's side --------------------------------------------------------------------------
 
 
-def serve(target: str, from_parent: int, to_parent: int) -> None:
+def serve(target: str, from_parent_fd: int, to_parent_fd: int) -> None:
     """The worker's loop: import `target`, say ready, then solve each problem until EOF."""
+    from_parent = _connection(from_parent_fd, readable=True)
+    to_parent = _connection(to_parent_fd, readable=False)
     try:
         solve = resolve_target(target)
     except Exception as exc:
         with contextlib.suppress(BrokenPipeError):
-            _write(to_parent, ("error", f"cannot import {target}: {type(exc).__name__}: {exc}"))
+            to_parent.send(("error", f"cannot import {target}: {type(exc).__name__}: {exc}"))
         return
     try:
-        _write(to_parent, ("ready", os.getpid()))
+        to_parent.send(("ready", os.getpid()))
     except BrokenPipeError:
         return  # the parent is gone already
     while True:
@@ -358,11 +346,11 @@ def serve(target: str, from_parent: int, to_parent: int) -> None:
         except Exception as exc:
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
-            _write(to_parent, reply)
+            to_parent.send(reply)
         except BrokenPipeError:
             return
         except Exception as exc:  # the schedule would not pickle
-            _write(to_parent, ("error", f"{type(exc).__name__}: {exc}"))
+            to_parent.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def main(argv: list[str]) -> None:
