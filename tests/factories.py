@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import datetime, timedelta
 
@@ -115,10 +116,18 @@ class PlanRecorder:
 
     def __init__(self) -> None:
         self.plans: list[Plan] = []
+        self.published = asyncio.Event()  # set at every plan kept
 
     async def publish(self, plan: Plan, state: FleetState) -> None:
         """Keep the plan."""
         self.plans.append(plan)
+        self.published.set()
+
+    async def more_than(self, count: int) -> None:
+        """Wait until more than `count` plans have been kept."""
+        while len(self.plans) <= count:
+            self.published.clear()
+            await self.published.wait()
 
 
 class ResultRecorder:

@@ -70,6 +70,17 @@ async def _settle(running: Running, clock: SimClock) -> None:
     await running.service.settled()
 
 
+async def _next_plan(running: Running, made: int) -> None:
+    """Wait (at most 30 s of wall) for the plan after the first `made`, and its settling.
+
+    After `clock.advance` the planning task may not have woken yet (its previous plan's Redis
+    writes can still be in flight), so `settled()` alone can return before the plan that the
+    advance makes due has started."""
+    published = len(running.plans.plans) - (running.service.plans_made - made)
+    await asyncio.wait_for(running.plans.more_than(published), timeout=30.0)
+    await running.service.settled()
+
+
 async def test_a_burst_of_updates_is_planned_once(running: Running, clock: SimClock) -> None:
     """Events inside one coalescing window give one plan, which reflects the last of them."""
     await running.submit_all(small_site(clock.now(), cars=2))
@@ -181,7 +192,7 @@ async def test_a_new_slot_is_planned_without_any_event(running: Running, clock: 
     """Time alone re-plans at each slot boundary: the new plan starts at the boundary."""
     before = running.service.plans_made
     await clock.advance(timedelta(minutes=15))
-    await running.service.settled()
+    await _next_plan(running, before)
     assert running.service.plans_made == before + 1
     assert running.plans.plans[-1].made_at == T0 + timedelta(minutes=15)
 
@@ -201,7 +212,7 @@ async def test_a_site_meter_falling_silent_replans_on_the_safe_limit_without_an_
     assert sum(s.kw[0] for s in first.setpoints) == pytest.approx(33.0)
     made = running.service.plans_made
     await clock.advance(timedelta(seconds=61))
-    await running.service.settled()
+    await _next_plan(running, made)
     assert running.service.plans_made == made + 1
     after = running.plans.plans[-1]
     assert sum(s.kw[0] for s in after.setpoints) <= 20.0 + 1e-9
