@@ -1653,8 +1653,15 @@ class StackSoak:
         await self.broker.stop()
         await asyncio.sleep(self.config.broker_down_s)
         await self.broker.start()
+        client_id = f"voltpool-{self.SITE}"
+        # A session on the *new* broker, not only a new connection: a link that reconnected to
+        # the broker while it was going away would pass the first two and hear nothing.
         waited = await until(
-            lambda: link.connections > before and link.connected.is_set(),
+            lambda: (
+                link.connections > before
+                and link.connected.is_set()
+                and client_id in self.broker.clients()
+            ),
             self.config.recovery_timeout_s,
         )
         record.recovery_s = waited

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,31 @@ from controller.settings import Settings
 from tests.core.conftest import MOSQUITTO
 from tests.factories import small_site, soc_reported
 
+# amqtt leaves a connection it accepted during its own shutdown to the garbage collector (the
+# broker side of a stopped session; our link's side is closed and checked by the tests below):
+# about once in 6-15 runs its "unclosed socket" warning surfaced in a later test of this module.
+# It is amqtt's socket, so it is not an error here; the fixture below collects what is left at
+# the end of the module, so it cannot surface in another one.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in.*socket:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
 TIMEOUT_S = 10.0
 PREFIX = "vp-reconnect"
 CLIENT_ID = "voltpool-reconnect"
 SHUTDOWN_TAIL_S = 0.5  # how long the slow broker's shutdown goes on after ending its sessions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_the_brokers_sockets() -> Iterator[None]:
+    """At the end of the module, finalise the sockets amqtt left to the garbage collector."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 class SlowShutdownBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
