@@ -92,6 +92,53 @@ def _scatter(mask: np.ndarray, variable: Any) -> Any:
     return cp.reshape(select @ variable, mask.shape, order="C")
 
 
+@dataclass(frozen=True, slots=True)
+class StageProblems:
+    """The lexicographic stages over one form's constraints, as `cvxpy.Problem`s."""
+
+    shortfall: Any
+    fair: Any
+    cost: Any
+    peak: Any
+    ramp: Any
+
+
+def stage_problems(
+    constraints: list[Any],
+    short: Any,
+    money: Any,
+    site: Any,
+    peak: Any,
+    par: dict[str, Any],
+    t_count: int,
+) -> StageProblems:
+    """Shortfall, fairness, money, peak and ramp stages over `constraints` (both cvxpy forms).
+
+    `short` is the shortfall vector, `money` the money objective, `site` the site power per
+    slot, `peak` the variable bounding it; the caps between stages are the parameters
+    `short_cap`, `fair_cap` (scale x the largest relative shortfall), `scale`, `money_cap` and
+    `peak_cap` of `par`.
+    """
+    worst = cp.Variable(nonneg=True)
+    short_total = cp.sum(short)
+    capped_short = [*constraints, short_total <= par["short_cap"]]
+    fair = [*capped_short, short <= par["fair_cap"]]
+    ramp = cp.Variable(max(t_count - 1, 1), nonneg=True)
+    ramps = [ramp >= cp.diff(site), ramp >= -cp.diff(site)] if t_count > 1 else []
+    return StageProblems(
+        shortfall=cp.Problem(cp.Minimize(short_total), constraints),
+        fair=cp.Problem(
+            cp.Minimize(worst), [*capped_short, short <= cp.multiply(par["scale"], worst)]
+        ),
+        cost=cp.Problem(cp.Minimize(money), fair),
+        peak=cp.Problem(cp.Minimize(peak), [*fair, money <= par["money_cap"]]),
+        ramp=cp.Problem(
+            cp.Minimize(cp.sum(ramp)),
+            [*fair, money <= par["money_cap"], peak <= par["peak_cap"], *ramps],
+        ),
+    )
+
+
 def _build(prepared: Prepared) -> _Structure:
     p = prepared.problem
     n, t_count = p.n_vehicles, p.n_slots
@@ -119,7 +166,6 @@ def _build(prepared: Prepared) -> _Structure:
     charge = par["lower"] + chosen
     short_free = cp.Variable(int(scaled.sum()), nonneg=True)
     short = _scatter(scaled[:, None], short_free)[:, 0]
-    worst = cp.Variable(nonneg=True)
     peak = cp.Variable(nonneg=True)
     delta = par["forced_delta"] + cp.multiply(par["charge_eff"], chosen)
     discharge: Any = None
@@ -168,13 +214,7 @@ def _build(prepared: Prepared) -> _Structure:
     site_limit = site <= par["headroom"]
     constraints += [site_limit, peak >= site]
     money = money + par["demand"] * peak
-    short_total = cp.sum(short)
-    capped_short = [*constraints, short_total <= par["short_cap"]]
-    fair = [*capped_short, short <= par["fair_cap"]]
-    ramp = cp.Variable(max(t_count - 1, 1), nonneg=True)
-    ramps: list[Any] = []
-    if t_count > 1:
-        ramps = [ramp >= cp.diff(site), ramp >= -cp.diff(site)]
+    stages = stage_problems(constraints, short, money, site, peak, par, t_count)
     return _Structure(
         params=par,
         charge=charge,
@@ -182,16 +222,11 @@ def _build(prepared: Prepared) -> _Structure:
         short=short,
         site=site,
         site_limit=site_limit,
-        shortfall_stage=cp.Problem(cp.Minimize(short_total), constraints),
-        fair_stage=cp.Problem(
-            cp.Minimize(worst), [*capped_short, short <= cp.multiply(par["scale"], worst)]
-        ),
-        cost_stage=cp.Problem(cp.Minimize(money), fair),
-        peak_stage=cp.Problem(cp.Minimize(peak), [*fair, money <= par["money_cap"]]),
-        ramp_stage=cp.Problem(
-            cp.Minimize(cp.sum(ramp)),
-            [*fair, money <= par["money_cap"], peak <= par["peak_cap"], *ramps],
-        ),
+        shortfall_stage=stages.shortfall,
+        fair_stage=stages.fair,
+        cost_stage=stages.cost,
+        peak_stage=stages.peak,
+        ramp_stage=stages.ramp,
         money=money,
     )
 

@@ -41,7 +41,7 @@ from scipy import sparse
 
 from controller.optimiser.options import DEFAULT_OPTIONS, OptimiserOptions
 from controller.optimiser.prepare import Prepared, prepare
-from controller.optimiser.reference import _ECOS, _ECOS_SHORTFALL
+from controller.optimiser.reference import _ECOS, _ECOS_SHORTFALL, stage_problems
 from controller.optimiser.stages import OptimiserFailed, StageResult, clean, finish, site_profile
 from controller.planning.problem import FloatArray, PlanningProblem, Schedule
 
@@ -169,7 +169,6 @@ def _build(prepared: Prepared, key: tuple[object, ...]) -> CompactStructure:
     x = cp.Variable(nfree, nonneg=True)
     y = cp.Variable(t_count)
     short = cp.Variable(k, nonneg=True)
-    worst = cp.Variable(nonneg=True)
     peak = cp.Variable(nonneg=True)
     site_limit = y <= par["slot_room"]
     site = par["forced_kw"] + cp.multiply(par["inv_dt"], y)  # kW
@@ -194,13 +193,7 @@ def _build(prepared: Prepared, key: tuple[object, ...]) -> CompactStructure:
         else:
             constraints += [full, energy >= par["demand_kwh"]]
     money = par["price"] @ y + par["forced_money"] + par["demand"] * peak
-    short_total = cp.sum(short)
-    capped_short = [*constraints, short_total <= par["short_cap"]]
-    fair = [*capped_short, short <= par["fair_cap"]]
-    ramp = cp.Variable(max(t_count - 1, 1), nonneg=True)
-    ramps: list[Any] = []
-    if t_count > 1:
-        ramps = [ramp >= cp.diff(site), ramp >= -cp.diff(site)]
+    stages = stage_problems(constraints, short, money, site, peak, par, t_count)
     return CompactStructure(
         key=key,
         params=par,
@@ -210,16 +203,11 @@ def _build(prepared: Prepared, key: tuple[object, ...]) -> CompactStructure:
         site_limit=site_limit,
         rows=2 * nfree + 2 * k + 2 * t_count + 2 * len(rowed),
         hard_stage=cp.Problem(cp.Minimize(money), hard),
-        shortfall_stage=cp.Problem(cp.Minimize(short_total), constraints),
-        fair_stage=cp.Problem(
-            cp.Minimize(worst), [*capped_short, short <= cp.multiply(par["scale"], worst)]
-        ),
-        cost_stage=cp.Problem(cp.Minimize(money), fair),
-        peak_stage=cp.Problem(cp.Minimize(peak), [*fair, money <= par["money_cap"]]),
-        ramp_stage=cp.Problem(
-            cp.Minimize(cp.sum(ramp)),
-            [*fair, money <= par["money_cap"], peak <= par["peak_cap"], *ramps],
-        ),
+        shortfall_stage=stages.shortfall,
+        fair_stage=stages.fair,
+        cost_stage=stages.cost,
+        peak_stage=stages.peak,
+        ramp_stage=stages.ramp,
     )
 
 
