@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import decimal
+import functools
 import http
 import inspect
 import json
@@ -140,19 +141,11 @@ def _floats(value: Any) -> Any:
     return value
 
 
-_SNAKE: dict[str, str] = {}
-_SNAKE_CACHE_MAX = 4096  # payload keys are schema property names: a few hundred at most
-
-
+@functools.lru_cache(maxsize=4096)  # payload keys are schema property names: a few hundred
 def _snake_key(key: str) -> str:
     """The library's snake_case of one camelCase key, computed once per distinct key."""
-    known = _SNAKE.get(key)
-    if known is None:
-        known = next(iter(camel_to_snake_case({key: None})))
-        if len(_SNAKE) >= _SNAKE_CACHE_MAX:
-            _SNAKE.clear()
-        _SNAKE[key] = known
-    return known
+    converted: str = next(iter(camel_to_snake_case({key: None})))
+    return converted
 
 
 def snake_keys(data: Any) -> Any:
@@ -166,18 +159,15 @@ def snake_keys(data: Any) -> Any:
     return data
 
 
-_TAKES_UNIQUE_ID: dict[Any, bool] = {}
-
-
 def _takes_unique_id(handler: Any) -> bool:
     """Whether a handler declares `call_unique_id` (the library's rule), read once per
     handler function."""
-    function = getattr(handler, "__func__", handler)
-    known = _TAKES_UNIQUE_ID.get(function)
-    if known is None:
-        known = "call_unique_id" in inspect.signature(handler).parameters
-        _TAKES_UNIQUE_ID[function] = known
-    return known
+    return _declares_unique_id(getattr(handler, "__func__", handler))
+
+
+@functools.cache
+def _declares_unique_id(function: Any) -> bool:
+    return "call_unique_id" in inspect.signature(function).parameters
 
 
 class RateLimited(Exception):
