@@ -71,12 +71,9 @@ async def broker(kind: str, workdir: Path) -> AsyncIterator[MqttEndpoint]:
             yield endpoint
 
 
-@contextlib.asynccontextmanager
-async def running_link(
-    endpoint: MqttEndpoint, redis: Redis, clock: SimClock
-) -> AsyncIterator[Wired]:
-    """The service and its MQTT link on `endpoint`, running until the context exits."""
-    link = MqttLink(endpoint, PREFIX)
+def service_with_link(link: MqttLink, redis: Redis, clock: SimClock) -> ControllerService:
+    """The "depot" service publishing its plans and command results on `link`, which feeds it
+    (attached, neither running yet)."""
     service = ControllerService(
         store=RedisFleetStore(redis, "depot"),
         clock=clock,
@@ -86,6 +83,16 @@ async def running_link(
         results=link,
     )
     link.attach(service.submit, service.reject_invalid)
+    return service
+
+
+@contextlib.asynccontextmanager
+async def running_link(
+    endpoint: MqttEndpoint, redis: Redis, clock: SimClock
+) -> AsyncIterator[Wired]:
+    """The service and its MQTT link on `endpoint`, running until the context exits."""
+    link = MqttLink(endpoint, PREFIX)
+    service = service_with_link(link, redis, clock)
     tasks = [asyncio.create_task(service.run()), asyncio.create_task(link.run())]
     try:
         async with asyncio.timeout(TIMEOUT_S):

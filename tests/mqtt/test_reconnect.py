@@ -36,14 +36,11 @@ from adapters.embedded import (
     stop_broker,
     until_listening,
 )
-from adapters.mqtt import RECONNECT_DELAYS_S, MqttLink, MqttPlanPublisher
-from adapters.redis_store import RedisFleetStore
+from adapters.mqtt import RECONNECT_DELAYS_S, MqttLink
 from adapters.security.mqtt_acl import TELEMETRY, generate_credentials, write_password_file
 from controller.clock import SimClock
-from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
-from controller.settings import Settings
-from tests.core.conftest import MOSQUITTO
+from tests.core.conftest import MOSQUITTO, service_with_link
 from tests.factories import small_site, soc_reported
 
 # amqtt leaves a connection it accepted during its own shutdown to the garbage collector (the
@@ -101,15 +98,7 @@ async def running(
 ) -> AsyncIterator[tuple[ControllerService, asyncio.Task[None]]]:
     """The service with `link`, both running until the context exits; yields the service and
     the link's task (which must never end on its own)."""
-    service = ControllerService(
-        store=RedisFleetStore(redis, "depot"),
-        clock=clock,
-        planner=StatePlanner(),
-        sink=MqttPlanPublisher(link),
-        settings=Settings(site="depot"),
-        results=link,
-    )
-    link.attach(service.submit, service.reject_invalid)
+    service = service_with_link(link, redis, clock)
     service_task = asyncio.create_task(service.run())
     link_task = asyncio.create_task(link.run())
     try:
