@@ -19,7 +19,9 @@ L-03, S-12) that a test can use too:
   their cars' visits (`fleet_visits`: a simulated day, or a steady fleet). `run()` puts the
   chargers in processes of their own (`simulators.chaos_fleet`) so the controller's process is
   measured alone; both sides read a `PacedClock` (simulated time derived from the wall by shared
-  `Pace`s). `run_restart()` (S-12) keeps them in this process on a `SimClock`.
+  `Pace`s). `run_restart()` (S-12) puts them in processes of their own too, on `SimClock`s it
+  moves in lock-step with the controller's through their control channel (`FleetStatus`,
+  `RestartFigures`).
 - `LoopLag` and `SlowCallbacks`: how late an event loop runs, and which callbacks held it.
 """
 
@@ -828,6 +830,10 @@ class SoakConfig:
     connects_per_s: float = 200.0
     recovery_timeout_s: float = 60.0
     restart_down_s: float = 10.0  # S-12: wall seconds the controller stays stopped
+    # S-12: a simulated second's step ends when the fleet has settled, or after this (wall s);
+    # and the restart is given up after this many simulated seconds.
+    restart_settle_wall_s: float = 2.0
+    restart_max_sim_s: int = 600
     # The service's coalescing window is on the simulated clock; this many wall seconds of it
     # (capped at 60 s simulated) keep the planner from re-planning after every event when the
     # day runs many times faster than the wall.
@@ -852,6 +858,8 @@ class SoakConfig:
             raise ValueError(f"visits must be 'day' or 'steady', not {self.visits!r}")
         if not 1 <= self.charger_processes <= self.chargers:
             raise ValueError("charger_processes must be within 1..chargers")
+        if self.restart_settle_wall_s <= 0 or self.restart_max_sim_s < 1:
+            raise ValueError("a restart needs a positive settle cap and simulated limit")
 
     @property
     def speed(self) -> float:
@@ -911,15 +919,6 @@ class Pace:
             speed=float(data["speed"]),
             end=None if end is None else datetime.fromisoformat(end),
         )
-
-
-async def follow_wall(clock: SimClock, period_s: float = 0.01) -> None:
-    """Move a `SimClock` at the wall's pace from now on, until cancelled (S-12's chargers run
-    in the controller's process on one `SimClock`)."""
-    wall0, sim0 = time.perf_counter(), clock.now()
-    while True:
-        await clock.run_until(sim0 + timedelta(seconds=time.perf_counter() - wall0))
-        await asyncio.sleep(period_s)
 
 
 class PacedClock:
@@ -1190,7 +1189,7 @@ class SoakReport:
     service_counters: dict[str, int] = field(default_factory=dict)
     dispatch_counters: dict[str, int] = field(default_factory=dict)
     mqtt_publish_failures: int = 0
-    restart: dict[str, Any] = field(default_factory=dict)
+    restart: RestartFigures | None = None  # S-12 (`run_restart`)
     memory_growth: list[str] = field(default_factory=list)  # with `trace_memory`
     slow_callbacks: list[str] = field(default_factory=list)  # with `slow_callback_ms`
     live_plans: int = 0  # `Plan` objects still referenced at the end (1 or 2 expected)
@@ -1323,6 +1322,7 @@ async def until(done: Callable[[], bool], timeout_s: float) -> float | None:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FOLLOW_PERIOD_S = 0.05  # S-12: how often the chargers' clocks are told the wall-paced time
 FLEET_LINE = "@fleet "  # a charger process's protocol lines on its stdout start with this
 
 
@@ -1355,6 +1355,13 @@ class ChargerProcessHandle:
         self.process.stdin.write((json.dumps(message) + "\n").encode())
         await self.process.stdin.drain()
 
+    async def status(self, timeout_s: float) -> FleetStatus:
+        """The `FleetStatus` the process answers next (S-12), after a `{"status": ...}`."""
+        message = await self.read(timeout_s)
+        if "status" not in message:
+            raise RuntimeError(f"charger process {self.shard}: {message}")
+        return FleetStatus.from_json(message["status"])
+
     async def end(self) -> None:
         """Wait a moment for the process to end; kill it (this one process) if it does not."""
         if self.process.returncode is None:
@@ -1366,13 +1373,226 @@ class ChargerProcessHandle:
                 await self.process.wait()
 
 
+# -- S-12: the chargers' processes moved in lock-step from the controller's ----------------------
+
+
+RESTART_TARGET_SIM_S = 90.0  # RELIABILITY.md S-12: every charger back and re-synced within this
+NOT_RESYNCED_LISTED = 20  # a status names at most this many chargers not re-synced yet
+
+
+def resynced_and_online(charger: LedgerChargePoint, since: datetime) -> bool:
+    """Online, with a TxDefaultProfile and a ChargePointMaxProfile accepted at or after `since`."""
+    return charger.online.is_set() and charger.resynced_since(since)
+
+
+def fleet_settled(chargers: Iterable[LedgerChargePoint], since: datetime) -> bool:
+    """Every charger either waits on the clock (its reconnection back-off) or is back and
+    re-synced: nothing more happens until simulated time moves."""
+    return all(c.backing_off or resynced_and_online(c, since) for c in chargers)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetStatus:
+    """Where (a share of) S-12's chargers stand at one simulated moment: a charger process's
+    answer to `{"status": ...}`; `combine` adds the processes' shares.
+
+    `resynced` counts the chargers online and re-synced since the moment asked about (0 when
+    none was given); `settled` holds when every charger was backing off or back and re-synced
+    (`fleet_settled`; True when no moment was given) after `waited_s` wall seconds of waiting
+    for it (a status asked with a cap that was reached is not settled). `arriving` counts cars
+    still plugging in, `awaiting_profile` the transactions whose first TxProfile has not come;
+    `errors` are the chargers' connection and call errors so far (`FleetStats.errors`);
+    `not_resynced` names the first `NOT_RESYNCED_LISTED` chargers not re-synced.
+    """
+
+    at: datetime  # the process's simulated time
+    chargers: int
+    online: int
+    resynced: int
+    backing_off: int
+    settled: bool
+    waited_s: float
+    arriving: int
+    awaiting_profile: int
+    transactions: int
+    connects: int
+    errors: dict[str, int]
+    not_resynced: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.at.tzinfo is None:
+            raise ValueError(f"a fleet status needs an aware time, not {self.at}")
+        counts = (self.online, self.resynced, self.backing_off, self.arriving)
+        if self.chargers < 0 or any(not 0 <= n <= self.chargers for n in counts):
+            raise ValueError(f"counts {counts} outside 0..{self.chargers} chargers")
+        if self.resynced > self.online:
+            raise ValueError(f"{self.resynced} re-synced but only {self.online} online")
+        if self.waited_s < 0:
+            raise ValueError(f"waited_s must be >= 0, not {self.waited_s}")
+
+    @property
+    def all_online(self) -> bool:
+        """Every charger is connected and booted."""
+        return self.online == self.chargers
+
+    @property
+    def all_resynced(self) -> bool:
+        """Every charger is back and re-synced."""
+        return self.resynced == self.chargers
+
+    def to_json(self) -> dict[str, Any]:
+        """As JSON-able data (`from_json` reads it back)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["at"] = self.at.isoformat()
+        data["not_resynced"] = list(self.not_resynced)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FleetStatus:
+        """The status `to_json` wrote."""
+        return cls(
+            **{
+                **data,
+                "at": datetime.fromisoformat(data["at"]),
+                "errors": {str(k): int(v) for k, v in data["errors"].items()},
+                "not_resynced": tuple(data["not_resynced"]),
+            }
+        )
+
+    @classmethod
+    def combine(cls, parts: Sequence[FleetStatus]) -> FleetStatus:
+        """The whole fleet from its processes' shares (all taken at the same simulated time)."""
+        if not parts:
+            raise ValueError("no fleet status to combine")
+        if len({p.at for p in parts}) > 1:
+            raise ValueError(
+                f"shares at different simulated times: {sorted({p.at for p in parts})}"
+            )
+        errors: Counter[str] = Counter()
+        for part in parts:
+            errors.update(part.errors)
+        return cls(
+            at=parts[0].at,
+            chargers=sum(p.chargers for p in parts),
+            online=sum(p.online for p in parts),
+            resynced=sum(p.resynced for p in parts),
+            backing_off=sum(p.backing_off for p in parts),
+            settled=all(p.settled for p in parts),
+            waited_s=max(p.waited_s for p in parts),
+            arriving=sum(p.arriving for p in parts),
+            awaiting_profile=sum(p.awaiting_profile for p in parts),
+            transactions=sum(p.transactions for p in parts),
+            connects=sum(p.connects for p in parts),
+            errors=dict(errors),
+            not_resynced=tuple(itertools.chain(*(p.not_resynced for p in parts)))[
+                :NOT_RESYNCED_LISTED
+            ],
+        )
+
+
+def fleet_status(
+    chargers: Sequence[LedgerChargePoint],
+    at: datetime,
+    since: datetime | None,
+    *,
+    waited_s: float,
+    arriving: int,
+    ledger: Ledger,
+    stats: FleetStats,
+) -> FleetStatus:
+    """The `FleetStatus` of `chargers` now (re-synced counted since `since`, if given)."""
+    if since is None:
+        resynced: list[bool] = [False] * len(chargers)
+        settled = True
+    else:
+        resynced = [resynced_and_online(c, since) for c in chargers]
+        settled = all(r or c.backing_off for r, c in zip(resynced, chargers, strict=True))
+    return FleetStatus(
+        at=at,
+        chargers=len(chargers),
+        online=sum(1 for c in chargers if c.online.is_set()),
+        resynced=sum(resynced),
+        backing_off=sum(1 for c in chargers if c.backing_off),
+        settled=settled,
+        waited_s=waited_s,
+        arriving=arriving,
+        awaiting_profile=len(ledger.awaiting_profile),
+        transactions=len(ledger.starts),
+        connects=stats.connects,
+        errors=dict(stats.errors),
+        not_resynced=tuple(
+            c.spec.charger_id for c, r in zip(chargers, resynced, strict=True) if not r
+        )[:NOT_RESYNCED_LISTED]
+        if since is not None
+        else (),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestartFigures:
+    """S-12's figures: the controller restarted under a fleet of connected, charging chargers.
+
+    Times `*_sim_s` are simulated seconds from the moment the controller was ready again
+    (None: not within the run's limit). After that moment simulated time moves one second per
+    step, and a step ends when the whole fleet has settled (`fleet_settled`) or after
+    `settle_cap_wall_s`; `steps_at_cap` counts the steps that hit the cap, in which this
+    machine's speed (not only the back-off and the protocol) decided how far the fleet got.
+    `timeline` is (simulated s from ready, online, re-synced, backing off) at ready and after
+    each step.
+    """
+
+    chargers: int
+    charger_processes: int
+    transactions_running: int
+    down_wall_s: float
+    down_sim_s: float
+    all_online_sim_s: float | None
+    all_resynced_sim_s: float | None
+    not_resynced: int
+    not_resynced_ids: tuple[str, ...]
+    errors_while_down: dict[str, int]
+    errors_after_ready: dict[str, int]
+    connects: int
+    steps: int
+    steps_at_cap: int
+    settle_cap_wall_s: float
+    step_wall_s_max: float
+    timeline: tuple[tuple[float, int, int, int], ...]
+    target_sim_s: float = RESTART_TARGET_SIM_S
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.not_resynced <= self.chargers:
+            raise ValueError(f"not_resynced {self.not_resynced} outside 0..{self.chargers}")
+        if not 0 <= self.steps_at_cap <= self.steps:
+            raise ValueError(f"{self.steps_at_cap} capped steps of {self.steps}")
+        if self.all_resynced_sim_s is not None and self.not_resynced:
+            raise ValueError("all re-synced, yet some chargers are not")
+
+    def failures(self, verdict: Verdict | None) -> list[str]:
+        """Why the run misses S-12 (empty: it meets it): a charger not back and re-synced
+        within `target_sim_s`, an error a charger saw after the controller was up (the
+        thundering herd), or a transaction record lost or doubled."""
+        reasons: list[str] = []
+        if self.all_resynced_sim_s is None:
+            reasons.append(f"{self.not_resynced} chargers never re-synced")
+        elif self.all_resynced_sim_s > self.target_sim_s:
+            reasons.append(
+                f"re-synced after {self.all_resynced_sim_s:g} s > {self.target_sim_s:g} s"
+            )
+        if self.errors_after_ready:
+            reasons.append(f"errors after the controller was up: {self.errors_after_ready}")
+        if verdict is not None and not verdict.ok:
+            reasons.append(f"{verdict.lost} lost, {verdict.duplicated} duplicated records")
+        return reasons
+
+
 class StackSoak:
     """One full-stack soak run (see the module docstring); `run()` returns its `SoakReport`.
 
     `run()` (T-08, L-01..L-03) runs the chargers in `config.charger_processes` processes of
     their own (`simulators.chaos_fleet`), so this process holds the controller alone; both
-    sides move their simulated clocks by the same `Pace`s. `run_restart()` (S-12) keeps the
-    chargers in this process, since its simulated time steps with the fleet's state.
+    sides move their simulated clocks by the same `Pace`s. `run_restart()` (S-12) runs them in
+    processes of their own too, their `SimClock`s stepped from here with the fleet's state.
     """
 
     SITE = "chaos"
@@ -1391,15 +1611,14 @@ class StackSoak:
         self.solver = solver
         self.data_dir = data_dir
         self.progress = progress or (lambda _: None)
-        # S-12 (chargers in this process) steps a `SimClock`; `run` replaces `clock` with a
-        # `PacedClock` the charger processes share.
+        # S-12 moves a `SimClock` here and the charger processes' in lock-step; `run` replaces
+        # `clock` with a `PacedClock` the charger processes share.
         self.sim_clock = SimClock(config.start)
         self.clock: Clock = self.sim_clock
         self.ledger = Ledger()
         self.stats = FleetStats()
         self.broker = RestartableBroker()
         self.report = SoakReport(config)
-        self.chargers: list[LedgerChargePoint] = []
         self.visits = fleet_visits(
             config.chargers, config.start, config.sim_hours, config.seed, config.visits
         )
@@ -1407,7 +1626,6 @@ class StackSoak:
         self.publisher: Publisher | None = None
         self._fault_windows: list[tuple[float, float]] = []  # time.time()
         self._t0 = 0.0  # time.time() at the start of the soak window
-        self._charger_tasks: list[asyncio.Task[None]] = []
         self._processes: list[ChargerProcessHandle] = []
         self._lag = LoopLag()
         self._charger_lags: list[float] = []
@@ -1530,32 +1748,6 @@ class StackSoak:
                 raise RuntimeError("the controller did not take the fleet's configuration")
             await asyncio.sleep(0.05)
 
-    async def _connect_chargers(self) -> None:
-        """S-12: the chargers in this process; simulated time follows the wall while they
-        connect, so a charger whose handshake failed (a loaded machine) backs off and retries."""
-        pacer = asyncio.create_task(follow_wall(self.sim_clock))
-        try:
-            self.chargers = ledger_chargers(
-                self.config, range(self.config.chargers), self.clock, self.ledger, self.stats
-            )
-            await connect_chargers(
-                self.chargers,
-                self.runtime.central.url().rstrip("/"),
-                self._charger_tasks,
-                connects_per_s=self.config.connects_per_s,
-                stats=self.stats,
-            )
-        finally:
-            await stop_task(pacer)
-
-    async def _lockstep(self, stop: asyncio.Event) -> None:
-        """Simulated time at the wall's pace, from now until `stop` is set."""
-        pacer = asyncio.create_task(follow_wall(self.sim_clock))
-        try:
-            await stop.wait()
-        finally:
-            await stop_task(pacer)
-
     async def _start_controller(self, data_dir: str) -> None:
         self.redis_server.start()
         await self.broker.start()
@@ -1568,14 +1760,10 @@ class StackSoak:
         await self._provision()
         self.progress("configuration applied; connecting chargers")
 
-    async def _start(self, data_dir: str) -> None:
-        """S-12: the controller, and the chargers in this process."""
-        await self._start_controller(data_dir)
-        await self._connect_chargers()
-        self.progress(f"{len(self.chargers)} chargers online")
-
-    async def _spawn(self, workdir: Path, connect: Pace) -> None:
-        """Start the charger processes and wait until each has its chargers online."""
+    async def _spawn(self, workdir: Path, connect: Pace | None) -> None:
+        """Start the charger processes and wait until each has its chargers online: on a
+        `PacedClock` from the pace `connect` (`run`), or with `connect` None on a `SimClock`
+        this process moves through their control channel (`run_restart`)."""
         link = self.runtime.link
         for shard, indices in enumerate(self.config.shards()):
             job = {
@@ -1586,7 +1774,8 @@ class StackSoak:
                 "first": indices.start,
                 "count": len(indices),
                 "shard": shard,
-                "connect": connect.to_json(),
+                "mode": "restart" if connect is None else "stack",
+                "connect": None if connect is None else connect.to_json(),
             }
             job_path = workdir / f"fleet-{shard}.json"
             job_path.write_text(json.dumps(job))
@@ -1610,10 +1799,6 @@ class StackSoak:
                 raise RuntimeError(f"charger process {handle.shard}: {message}")
 
     async def _stop(self) -> None:
-        for task in self._charger_tasks:
-            task.cancel()
-        for task in self._charger_tasks:
-            await stop_task(task)
         for handle in self._processes:
             await handle.end()
         if self.publisher is not None:
@@ -1844,96 +2029,148 @@ class StackSoak:
             if fault.recovery_s is not None:
                 fault.recovery_s = None if answered is None else max(fault.recovery_s, answered)
 
-    def _settled(self, since: datetime) -> bool:
-        """Every charger either waits on the clock (back-off) or is online and re-synced."""
-        return all(
-            c.backing_off or (c.online.is_set() and c.resynced_since(since)) for c in self.chargers
+    # -- S-12: the restart, the chargers in their processes moved in lock-step --
+
+    async def _tell(self, message: dict[str, Any]) -> None:
+        """One control line to every charger process."""
+        for handle in self._processes:
+            await handle.send(message)
+
+    async def _follow_wall(self) -> None:
+        """Until cancelled: this process's `SimClock` at the wall's pace, and the charger
+        processes' clocks told to the same time (`{"to": ...}`) every `FOLLOW_PERIOD_S`."""
+        wall0, sim0 = time.perf_counter(), self.sim_clock.now()
+        while True:
+            to = sim0 + timedelta(seconds=time.perf_counter() - wall0)
+            await self.sim_clock.run_until(to)
+            await self._tell({"to": to.isoformat()})
+            await asyncio.sleep(FOLLOW_PERIOD_S)
+
+    async def _fleet_status(self, since: datetime | None, wait_s: float) -> FleetStatus:
+        """Every charger process's status, combined: each waits up to `wait_s` wall seconds
+        for its share to settle (`fleet_settled` since `since`) before it answers."""
+        await self._tell(
+            {"status": {"since": None if since is None else since.isoformat(), "wait_s": wait_s}}
         )
+        parts = [await handle.status(wait_s + 120.0) for handle in self._processes]
+        return FleetStatus.combine(parts)
 
-    async def _step(self, since: datetime) -> None:
-        """One simulated second, then (up to 2 s wall) until the fleet has settled."""
-        await self.sim_clock.advance(timedelta(seconds=1))
-        await until(lambda: self._settled(since), 2.0)
+    async def _step(self, since: datetime | None, wait_s: float) -> FleetStatus:
+        """One simulated second on both sides (this process's clock first, then the chargers'),
+        then the fleet's status once it has settled or after `wait_s` wall seconds."""
+        to = self.sim_clock.now() + timedelta(seconds=1)
+        await self.sim_clock.run_until(to)
+        await self._tell({"to": to.isoformat()})
+        return await self._fleet_status(since, wait_s)
 
-    async def run_restart(self, max_sim_s: float = 600.0) -> SoakReport:
+    async def _charging(self) -> FleetStatus:
+        """Every charger's first car plugs in; simulated seconds pass (a step each 10 ms of
+        wall, not measured) until each transaction has had its first TxProfile."""
+        await self._tell({"arrive": True})
+        status = await self._step(None, 0.0)
+        for _ in range(self.config.restart_max_sim_s):
+            if not status.arriving and not status.awaiting_profile:
+                break
+            await asyncio.sleep(0.01)
+            status = await self._step(None, 0.0)
+        return status
+
+    async def run_restart(self) -> SoakReport:
         """S-12: every charger connected with a car charging, then the controller restarts.
 
-        While the controller is down the simulated clock runs with the wall clock (a restart
-        takes what it takes); once it is up again time moves in simulated seconds, each one
-        only when every charger is either backing off or back and re-synced, so the figure is
-        the fleet's (back-off and protocol), not this machine's speed. Re-synced: a
+        The chargers run in `config.charger_processes` processes of their own (as in `run`),
+        each on a `SimClock` that this process moves through their control channel (stdin), in
+        lock-step with the controller's `SimClock`. While the fleet connects and while the
+        controller is down, both clocks follow the wall (a restart takes what it takes); once
+        the controller is up again time moves one simulated second per step, and a step ends
+        only when every charger is backing off or back and re-synced (or after
+        `config.restart_settle_wall_s`, counted in `RestartFigures.steps_at_cap`), so the
+        figure is the fleet's (back-off and protocol), not this machine's speed. Re-synced: a
         TxDefaultProfile and a ChargePointMaxProfile accepted after the stop.
         """
-        report = self.report
-        cpu0 = sum(os.times()[:2])
+        config, report = self.config, self.report
+        cpu0 = cpu_s()
         with tempfile.TemporaryDirectory(prefix="voltpool-chaos-") as tmp:
+            pacer: asyncio.Task[None] | None = None
             try:
-                await self._start(str(self.data_dir or tmp))
+                await self._start_controller(str(self.data_dir or tmp))
                 self._t0 = time.time()
-                firsts: dict[int, Visit] = {}
-                for visit in self.visits:
-                    firsts.setdefault(visit.charger_index, visit)
-                await asyncio.gather(
-                    *(self.chargers[i].arrive(sim_car(v)) for i, v in firsts.items())
-                )
-                for _ in range(600):  # until each transaction has had its first TxProfile
-                    if not self.ledger.awaiting_profile:
-                        break
-                    await self.sim_clock.advance(timedelta(seconds=1))
-                    await asyncio.sleep(0.01)
-                assert self.controller is not None
-                errors_before = Counter(self.stats.errors)
-                stopped_at = self.clock.now()
-                stopped_wall = time.perf_counter()
-                self.progress(f"{len(firsts)} transactions running; restarting the controller")
-                pacer_stop = asyncio.Event()
-                pacer = asyncio.create_task(self._lockstep(pacer_stop))
-                await self.controller.stop()
-                await asyncio.sleep(self.config.restart_down_s)
-                await self.controller.start()
-                pacer_stop.set()
+                pacer = asyncio.create_task(self._follow_wall())
+                await self._spawn(Path(tmp), None)
                 await stop_task(pacer)
-                ready_at = self.clock.now()
+                pacer = None
+                self.progress(f"{config.chargers} chargers online; cars plugging in")
+                charging = await self._charging()
+                assert self.controller is not None
+                stopped_at = self.sim_clock.now()
+                stopped_wall = time.perf_counter()
+                self.progress(
+                    f"{charging.transactions} transactions running "
+                    f"({charging.awaiting_profile} without a TxProfile); restarting the controller"
+                )
+                pacer = asyncio.create_task(self._follow_wall())
+                await self.controller.stop()
+                await asyncio.sleep(config.restart_down_s)
+                await self.controller.start()
+                await stop_task(pacer)
+                pacer = None
+                ready_at = self.sim_clock.now()
                 down_wall_s = time.perf_counter() - stopped_wall
-                errors_down = Counter(self.stats.errors) - errors_before
-                errors_at_ready = Counter(self.stats.errors)
+                ready = await self._fleet_status(stopped_at, 0.0)
                 self.progress("controller up again; stepping simulated seconds")
-                all_online: float | None = None
-                all_synced: float | None = None
-                while (self.clock.now() - ready_at).total_seconds() < max_sim_s:
-                    await self._step(stopped_at)
-                    elapsed = (self.clock.now() - ready_at).total_seconds()
-                    if all_online is None and all(c.online.is_set() for c in self.chargers):
+                timeline = [(0.0, ready.online, ready.resynced, ready.backing_off)]
+                status = ready
+                all_online: float | None = 0.0 if ready.all_online else None
+                all_synced: float | None = 0.0 if ready.all_resynced else None
+                steps = capped = 0
+                slowest = 0.0
+                while all_synced is None and steps < config.restart_max_sim_s:
+                    began = time.perf_counter()
+                    status = await self._step(stopped_at, config.restart_settle_wall_s)
+                    slowest = max(slowest, time.perf_counter() - began)
+                    steps += 1
+                    capped += not status.settled
+                    elapsed = (self.sim_clock.now() - ready_at).total_seconds()
+                    timeline.append((elapsed, status.online, status.resynced, status.backing_off))
+                    if all_online is None and status.all_online:
                         all_online = elapsed
-                    if all(
-                        c.online.is_set() and c.resynced_since(stopped_at) for c in self.chargers
-                    ):
+                    if status.all_resynced:
                         all_synced = elapsed
-                        break
-                herd = Counter(self.stats.errors) - errors_at_ready
-                report.restart = {
-                    "chargers": len(self.chargers),
-                    "transactions_running": len(firsts),
-                    "down_sim_s": (ready_at - stopped_at).total_seconds(),
-                    "down_wall_s": down_wall_s,
-                    "all_online_sim_s": all_online,
-                    "all_resynced_sim_s": all_synced,
-                    "not_resynced": sum(
-                        1
-                        for c in self.chargers
-                        if not (c.online.is_set() and c.resynced_since(stopped_at))
-                    ),
-                    "errors_while_down": dict(errors_down),
-                    "errors_after_ready": dict(herd),
-                    "connects": self.stats.connects,
-                }
+                report.restart = RestartFigures(
+                    chargers=status.chargers,
+                    charger_processes=len(self._processes),
+                    transactions_running=charging.transactions,
+                    down_wall_s=down_wall_s,
+                    down_sim_s=(ready_at - stopped_at).total_seconds(),
+                    all_online_sim_s=all_online,
+                    all_resynced_sim_s=all_synced,
+                    not_resynced=status.chargers - status.resynced,
+                    not_resynced_ids=status.not_resynced,
+                    errors_while_down=_counter_delta(ready.errors, charging.errors),
+                    errors_after_ready=_counter_delta(status.errors, ready.errors),
+                    connects=status.connects,
+                    steps=steps,
+                    steps_at_cap=capped,
+                    settle_cap_wall_s=config.restart_settle_wall_s,
+                    step_wall_s_max=slowest,
+                    timeline=tuple(timeline),
+                )
                 report.wall_s = self._wall()
-                report.sim_reached = self.clock.now().isoformat()
+                report.sim_reached = self.sim_clock.now().isoformat()
+                self.progress("collecting the chargers' ledgers")
+                await self._tell({"end": True})
+                for handle in self._processes:
+                    result = await handle.read(120.0)
+                    if "done" not in result:
+                        raise RuntimeError(f"charger process {handle.shard}: {result}")
+                    self._collect(json.loads(handle.result_path.read_text()))
                 await self._drain()
                 await self._judge()
             finally:
+                if pacer is not None:
+                    await stop_task(pacer)
                 await self._stop()
-        report.cpu_s = sum(os.times()[:2]) - cpu0
+        report.cpu_s = cpu_s() - cpu0
         return report
 
     def _figures(self) -> None:
@@ -2013,6 +2250,11 @@ def plan_holders(owners: dict[str, object], plans: set[int]) -> dict[str, int]:
             if found:
                 held[f"{owner}.{attr}"] = len(found)
     return held
+
+
+def _counter_delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """The counts that grew from `before` to `after`, by how much."""
+    return dict(Counter(after) - Counter(before))
 
 
 def _fmt(value: float | None) -> str:

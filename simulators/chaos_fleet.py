@@ -20,6 +20,21 @@ its stdout prefixed with `@fleet `:
 4. at `wall0 + wall_s` (and once its dropped chargers are back) it writes RESULT.json (its
    ledger, counters, socket-drop records, loop lag, the chargers' loop lag during each round
    trip) and prints `{"done": true}`, then closes its connections and ends.
+
+With `"mode": "restart"` in the job (S-12, `StackSoak.run_restart`) the chargers' clock is a
+`SimClock` that only the soak moves, so the two processes are in lock-step however fast each
+runs; this process carries out the soak's lines on stdin in order from its start:
+
+- `{"to": t}`: move the clock to simulated time t (every 50 ms while the soak follows the
+  wall: while the fleet connects and while the controller is down; then one second a step);
+- `{"arrive": true}`: every charger's first car plugs in (StartTransaction re-sent until
+  answered);
+- `{"status": {"since": t or null, "wait_s": w}}`: wait up to w wall seconds until every
+  charger is backing off or back and re-synced since t (`simulators.chaos.fleet_settled`),
+  then print `{"status": ...}` (`FleetStatus`: online, re-synced, backing off, errors, ...);
+- `{"end": true}`: write RESULT.json as above, print `{"done": true}` and end.
+
+It prints `{"online": n}` once its chargers are connected, as in the stack mode.
 """
 
 from __future__ import annotations
@@ -33,16 +48,20 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from adapters.ocpp.aio import stop_task
+from controller.clock import SimClock
+from controller.ports import Clock
 from simulators.chaos import (
     FLEET_LINE,
     PACE_SHARE,
     FaultRecord,
+    FleetStatus,
     Ledger,
     LedgerChargePoint,
     LoopLag,
@@ -53,6 +72,8 @@ from simulators.chaos import (
     Visit,
     connect_chargers,
     cpu_s,
+    fleet_settled,
+    fleet_status,
     fleet_visits,
     ledger_chargers,
     rss_mib,
@@ -79,7 +100,13 @@ class ChargerFleetProcess:
         self.shard = int(job["shard"])
         first, count = int(job["first"]), int(job["count"])
         self.indices = range(first, first + count)
-        self.clock = PacedClock(Pace.from_json(job["connect"]))
+        # stack mode: a clock paced by the wall; restart mode (S-12): a `SimClock` the soak
+        # moves through the control channel.
+        self.restart = job.get("mode") == "restart"
+        self.sim_clock = SimClock(self.config.start)
+        self.paced = None if self.restart else PacedClock(Pace.from_json(job["connect"]))
+        self.clock: Clock = self.sim_clock if self.paced is None else self.paced
+        self._arrivals: list[asyncio.Task[None]] = []
         self.ledger = Ledger()
         self.stats = FleetStats()
         self.lag = LoopLag()
@@ -97,6 +124,7 @@ class ChargerFleetProcess:
                 self.visits[visit.charger_index].append(visit)
         self.publisher: Publisher | None = None
         self._t0 = 0.0
+        self._rss0 = 0.0
 
     def _wall(self) -> float:
         return time.time() - self._t0
@@ -161,6 +189,28 @@ class ChargerFleetProcess:
             self.stats.rtt_s.clear()
             await asyncio.sleep(5.0)
 
+    def _result(self, cpu: float) -> dict[str, Any]:
+        """What the soak collects from this process at the end (`StackSoak._collect`)."""
+        ledger = self.ledger
+        rtt_lag = self.lag.worst_between(
+            np.asarray(ledger.rtt_at) - np.asarray(ledger.rtt_s), np.asarray(ledger.rtt_at)
+        )
+        return {
+            "ledger": ledger.to_json(),
+            "rtt_charger_lag_s": rtt_lag.tolist(),
+            "lag_s": list(self.lag.lag_s),
+            "stats": {
+                "answered": dict(self.stats.answered),
+                "errors": dict(self.stats.errors),
+                "sent": dict(self.stats.sent),
+                "connects": self.stats.connects,
+            },
+            "faults": [asdict(f) for f in self.faults],
+            "cpu_s": cpu,
+            "rss_mib": [self._rss0, rss_mib()],
+            "sim_reached": self.clock.now().isoformat(),
+        }
+
     async def run(self, result_path: Path) -> None:
         """Connect, wait for the go, run the soak window, write the result."""
         config = self.config
@@ -183,14 +233,15 @@ class ChargerFleetProcess:
             emit({"online": len(self.chargers)})
             line = await asyncio.to_thread(sys.stdin.readline)
             go = Pace.from_json(json.loads(line)["go"])
-            self.clock.add(go)
+            assert self.paced is not None
+            self.paced.add(go)
             self.publisher = Publisher(self.broker_host, int(self.broker_port), self.topic_prefix)
             await asyncio.sleep(max(0.0, go.wall0 - time.time()))
             self._t0 = go.wall0
             self.lag.clear()
             ledger = self.ledger  # the connect phase is not measured
             del ledger.rtt_at[:], ledger.rtt_s[:], ledger.queued_s[:], ledger.rtt_kind[:]
-            cpu0, rss0 = cpu_s(), rss_mib()
+            cpu0, self._rss0 = cpu_s(), rss_mib()
             drivers = [
                 asyncio.create_task(self._drive(self.chargers[i - self.indices.start], visits))
                 for i, visits in sorted(self.visits.items())
@@ -201,25 +252,7 @@ class ChargerFleetProcess:
             cpu = cpu_s() - cpu0
             for task in drivers:
                 await stop_task(task)
-            ledger = self.ledger
-            rtt_lag = self.lag.worst_between(
-                np.asarray(ledger.rtt_at) - np.asarray(ledger.rtt_s), np.asarray(ledger.rtt_at)
-            )
-            result = {
-                "ledger": ledger.to_json(),
-                "rtt_charger_lag_s": rtt_lag.tolist(),
-                "lag_s": list(self.lag.lag_s),
-                "stats": {
-                    "answered": dict(self.stats.answered),
-                    "errors": dict(self.stats.errors),
-                    "sent": dict(self.stats.sent),
-                    "connects": self.stats.connects,
-                },
-                "faults": [asdict(f) for f in self.faults],
-                "cpu_s": cpu,
-                "rss_mib": [rss0, rss_mib()],
-                "sim_reached": self.clock.now().isoformat(),
-            }
+            result = self._result(cpu)
             await asyncio.to_thread(result_path.write_text, json.dumps(result))
             emit({"done": True})
         finally:
@@ -229,6 +262,95 @@ class ChargerFleetProcess:
                 await stop_task(task)
             if self.publisher is not None:
                 await self.publisher.close()
+
+    # -- S-12: the restart, this process's clock moved by the soak --
+
+    async def _arrive(self) -> None:
+        """Every charger's first car plugs in (the messages re-sent until answered)."""
+        for index, visits in sorted(self.visits.items()):
+            charger = self.chargers[index - self.indices.start]
+            self._arrivals.append(asyncio.create_task(charger.arrive(sim_car(visits[0]))))
+
+    async def _status(self, since: datetime | None, wait_s: float) -> FleetStatus:
+        """This share's status, once it has settled since `since` or after `wait_s` wall s."""
+        began = time.perf_counter()
+        if since is not None and wait_s > 0:
+            await until(lambda: fleet_settled(self.chargers, since), wait_s)
+        return fleet_status(
+            self.chargers,
+            self.sim_clock.now(),
+            since,
+            waited_s=time.perf_counter() - began,
+            arriving=sum(1 for task in self._arrivals if not task.done()),
+            ledger=self.ledger,
+            stats=self.stats,
+        )
+
+    async def _obey(self, control: asyncio.StreamReader) -> None:
+        """Carry out the soak's control lines in order until `{"end": true}`: `to` (move the
+        clock to that simulated time), `arrive` (the first cars plug in), `status` (answer
+        with a `FleetStatus` line once settled or after `wait_s`)."""
+        while True:
+            line = await control.readline()
+            if not line:
+                raise RuntimeError("the soak closed the control channel")
+            message = json.loads(line)
+            if "to" in message:
+                await self.sim_clock.run_until(datetime.fromisoformat(message["to"]))
+            elif "arrive" in message:
+                await self._arrive()
+            elif "status" in message:
+                asked = message["status"]
+                since = None if asked["since"] is None else datetime.fromisoformat(asked["since"])
+                status = await self._status(since, float(asked["wait_s"]))
+                emit({"status": status.to_json()})
+            elif "end" in message:
+                return
+            else:
+                raise ValueError(f"unknown control line {message!r}")
+
+    async def run_restart(self, result_path: Path) -> None:
+        """S-12: connect while the soak moves the clock, then obey its control lines (the cars
+        plug in, the controller restarts, the soak steps the clock) until it ends the run;
+        write the result."""
+        config = self.config
+        tasks: list[asyncio.Task[None]] = []
+        background = [asyncio.create_task(self.lag.watch())]
+        loop = asyncio.get_running_loop()
+        control = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(control), sys.stdin)
+        cpu0, self._rss0 = cpu_s(), rss_mib()
+        try:
+            self.chargers = ledger_chargers(
+                config, self.indices, self.clock, self.ledger, self.stats
+            )
+            obeying = asyncio.create_task(self._obey(control))
+            background.append(asyncio.create_task(self._trim_stats()))
+            connecting = asyncio.create_task(
+                connect_chargers(
+                    self.chargers,
+                    self.url,
+                    tasks,
+                    connects_per_s=config.connects_per_s / config.charger_processes,
+                    stats=self.stats,
+                )
+            )
+            await asyncio.wait({obeying, connecting}, return_when=asyncio.FIRST_COMPLETED)
+            if obeying.done():  # the control channel failed before the fleet was online
+                await stop_task(connecting)
+                await obeying
+                raise RuntimeError("the soak ended the run before the fleet was online")
+            await connecting
+            emit({"online": len(self.chargers)})
+            await obeying
+            result = self._result(cpu_s() - cpu0)
+            await asyncio.to_thread(result_path.write_text, json.dumps(result))
+            emit({"done": True})
+        finally:
+            for task in self._arrivals + tasks + background:
+                task.cancel()
+            for task in self._arrivals + tasks + background:
+                await stop_task(task)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -240,7 +362,9 @@ def main(argv: Sequence[str]) -> None:
     logging.getLogger("mqtt").setLevel(logging.ERROR)
     job = json.loads(Path(argv[0]).read_text())
     try:
-        asyncio.run(ChargerFleetProcess(job).run(Path(argv[1])))
+        fleet = ChargerFleetProcess(job)
+        run = fleet.run_restart if fleet.restart else fleet.run
+        asyncio.run(run(Path(argv[1])))
     except Exception as exc:
         emit({"error": f"{type(exc).__name__}: {exc}"})
         raise

@@ -4,6 +4,7 @@ process boundary, the shares of the fleet and the steady visit pattern of the me
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from controller.clock import SimClock
 from simulators.chaos import (
     Ledger,
     LoopLag,
@@ -191,3 +193,45 @@ async def test_a_paced_clock_wakes_each_sleeper_at_its_time_and_follows_a_new_pa
         await late
     with pytest.raises(ValueError, match="after the last"):
         clock.add(Pace(wall0=wall0, sim0=START, speed=1.0))
+
+
+def test_a_fleet_status_counts_settled_chargers_and_combines_across_processes() -> None:
+    """S-12's status from real ledger chargers: one never connected (neither backing off nor
+    online) keeps its share unsettled and is named; backing off counts as settled; two shares
+    read back from JSON add up, and shares at different simulated times are refused."""
+    from simulators.chaos import FleetStatus, fleet_status, ledger_chargers
+    from simulators.chargepoints.chargepoint import FleetStats
+
+    config = SoakConfig(chargers=4, charger_processes=2)
+    first, second = config.shards()
+    clock_at = START + timedelta(minutes=5)
+    statuses = []
+    for share in (first, second):
+        ledger, stats = Ledger(), FleetStats()
+        chargers = ledger_chargers(config, share, SimClock(START), ledger, stats)
+        stats.errors["ConnectionRefusedError"] += len(share)
+        if share is second:
+            for charger in chargers:
+                charger.backing_off = True
+        status = fleet_status(
+            chargers, clock_at, START, waited_s=0.5, arriving=0, ledger=ledger, stats=stats
+        )
+        assert FleetStatus.from_json(status.to_json()) == status
+        statuses.append(status)
+    unsettled, backing_off = statuses
+    assert (unsettled.settled, unsettled.online, unsettled.resynced) == (False, 0, 0)
+    assert unsettled.not_resynced == ("CP-0001", "CP-0002")
+    assert (backing_off.settled, backing_off.backing_off) == (True, 2)
+    fleet = FleetStatus.combine(statuses)
+    assert (fleet.chargers, fleet.backing_off, fleet.settled) == (4, 2, False)
+    assert fleet.errors == {"ConnectionRefusedError": 4}
+    assert not fleet.all_online
+    assert not fleet.all_resynced
+    assert fleet_status(
+        [], clock_at, None, waited_s=0.0, arriving=0, ledger=Ledger(), stats=FleetStats()
+    ).settled
+    later = dataclasses.replace(backing_off, at=clock_at + timedelta(seconds=1))
+    with pytest.raises(ValueError, match="different simulated times"):
+        FleetStatus.combine([unsettled, later])
+    with pytest.raises(ValueError, match="re-synced but only"):
+        dataclasses.replace(unsettled, resynced=1)

@@ -159,20 +159,65 @@ def test_the_comparison_sees_a_start_recorded_twice(soaked: StackSoak) -> None:
     assert compare(soaked.ledger, records).ok
 
 
-async def test_a_controller_restart_brings_every_charger_back_and_resynced(
-    tmp_path: Path,
-) -> None:
-    """S-12 in small: ten chargers charging, the controller down for 2 s; all reconnect with
-    their back-off, get their default and circuit profiles again, no error after it is up."""
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory: pytest.TempPathFactory) -> StackSoak:
+    """S-12 in small, shared by the tests below: ten chargers charging, in a process of their
+    own, the controller down for 2 s and up again on the same Redis, broker and port."""
     config = SoakConfig(chargers=10, wall_s=60.0, restart_down_s=2.0, seed=5)
-    soak = StackSoak(config, RedisProcess(tmp_path / "redis"), solver=share_by_need)
-    report = await soak.run_restart()
-    restart = report.restart
-    assert restart["not_resynced"] == 0
-    assert restart["all_resynced_sim_s"] is not None
-    assert restart["all_resynced_sim_s"] <= 90.0
-    assert restart["errors_after_ready"] == {}
-    assert sum(restart["errors_while_down"].values()) >= 10  # they did lose the controller
+    workdir: Path = tmp_path_factory.mktemp("restart")
+    soak = StackSoak(config, RedisProcess(workdir / "redis"), solver=share_by_need)
+    asyncio.run(soak.run_restart())  # its own loop: the run is shared by the module's tests
+    return soak
+
+
+def test_a_controller_restart_brings_every_charger_back_and_resynced(
+    restarted: StackSoak,
+) -> None:
+    """S-12 in small: all ten reconnect with their back-off, get their default and circuit
+    profiles again, with no error after the controller is up; the figure is whole simulated
+    seconds, one per step, and the chargers ran (and were measured) in their own process."""
+    report = restarted.report
+    figures = report.restart
+    assert figures is not None
+    assert figures.failures(report.verdict) == []
+    assert figures.not_resynced == 0
+    assert figures.all_resynced_sim_s is not None
+    assert figures.all_resynced_sim_s == figures.steps <= 90.0
+    assert figures.all_online_sim_s is not None
+    assert figures.all_online_sim_s <= figures.all_resynced_sim_s
+    assert figures.errors_after_ready == {}
+    assert sum(figures.errors_while_down.values()) >= 10  # they did lose the controller
+    assert figures.connects >= 20  # each charger connected before and after
+    assert figures.transactions_running == 10
     assert report.verdict is not None
     assert report.verdict.ok
     assert report.verdict.starts == 10
+    assert figures.charger_processes == len(report.charger_cpu_s) == 1
+    assert report.charger_rss_mib[0][1] > 0
+    # The down time followed the wall (to within the pacer's period of 50 ms).
+    assert figures.down_sim_s >= restarted.config.restart_down_s - 0.1
+    assert figures.down_sim_s <= figures.down_wall_s + 0.1
+
+
+def test_the_restart_check_sees_chargers_not_resynced_and_errors(restarted: StackSoak) -> None:
+    """The S-12 check is not vacuous: at the moment the controller was ready, the chargers'
+    own status (from their process) had none of them re-synced; the same figures with a
+    charger never re-synced, too late, an error after the restart or a lost record fail."""
+    report = restarted.report
+    figures = report.restart
+    assert figures is not None
+    at_ready, *_, last = figures.timeline
+    assert at_ready[0] == 0.0
+    assert at_ready[2] == 0 < last[2] == figures.chargers
+    assert [point[2] for point in figures.timeline] == sorted(p[2] for p in figures.timeline)
+    stuck = dataclasses.replace(
+        figures, all_resynced_sim_s=None, not_resynced=1, not_resynced_ids=("CP-0003",)
+    )
+    assert stuck.failures(report.verdict) == ["1 chargers never re-synced"]
+    late = dataclasses.replace(figures, all_resynced_sim_s=91.0)
+    assert len(late.failures(report.verdict)) == 1
+    herd = dataclasses.replace(figures, errors_after_ready={"TimeoutError": 1})
+    assert len(herd.failures(report.verdict)) == 1
+    assert report.verdict is not None
+    lost = dataclasses.replace(report.verdict, lost=1)
+    assert len(figures.failures(lost)) == 1
