@@ -2,7 +2,10 @@
 
 It does what a charger does: boots (once; a reconnect does not reboot it), heartbeats, reports
 status, authorizes, starts and stops transactions when a car plugs in or leaves, and sends
-MeterValues (energy register, power, SoC) every `meter_interval_s`. It keeps the charging
+MeterValues (energy register, power, SoC) every `meter_interval_s`: counted from the connection
+(`meter_phase="connection"`, the default), or, as OCPP 1.6 describes MeterValueSampleInterval,
+from each transaction's start (`meter_phase="transaction"`; chargers whose transactions began
+at different times then sample at different moments, as a real fleet does). It keeps the charging
 profiles it receives by OCPP's stacking rules (`simulators.chargepoints.profiles`) and applies
 the combined limit to the car: power = min(limit, what the car accepts); below the minimum
 current it delivers nothing. Energy and SoC advance on the `Clock`, piecewise between profile
@@ -59,6 +62,8 @@ from simulators.chargepoints.profiles import (
 
 log = logging.getLogger(__name__)
 
+MeterPhase = Literal["connection", "transaction"]
+
 VENDOR = "org.voltpool"
 DISCHARGE_MESSAGE = "DischargeLimit"
 MAX_STEP = timedelta(seconds=60)  # integration step bound, for the car's taper
@@ -99,6 +104,8 @@ class ChargerSpec:
     min_current_a: float = 6.0
     v2g_mode: V2gMode = "none"
     meter_interval_s: float = 60.0
+    # when the sample interval starts: at the connection, or at each transaction's start
+    meter_phase: MeterPhase = "connection"
     max_stack_level: int = 8
     max_periods: int = 24
     vendor: str = "voltpool"
@@ -330,8 +337,31 @@ class SimChargePoint:
     async def _meter_loop(self) -> None:
         while True:
             interval = max(1, int(self.configuration["MeterValueSampleInterval"]))
-            await self.clock.sleep_until(self.clock.now() + timedelta(seconds=interval))
-            await self.send_meter_values()
+            if self.spec.meter_phase == "connection":
+                await self.clock.sleep_until(self.clock.now() + timedelta(seconds=interval))
+                await self.send_meter_values()
+                continue
+            due = self.samples_due(self.clock.now(), interval)
+            if not due:
+                # No transaction: look again one interval on. A transaction that starts in
+                # between is first sampled at its start + interval, which is not earlier.
+                await self.clock.sleep_until(self.clock.now() + timedelta(seconds=interval))
+                continue
+            await self.clock.sleep_until(min(due.values()))
+            now = self.clock.now()
+            await self.send_meter_values({c for c, when in due.items() if when <= now})
+
+    def samples_due(self, now: datetime, interval: int) -> dict[int, datetime]:
+        """Each running transaction's next sample time (connector id -> time): its start +
+        k * interval, the first such time after `now` (k >= 1)."""
+        step = timedelta(seconds=interval)
+        due: dict[int, datetime] = {}
+        for connector in self.connectors:
+            start = connector.tx_start
+            if connector.transaction_id is None or start is None:
+                continue
+            due[connector.connector_id] = start + max(1, (now - start) // step + 1) * step
+        return due
 
     async def _call(self, payload: Any) -> Any:
         wire = self._wire
@@ -474,13 +504,16 @@ class SimChargePoint:
         connector.status = "Available"
         await self.send_status(connector_id)
 
-    async def send_meter_values(self) -> None:
-        """MeterValues now, for every connector with a running transaction."""
+    async def send_meter_values(self, connector_ids: set[int] | None = None) -> None:
+        """MeterValues now, for every connector with a running transaction (of those in
+        `connector_ids`, when given)."""
         now = self.clock.now()
         self.advance(now)
         powers = self.powers_kw(now)
         for connector in self.connectors:
             if connector.transaction_id is None:
+                continue
+            if connector_ids is not None and connector.connector_id not in connector_ids:
                 continue
             power = powers[connector.connector_id]
             samples: list[dict[str, str]] = [

@@ -64,6 +64,31 @@ async def test_a_car_plugging_in_starts_a_transaction_and_meter_values_follow_th
     assert harness.recorder.state.vehicles["ev-1"].charger_id == "CP-1"
 
 
+@pytest.mark.parametrize("phase", ["connection", "transaction"])
+async def test_meter_values_are_sampled_from_the_connection_or_from_the_transactions_start(
+    harness: Harness, phase: str
+) -> None:
+    """Plugged in 25 s after the connection, 60 s interval: with the connection's phase the
+    first sample comes 60 s after the connection; with the transaction's (OCPP 1.6's
+    MeterValueSampleInterval) 60 s after the start, at 85 s; later ones every 60 s from there."""
+    async with simulated(
+        harness, "CP-1", max_power_kw=22.0, meter_interval_s=60, meter_phase=phase
+    ) as sim:
+        connected = harness.clock.now()
+        await harness.clock.advance(timedelta(seconds=25))
+        assert await sim.plug_in(1, car()) is not None
+        start = sim.connector(1).tx_start
+        await harness.clock.advance(timedelta(seconds=35))
+        await harness.clock.advance(timedelta(seconds=25))
+        await harness.recorder.wait_for(lambda: bool(harness.recorder.of("meter_sampled")))
+        (sample,) = harness.recorder.of("meter_sampled")
+        assert (sample.at - connected).total_seconds() == (60.0 if phase == "connection" else 85.0)
+        assert start is not None
+        due = sim.samples_due(start + timedelta(seconds=60), 60)
+        assert due == {1: start + timedelta(seconds=120)}  # strictly after: the next one
+        assert sim.samples_due(start, 60) == {1: start + timedelta(seconds=60)}
+
+
 async def test_get_composite_schedule_returns_what_the_central_system_set(
     harness: Harness,
 ) -> None:
