@@ -25,15 +25,16 @@ TxProfile for it) p50/p95, the controller process's RSS from 20 % of the run to 
 the open transactions then, CPU and RSS of each process, the load average.
 `--slow-callback-ms` lists the controller process's event-loop callbacks slower than that.
 
-`--mode restart` (S-12): every charger connected with a car charging, the controller stopped for
-`--restart-down-s` wall seconds and started again; the simulated seconds until every charger is
-back and re-synced (TxDefaultProfile and ChargePointMaxProfile accepted again), and the errors
-the chargers saw after the controller was up (thundering herd). The chargers run in
+`--mode restart` (S-12): every charger connected with a car charging, the controller stopped
+for `--restart-down-s` simulated seconds and started again; the simulated seconds until every
+charger is back and re-synced (TxDefaultProfile and ChargePointMaxProfile accepted again), and
+the errors the chargers saw after the controller was up (thundering herd). The chargers run in
 `--charger-processes` processes of their own, their simulated clocks moved from this process
-in lock-step with the controller's: following the wall while the fleet connects and while the
-controller is down, then one simulated second per step, each step ending when every charger is
-backing off or back and re-synced (at most `--restart-settle-wall-s`; the steps that hit that
-cap are counted, since in them this machine's speed decided how far the fleet got).
+in lock-step with the controller's: following the wall while the fleet connects, then from the
+stop on one simulated second per step, each step ending when every charger is backing off or
+back and re-synced (at most `--restart-settle-wall-s`; the steps that hit that cap are
+counted, since in them this machine's speed decided how far the fleet got); the clocks stand
+still while the controller stops and starts.
 
 `--mode log`: the event log alone (R-02, R-03): `--producers` writers append events through
 `RedisFleetStore.append`, each retrying the *same* event until acknowledged; one consumer takes,
@@ -422,7 +423,11 @@ def restart_rows(report: SoakReport) -> tuple[list[tuple[str, str]], bool]:
             f"{r.chargers} ({r.transactions_running}), in {r.charger_processes} "
             "process(es) of their own",
         ),
-        ("controller down", f"{r.down_wall_s:.1f} s wall = {r.down_sim_s:.1f} s simulated"),
+        (
+            "controller down",
+            f"{r.down_sim_s:g} s simulated (stop, steps, start: {r.down_wall_s:.1f} s wall; "
+            f"{r.down_steps_at_cap} steps ended by the cap)",
+        ),
         ("all online again after", f"{_sim(r.all_online_sim_s)} simulated (from ready)"),
         ("all re-synced after", f"{_sim(r.all_resynced_sim_s)} simulated (from ready)"),
         (
@@ -526,7 +531,12 @@ def main() -> None:
     stack.add_argument("--meter-interval", type=float, default=900.0, help="simulated s")
     stack.add_argument("--heartbeat", type=float, default=3600.0, help="simulated s")
     stack.add_argument("--connects-per-s", type=float, default=200.0)
-    stack.add_argument("--restart-down-s", type=float, default=10.0, help="restart mode")
+    stack.add_argument(
+        "--restart-down-s",
+        type=float,
+        default=10.0,
+        help="restart mode: simulated seconds the controller stays stopped",
+    )
     stack.add_argument(
         "--restart-settle-wall-s",
         type=float,

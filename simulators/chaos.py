@@ -829,7 +829,7 @@ class SoakConfig:
     heartbeat_s: float = 3600.0
     connects_per_s: float = 200.0
     recovery_timeout_s: float = 60.0
-    restart_down_s: float = 10.0  # S-12: wall seconds the controller stays stopped
+    restart_down_s: float = 10.0  # S-12: simulated seconds the controller stays stopped
     # S-12: a simulated second's step ends when the fleet has settled, or after this (wall s);
     # and the restart is given up after this many simulated seconds.
     restart_settle_wall_s: float = 2.0
@@ -1555,6 +1555,7 @@ class RestartFigures:
     connects: int
     steps: int
     steps_at_cap: int
+    down_steps_at_cap: int  # the same for the steps while the controller was down
     settle_cap_wall_s: float
     step_wall_s_max: float
     timeline: tuple[tuple[float, int, int, int], ...]
@@ -2080,13 +2081,15 @@ class StackSoak:
 
         The chargers run in `config.charger_processes` processes of their own (as in `run`),
         each on a `SimClock` that this process moves through their control channel (stdin), in
-        lock-step with the controller's `SimClock`. While the fleet connects and while the
-        controller is down, both clocks follow the wall (a restart takes what it takes); once
-        the controller is up again time moves one simulated second per step, and a step ends
-        only when every charger is backing off or back and re-synced (or after
-        `config.restart_settle_wall_s`, counted in `RestartFigures.steps_at_cap`), so the
-        figure is the fleet's (back-off and protocol), not this machine's speed. Re-synced: a
-        TxDefaultProfile and a ChargePointMaxProfile accepted after the stop.
+        lock-step with the controller's `SimClock`. While the fleet connects both clocks follow
+        the wall (not measured). From the stop on, time moves one simulated second per step,
+        and a step ends only when every charger is backing off or back and re-synced (or after
+        `config.restart_settle_wall_s`, counted in `RestartFigures.steps_at_cap`); the clocks
+        stand still while the controller stops and starts. The controller is down for
+        `config.restart_down_s` simulated seconds. So the figure is the fleet's (back-off and
+        protocol), not this machine's speed: with no step at the cap, a run's timeline depends
+        on the seed alone. Re-synced: a TxDefaultProfile and a ChargePointMaxProfile accepted
+        after the stop.
         """
         config, report = self.config, self.report
         cpu0 = cpu_s()
@@ -2108,12 +2111,17 @@ class StackSoak:
                     f"{charging.transactions} transactions running "
                     f"({charging.awaiting_profile} without a TxProfile); restarting the controller"
                 )
-                pacer = asyncio.create_task(self._follow_wall())
+                # Down: simulated seconds in steps like those after the restart (each ends when
+                # every charger is backing off), so what the chargers' back-off has reached by
+                # the restart does not depend on how long this machine takes to stop and start
+                # the controller (the clock stands still meanwhile).
                 await self.controller.stop()
-                await asyncio.sleep(config.restart_down_s)
+                down = await self._fleet_status(stopped_at, config.restart_settle_wall_s)
+                down_capped = int(not down.settled)  # each charger has seen the stop
+                while (self.sim_clock.now() - stopped_at).total_seconds() < config.restart_down_s:
+                    down = await self._step(stopped_at, config.restart_settle_wall_s)
+                    down_capped += not down.settled
                 await self.controller.start()
-                await stop_task(pacer)
-                pacer = None
                 ready_at = self.sim_clock.now()
                 down_wall_s = time.perf_counter() - stopped_wall
                 ready = await self._fleet_status(stopped_at, 0.0)
@@ -2151,6 +2159,7 @@ class StackSoak:
                     connects=status.connects,
                     steps=steps,
                     steps_at_cap=capped,
+                    down_steps_at_cap=down_capped,
                     settle_cap_wall_s=config.restart_settle_wall_s,
                     step_wall_s_max=slowest,
                     timeline=tuple(timeline),

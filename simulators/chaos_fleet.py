@@ -26,7 +26,7 @@ With `"mode": "restart"` in the job (S-12, `StackSoak.run_restart`) the chargers
 runs; this process carries out the soak's lines on stdin in order from its start:
 
 - `{"to": t}`: move the clock to simulated time t (every 50 ms while the soak follows the
-  wall: while the fleet connects and while the controller is down; then one second a step);
+  wall as the fleet connects; from the controller's stop on, one second a step);
 - `{"arrive": true}`: every charger's first car plugs in (StartTransaction re-sent until
   answered);
 - `{"status": {"since": t or null, "wait_s": w}}`: wait up to w wall seconds until every
