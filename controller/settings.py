@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -86,4 +86,18 @@ class Settings(BaseSettings):
     # Fitted forecast models (`voltpool fit --out-dir`): when set, head-room and prices come
     # from them, refreshed every slot; when not, from MQTT.
     models_dir: str | None = Field(default=None)
+    # The process's cyclic garbage collector (docs/reliability.md, "Garbage collector"): after
+    # start-up everything then alive is moved out of its reach (`gc.freeze`), and it runs at
+    # these thresholds (Python's own are 700, 10, 10). Null keeps Python's thresholds.
+    gc_freeze: bool = Field(default=True)
+    gc_thresholds: tuple[int, int, int] | None = Field(default=(50_000, 20, 100))
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
+
+    @field_validator("gc_thresholds")
+    @classmethod
+    def _positive_thresholds(
+        cls, value: tuple[int, int, int] | None
+    ) -> tuple[int, int, int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError("every garbage-collector threshold must be at least 1")
+        return value
