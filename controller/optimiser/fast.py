@@ -22,7 +22,8 @@ import numpy as np
 from scipy import sparse  # imported here, not in the solve: its import would eat the budget
 
 from controller.domain import SLOT_S, slot_floor
-from controller.optimiser.flow import flow_basis
+from controller.optimiser.flow import floors_basis, flow_basis
+from controller.optimiser.flow_stages import FlowStages, flow_stages
 from controller.optimiser.highs import column_lp, floats
 from controller.optimiser.model import (
     INF,
@@ -107,6 +108,9 @@ class _Loaded:
 # LP repair rounds at most per solve, each only while the plan still loses energy (rare: a
 # site full in every slot the sliver's car could use) and within the solve's budget.
 _REPAIR_ROUNDS = 3
+# A total shortfall (kWh) the flows must prove before the hard-target run is skipped; below it
+# (rounding's reach) the day goes the LP way.
+_FLOW_SHORT_KWH = 1e-4
 
 
 class FastSolver:
@@ -555,35 +559,25 @@ def _stages(
     """
     highs, layout = loaded.highs, loaded.layout
     values = loaded.values
-    _objective(loaded, values.cost_vector)
-    status = _run(highs, counter)
-    shortfall, worst = 0.0, 0.0
-    if status not in ("optimal", "infeasible"):
-        _expect(status, "cost stage")
-    if status == "infeasible":
-        # Some target cannot be met inside h_t: free the shortfall columns and rank.
-        scaled = shortfall_scaled(layout, prepared)
-        _cols(loaded, scaled, np.zeros(len(scaled)), np.ones(len(scaled)))
-        _objective(loaded, values.short_vector)
-        _expect(_run(highs, counter), "shortfall stage")
-        shortfall = _objective_value(highs)
-        _rows(
-            loaded, _index(layout.short_row), _one(-INF), _one(shortfall + options.slack(shortfall))
-        )
-        if options.fairness and shortfall > options.feasibility_tolerance_kwh:
-            objective = np.zeros(layout.n_cols)
-            objective[layout.z_col] = 1.0
-            _objective(loaded, objective)
-            _expect(_run(highs, counter), "fairness stage")
-            worst = _objective_value(highs)
-            _cols(
-                loaded,
-                _index(layout.z_col),
-                _one(0.0),
-                _one(min(1.0, worst + options.slack(worst))),
-            )
+    extra: dict[str, float] = {}
+    flows = None
+    if options.flow_stages and not layout.any_v2g:
+        flows = flow_stages(prepared)
+        extra["flow_stages_max_flows"] = float(flows.max_flows) if flows else 0.0
+    if flows is not None and flows.shortfall_kwh > _FLOW_SHORT_KWH:
+        # Over-subscribed, as the flows prove: no hard-target run.
+        shortfall, worst = _flow_stages(loaded, prepared, options, counter, flows, extra)
+    else:
         _objective(loaded, values.cost_vector)
-        _expect(_run(highs, counter), "cost stage")
+        status = _run(highs, counter)
+        shortfall, worst = 0.0, 0.0
+        if status not in ("optimal", "infeasible"):
+            _expect(status, "cost stage")
+        if status == "infeasible":
+            # Some target cannot be met inside h_t: free the shortfall columns and rank.
+            shortfall, worst = _lp_stages(loaded, prepared, options, counter)
+            _objective(loaded, values.cost_vector)
+            _expect(_run(highs, counter), "cost stage")
     cost = _objective_value(highs)
     loaded.cost_basis = highs.getBasis()
     sifting = {}
@@ -617,9 +611,90 @@ def _stages(
         solver="highs",
         solves=counter.solves,
         iterations=counter.iterations,
-        extra=sifting,
+        extra={**extra, **sifting},
     )
     return result, solution
+
+
+def _soften(loaded: _Loaded, prepared: Prepared) -> None:
+    """Free the shortfall columns (targets turn soft)."""
+    scaled = shortfall_scaled(loaded.layout, prepared)
+    _cols(loaded, scaled, np.zeros(len(scaled)), np.ones(len(scaled)))
+
+
+def _lp_stages(
+    loaded: _Loaded, prepared: Prepared, options: OptimiserOptions, counter: _Counter
+) -> tuple[float, float]:
+    """(least total shortfall, least largest relative shortfall) by HiGHS runs, each kept as a
+    bound (with the stage slack) for the stages after it."""
+    highs, layout = loaded.highs, loaded.layout
+    _soften(loaded, prepared)
+    _objective(loaded, loaded.values.short_vector)
+    _expect(_run(highs, counter), "shortfall stage")
+    shortfall = _objective_value(highs)
+    _rows(loaded, _index(layout.short_row), _one(-INF), _one(shortfall + options.slack(shortfall)))
+    worst = 0.0
+    if options.fairness and shortfall > options.feasibility_tolerance_kwh:
+        worst = _fairness_lp(loaded, counter)
+        _cols(loaded, _index(layout.z_col), _one(0.0), _one(min(1.0, worst + options.slack(worst))))
+    return shortfall, worst
+
+
+def _fairness_lp(loaded: _Loaded, counter: _Counter) -> float:
+    """The least largest relative shortfall by a HiGHS run (the shortfall bound set)."""
+    objective = np.zeros(loaded.layout.n_cols)
+    objective[loaded.layout.z_col] = 1.0
+    _objective(loaded, objective)
+    _expect(_run(loaded.highs, counter), "fairness stage")
+    return _objective_value(loaded.highs)
+
+
+def _flow_stages(
+    loaded: _Loaded,
+    prepared: Prepared,
+    options: OptimiserOptions,
+    counter: _Counter,
+    flows: FlowStages,
+    extra: dict[str, float],
+) -> tuple[float, float]:
+    """The shortfall and fairness stages from `flow_stages`, then the cost stage's run.
+
+    The flows' optima become the stage bounds (each with the stage slack; the shortfall bound
+    no lower than what the integer flow reached) and HiGHS runs the cost stage on the exact
+    data. When the flows cannot settle fairness (several efficiencies), that stage is a HiGHS
+    run; when the cost stage finds the bounds infeasible (a rounding the flows' checks let
+    through), the LP stages run instead. `extra` says which happened.
+    """
+    highs, layout = loaded.highs, loaded.layout
+    _soften(loaded, prepared)
+    shortfall = flows.shortfall_kwh
+    bound = max(shortfall + options.slack(shortfall), flows.shortfall_reached_kwh)
+    _rows(loaded, _index(layout.short_row), _one(-INF), _one(bound))
+    extra["flow_stages"] = 1.0
+    worst = 0.0
+    if options.fairness:
+        if flows.worst is None:
+            extra["flow_fairness"] = 0.0
+            worst = _fairness_lp(loaded, counter)
+        else:
+            extra["flow_fairness"] = 1.0
+            worst = flows.worst
+        _cols(loaded, _index(layout.z_col), _one(0.0), _one(min(1.0, worst + options.slack(worst))))
+    _objective(loaded, loaded.values.cost_vector)
+    if options.flow_start:
+        level = min(1.0, worst + options.slack(worst)) if options.fairness else 1.0
+        basis = floors_basis(layout, loaded.values, prepared, flows, level)
+        seeded = basis is not None and _set_basis(highs, *basis)
+        extra["flow_stages_seeded"] = 1.0 if seeded else 0.0
+    status = _run(highs, counter)
+    if status == "infeasible":
+        extra["flow_stages"] = 0.0
+        extra["flow_stages_refused"] = 1.0
+        shortfall, worst = _lp_stages(loaded, prepared, options, counter)
+        _objective(loaded, loaded.values.cost_vector)
+        status = _run(highs, counter)
+    _expect(status, "cost stage")
+    return shortfall, worst
 
 
 @dataclass(frozen=True, slots=True)

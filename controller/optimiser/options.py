@@ -35,6 +35,9 @@ class OptimiserOptions:
     # previous solve's basis over to the next problem (matched by vehicle and slot time).
     flow_start: bool = True
     warm_start: bool = True
+    # Fast path only, fleets without V2G: the shortfall and fairness stages of an
+    # over-subscribed day by max flows (`flow_stages.py`) instead of HiGHS runs.
+    flow_stages: bool = True
     # Fast path only: with at least this many charge columns of cars without V2G, HiGHS holds
     # only a working set of them and the rest are priced out exactly (`sifting.py`); 0: always.
     # From 5,000 (about 80 cars): at 278 cars it cuts a car event's re-plan p99 from ~22 to
