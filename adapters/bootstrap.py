@@ -106,7 +106,11 @@ def planning_solver(settings: Settings, solver: SolveFn | None) -> SolveFn:
         return solve
     try:
         return SolverProcess(
-            solve, SolverProcessConfig(solve_deadline_s=settings.planning.solve_deadline_s)
+            solve,
+            SolverProcessConfig(
+                solve_deadline_s=settings.planning.solve_deadline_s,
+                nice=settings.planning.solver_nice,
+            ),
         )
     except ValueError as exc:
         log.warning("solving in the planner's thread: %s", exc)

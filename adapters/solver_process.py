@@ -66,22 +66,28 @@ class SolverFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class SolverProcessConfig:
-    """Deadlines of the worker process, in wall seconds.
+    """Deadlines of the worker process, in wall seconds, and its scheduling priority.
 
     `solve_deadline_s` bounds one solve including the transfer of problem and schedule: the
     optimiser's own budget (`OptimiserOptions.time_limit_s`, 2 s for the LP stages) plus a
     margin for its repair rounds and a loaded machine. `start_deadline_s` bounds a new worker's
     start (a fresh interpreter importing numpy, scipy and highspy: 1-3 s, more under load).
+    `nice` is added to the worker's niceness (0-19): when the cores are busy, the process that
+    answers the chargers runs before the solve, which has its fallback; an idle core still
+    goes to the solve.
     """
 
     solve_deadline_s: float = 10.0
     start_deadline_s: float = 60.0
+    nice: int = 10
 
     def __post_init__(self) -> None:
         if self.solve_deadline_s <= 0.0:
             raise ValueError(f"solve_deadline_s must be positive, not {self.solve_deadline_s}")
         if self.start_deadline_s <= 0.0:
             raise ValueError(f"start_deadline_s must be positive, not {self.start_deadline_s}")
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be within 0..19, not {self.nice}")
 
 
 def target_of(solve: SolveFn | str) -> str:
@@ -251,6 +257,7 @@ class SolverProcess:
                     self.target,
                     str(to_read),
                     str(from_write),
+                    str(self.config.nice),
                 ],
                 pass_fds=(to_read, from_write),
                 stdin=subprocess.DEVNULL,
@@ -354,11 +361,13 @@ def serve(target: str, from_parent_fd: int, to_parent_fd: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m adapters.solver_process TARGET FROM_PARENT_FD TO_PARENT_FD`."""
+    """`python -m adapters.solver_process TARGET FROM_PARENT_FD TO_PARENT_FD [NICE]`."""
     # A Ctrl-C in the terminal reaches the whole process group: the parent decides when the
     # worker ends (by closing its input), so the worker does not die mid-answer on it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     target, from_parent, to_parent = argv[0], int(argv[1]), int(argv[2])
+    if len(argv) > 3 and int(argv[3]) > 0:
+        os.nice(int(argv[3]))  # below the controller: see SolverProcessConfig.nice
     serve(target, from_parent, to_parent)
 
 

@@ -36,6 +36,8 @@ class PlanningSettings(BaseModel):
     # replaced and the plan falls back to the proportional share.
     solver_process: bool = Field(default=True)
     solve_deadline_s: float = Field(default=10.0, gt=0.0, le=300.0)
+    # Added to the solver process's niceness: the controller answering chargers comes first.
+    solver_nice: int = Field(default=10, ge=0, le=19)
 
 
 class Settings(BaseSettings):

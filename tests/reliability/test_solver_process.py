@@ -96,6 +96,9 @@ def test_the_worker_returns_the_schedule_the_same_solve_gives_here_and_stays_war
         assert pid is not None
         assert pid != os.getpid()
         assert solver.pid == pid
+        # and it runs below this process (SolverProcessConfig.nice, 10 by default)
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + 10)
     finally:
         solver.close()
     assert there.vehicle_ids == here.vehicle_ids
@@ -109,6 +112,13 @@ def test_the_worker_returns_the_schedule_the_same_solve_gives_here_and_stays_war
     np.testing.assert_allclose(again.charge_kw, here_warm.charge_kw, atol=1e-9)
     assert again.energy_cost_eur == pytest.approx(here.energy_cost_eur, abs=1e-6)
     assert solver.counters == {"worker_starts": 1, "solves": 2}
+
+
+def test_a_niceness_outside_what_the_system_takes_is_refused() -> None:
+    """0..19 is what `nice` can add; anything else is refused before a worker starts."""
+    for nice in (-1, 20):
+        with pytest.raises(ValueError, match="nice must be within 0..19"):
+            SolverProcessConfig(nice=nice)
 
 
 def test_a_worker_that_dies_mid_solve_raises_at_once_and_is_replaced() -> None:
