@@ -220,9 +220,9 @@ def _stages(prepared: Prepared) -> FlowStages:
     want = floors(level)
     for k, best in enumerate(levels[:-1]):
         head = eta_c >= best
-        flow, a_side, _ = net.run(np.where(head, need_c, want))
-        cut = float(np.where(head, need_c, want)[~a_side].sum()) + net.served(a_side)
-        if cut < proven[k] + float(want[~head].sum()) - _CUT_GAP_KWH - 1e-9 * cut:
+        flow, _, _ = net.run(np.where(head, need_c, want))
+        required = proven[k] + float(want[~head].sum())
+        if flow < required - _CUT_GAP_KWH - 1e-9 * required:  # the integer flow must show it
             worst = None
             break
     return FlowStages(

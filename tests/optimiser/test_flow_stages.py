@@ -104,6 +104,7 @@ def test_flow_stages_give_the_references_optima(p: PlanningProblem) -> None:
     if fast.details.get("flow_stages") == 1.0:
         SEEN["flow"] += 1
         SEEN["fairness by flow"] += int(fast.details.get("flow_fairness", 0.0))
+        SEEN["seed tried"] += int("flow_stages_seeded" in fast.details)  # not after warm starts
         SEEN["seeded"] += int(fast.details.get("flow_stages_seeded", 0.0))
     SEEN["refused"] += int(fast.details.get("flow_stages_refused", 0.0))
     SEEN["examples"] += 1
@@ -122,7 +123,7 @@ def test_the_random_days_took_the_flow_path() -> None:
     print(f"flow stages over {SEEN['examples']} random short days: {dict(SEEN)}")
     assert SEEN["flow"] >= EXAMPLES // 2
     assert SEEN["fairness by flow"] >= SEEN["flow"] // 2
-    assert SEEN["seeded"] >= SEEN["flow"] // 2
+    assert SEEN["seeded"] >= SEEN["seed tried"] // 2
     assert SEEN["refused"] == 0
 
 
