@@ -18,6 +18,13 @@ limit (`--cvxpy-timeout`, `--cvxpy-memory-gb`); its memory figure is the child's
     python benchmarks/optimiser.py                 # 278, 1000, 5000, 20000 cars
     python benchmarks/optimiser.py --quick         # 278 and 1000 cars, fewer repeats
     python benchmarks/optimiser.py --sizes 278,2000 --repeats 50 --compact-limit 0
+    python benchmarks/optimiser.py --short-only    # only the over-subscribed rows
+
+Over-subscribed rows: the same day with every slot's head-room cut to `--short-headroom`
+(default 30 %), so the targets cannot all be met, at `--short-sizes` (278, 1000, 5000): the
+fast path (shortfall and fairness stages by max flows, `flow_stages.py`) and, as the baseline in
+the same run, the fast path with those stages as HiGHS runs (`flow_stages=False`, the path
+before) up to `--short-lp-limit` cars, each solve given `--short-lp-timeout` seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 
 from controller.optimiser import (
     FastSolver,
+    OptimiserFailed,
     OptimiserOptions,
     solve_reference,
     solve_reference_compact,
@@ -52,7 +60,13 @@ FLEET_CSV = ROOT / "data" / "fleet" / "seed_fleet.csv"
 MONEY = OptimiserOptions(peak_flattening=False, min_rate_repair=False, time_limit_s=600.0)
 FULL = OptimiserOptions(time_limit_s=600.0)
 HEADER = ("first", "car evt", "price", "p50", "p99", "cpu p50", "cpu p99", "heap MB")
-TARGETS_MS = {("no V2G", 278): 20.0, ("no V2G", 20000): 1000.0, ("V2G", 278): 150.0}
+TARGETS_MS = {
+    ("no V2G", 278): 20.0,
+    ("no V2G", 20000): 1000.0,
+    ("V2G", 278): 150.0,
+    # Over-subscribed: the service's re-plan budget (`solve_deadline_s`, 2 s), with room to spare.
+    ("short", 1000): 500.0,
+}
 
 
 @dataclass
@@ -69,6 +83,7 @@ class Timing:
     cost_eur: list[float] = field(default_factory=list)  # first, car event, price change
     peak_heap_mb: float = float("nan")
     note: str = ""
+    flow_share: str = ""  # over-subscribed rows: solves that took the flow stages, of all
 
     def percentile(self, q: float, *, cpu: bool = False) -> float:
         """The q-th percentile of the repeated re-solves, seconds (wall clock, or CPU)."""
@@ -136,13 +151,17 @@ def bench_fast(
         setattr(timing, attr, elapsed)
         timing.cpu_s.append(cpu)
         timing.cost_eur.append(last.details["stage_cost_eur"])
+    flows = [last.details.get("flow_stages", 0.0)]
     _timed(solve, problem)  # back to the day's prices, so the repeats are car events only
     for k in range(1, repeats + 1):
         elapsed, cpu, last = _timed_cpu(solve, car_event(problem, k))
         timing.resolves_cpu_s.append(cpu)
         timing.resolves_s.append(elapsed)
+        flows.append(last.details.get("flow_stages", 0.0))
         if sum(timing.resolves_s) > budget_s:
             break
+    if last.status == "optimal_shortfall":
+        timing.flow_share = f"{int(sum(flows))}/{len(flows)}"
     tracemalloc.start()
     FastSolver().solve(problem, options)
     timing.peak_heap_mb = tracemalloc.get_traced_memory()[1] / 1e6
@@ -287,6 +306,58 @@ def compare(reference: Timing, fast: Timing) -> list[str]:
     ]
 
 
+def short_day(fleet: list[FleetModel], n: int, seed: int, share: float) -> PlanningProblem:
+    """The benchmark day with every slot's head-room cut to `share`: an over-subscribed site."""
+    day = seed_fleet_day(fleet, np.random.default_rng(seed), DayShape(vehicles=n))
+    return dataclasses.replace(day, headroom_kw=day.headroom_kw * share)
+
+
+def bench_short(
+    fleet: list[FleetModel],
+    n: int,
+    args: argparse.Namespace,
+    repeats: int,
+    p99: dict[tuple[str, int, str], tuple[float, float]],
+) -> None:
+    """The over-subscribed rows of one size: flow stages (money, full), and the LP stages."""
+    day = short_day(fleet, n, args.seed, args.short_headroom)
+    print(
+        f"N = {n} cars x {day.n_slots} slots, no V2G, head-room x{args.short_headroom:g}"
+        " (over-subscribed)"
+    )
+    print(f"  {'solver':<28}" + "".join(f"{h:>10}" for h in HEADER))
+    money = bench_fast(day, MONEY, "flow stages money", repeats, args.budget)
+    print(_row(money) + _short_note(money))
+    full = bench_fast(day, FULL, "flow stages full (default)", repeats, args.budget)
+    print(_row(full) + _short_note(full))
+    p99[("short", n, "money")] = (money.percentile(99), money.percentile(99, cpu=True))
+    p99[("short", n, "full")] = (full.percentile(99), full.percentile(99, cpu=True))
+    if n > args.short_lp_limit:
+        print(f"  LP stages skipped: {n} cars is above --short-lp-limit {args.short_lp_limit}")
+        return
+    lp_options = dataclasses.replace(MONEY, flow_stages=False, time_limit_s=args.short_lp_timeout)
+    try:
+        lp = bench_fast(day, lp_options, "LP stages money (before)", 2, args.short_lp_timeout)
+    except OptimiserFailed as error:
+        print(f"  LP stages money (before): no answer ({error}; {args.short_lp_timeout:.0f} s)")
+        return
+    print(_row(lp))
+    print(
+        "  ratio LP stages / flow stages, money, CPU (first, car event, price change, p50): "
+        + ", ".join(f"{a / b:.0f}x" for a, b in zip(lp.cpu_s, money.cpu_s, strict=True))
+        + f", {_ratio(lp, money):.0f}x"
+    )
+    diff = [abs(a - b) / max(1.0, abs(b)) for a, b in zip(lp.cost_eur, money.cost_eur, strict=True)]
+    print(
+        "  money optima's relative difference LP/flow stages (first, car event, price change): "
+        + ", ".join(f"{d:.1e}" for d in diff)
+    )
+
+
+def _short_note(t: Timing) -> str:
+    return f"; flow stages {t.flow_share}" if t.flow_share else ""
+
+
 def v2g_day(fleet: list[FleetModel], n: int, seed: int) -> PlanningProblem:
     """Half the cars allow V2G; an evening price spike makes selling worth it."""
     problem = seed_fleet_day(
@@ -352,6 +423,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v2g-limit", type=int, default=1000, help="largest size for the V2G day")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
+        "--short-sizes", default="278,1000,5000", help="sizes of the over-subscribed rows"
+    )
+    parser.add_argument(
+        "--short-headroom", type=float, default=0.3, help="head-room share of those rows"
+    )
+    parser.add_argument(
+        "--short-lp-limit", type=int, default=1000, help="largest size for the LP-stage baseline"
+    )
+    parser.add_argument(
+        "--short-lp-timeout", type=float, default=300.0, help="seconds per LP-stage solve"
+    )
+    parser.add_argument("--short-only", action="store_true", help="only the over-subscribed rows")
+    parser.add_argument(
         "--budget", type=float, default=120.0, help="seconds of re-solves per configuration"
     )
     args = parser.parse_args(argv)
@@ -376,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         f" shared machine than wall clock); load average now {os.getloadavg()[0]:.1f}"
     )
     p99: dict[tuple[str, int, str], tuple[float, float]] = {}
-    for n in sizes:
+    for n in [int(s) for s in args.short_sizes.split(",") if s]:
+        print()
+        bench_short(fleet, n, args, repeats, p99)
+    for n in [] if args.short_only else sizes:
         day = seed_fleet_day(fleet, np.random.default_rng(args.seed), DayShape(vehicles=n))
         print()
         print(f"N = {n} cars x {day.n_slots} slots, no V2G")
