@@ -92,10 +92,15 @@ def test_flow_stages_give_the_references_optima(p: PlanningProblem) -> None:
     compact = solve_reference_compact(p, MONEY)
     lp = FastSolver().solve(p, LP_STAGES)
     assert "flow_stages" not in lp.details
+    by_flow = fast.details.get("flow_fairness") == 1.0
     for other in (compact, lp):
         assert fast.status == other.status
         for stage in ("stage_shortfall_kwh", "stage_max_relative_shortfall", "stage_cost_eur"):
-            assert close(fast.details[stage], other.details[stage]), (
+            # A fairness level found by an LP run sits on the shortfall stage's slack (1e-7):
+            # with several efficiencies it may move by that much times a gradient, so cvxpy's
+            # agrees to 1e-5 there (as in test_properties); the flows' level does not move.
+            loose = stage == "stage_max_relative_shortfall" and other is compact and not by_flow
+            assert close(fast.details[stage], other.details[stage], 1e-5 if loose else 1e-6), (
                 stage,
                 fast.details[stage],
                 other.details[stage],
