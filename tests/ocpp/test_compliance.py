@@ -8,6 +8,7 @@ the plan's head-room.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from datetime import timedelta
 
@@ -54,6 +55,24 @@ def test_without_a_known_limit_nothing_is_judged() -> None:
     monitor = ComplianceMonitor(ComplianceConfig(samples=1))
     assert monitor.observe(KEY, 50.0, None, T0) is False
     assert monitor.non_compliant() == {}
+
+
+def test_is_flagged_follows_the_flags_of_every_connector_of_a_charger() -> None:
+    """`is_flagged` (kept per charger, not a scan) says whether any connector of that charger
+    is among `non_compliant()`, through raised and cleared flags on several connectors of
+    several chargers and a charger forgotten: 4,000 random samples."""
+    rng = random.Random(8)
+    monitor = ComplianceMonitor()
+    chargers = ["CP-1", "CP-2", "CP-3"]
+    for step in range(4000):
+        charger_id = rng.choice(chargers)
+        key = (charger_id, rng.randint(1, 3))
+        monitor.observe(key, rng.choice((5.0, 15.0)), 10.0, T0)
+        if step % 997 == 0:
+            monitor.forget(rng.choice(chargers))
+        flagged = {k[0] for k in monitor.non_compliant()}
+        assert [monitor.is_flagged(c) for c in chargers] == [c in flagged for c in chargers]
+    assert monitor.flags_raised > 100  # the sequence did raise (and clear) many flags
 
 
 def test_the_configuration_is_validated() -> None:
