@@ -216,3 +216,39 @@ async def test_a_site_meter_falling_silent_replans_on_the_safe_limit_without_an_
     assert running.service.plans_made == made + 1
     after = running.plans.plans[-1]
     assert sum(s.kw[0] for s in after.setpoints) <= 20.0 + 1e-9
+
+
+async def test_applied_events_are_counted_in_redis_once_per_batch_not_once_per_event(
+    redis: Redis, clock: SimClock
+) -> None:
+    """60 events waiting in the log are applied in one batch: the stored `events_applied`
+    counter ends equal to the service's own count (and to the events), written with a handful
+    of HINCRBY (the server's own command statistics), not one round trip per event."""
+    store = RedisFleetStore(redis, "depot")
+    events = [*small_site(clock.now(), cars=2)]
+    events += [soc_reported("ev-1", 0.3 + i / 1000, clock.now()) for i in range(60 - len(events))]
+    for event in events:
+        await store.append(event)  # type: ignore[arg-type]
+    stats = await redis.info("commandstats")
+    before = int(stats.get("cmdstat_hincrby", {}).get("calls", 0))
+    service = ControllerService(
+        store=store,
+        clock=clock,
+        planner=StatePlanner(),
+        sink=PlanRecorder(),
+        settings=Settings(site="depot", coalesce_window_s=WINDOW.total_seconds()),
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        await service.settled()
+        stats = await redis.info("commandstats")
+        hincrby = int(stats["cmdstat_hincrby"]["calls"]) - before
+        stored = await store.counters()
+        assert service.counters["events_applied"] == len(events) == 60
+        assert stored["events_applied"] == len(events)
+        # events_applied once for the batch, plans once per plan: far below one per event.
+        assert hincrby <= 1 + service.plans_made
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
