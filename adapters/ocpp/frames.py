@@ -30,6 +30,7 @@ The answers, per the OCPP-J 1.6 CALLERROR table (documented in docs/ocpp.md):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from importlib import resources
 from typing import Any, Literal, TypeAlias
 
 import fastjsonschema
@@ -236,6 +238,39 @@ def fast_check(action: str) -> Check | None:
             check = None
     _FAST[action] = check
     return check
+
+
+@functools.cache
+def outbound_check(action: str, *, answer: bool) -> Check | None:
+    """The compiled predicate of the 1.6 schema of a CALL the central system sends
+    (`answer=False`) or of the CALLRESULT that answers it (`answer=True`), built once; None when
+    the library has no such schema or it cannot be compiled.
+
+    Read from the library's own schema files, not through `get_validator`: that caches one
+    validator per schema whatever float parser built it, and the library parses the schemas
+    of SetChargingProfile, RemoteStartTransaction and the GetCompositeSchedule answer with
+    Decimal. The compiled check of their `multipleOf: 0.1` divides `Decimal(repr(value))` by
+    `Decimal("0.1")`, which is what the library's Decimal parsing of `json.dumps(value)`
+    checks. A payload the predicate passes has no schema error; any other goes to the
+    library's own validation, whose errors are raised as before (`adapters.ocpp.central`)."""
+    name = f"{action}Response" if answer else action
+    try:
+        text = (resources.files("ocpp.v16") / "schemas" / f"{name}.json").read_text("utf-8-sig")
+        return compile_schema(json.loads(text))
+    except (OSError, ValueError, fastjsonschema.JsonSchemaDefinitionException):
+        return None
+
+
+def outbound_valid(action: str, payload: Any, *, answer: bool) -> bool:
+    """Whether the compiled check passes `payload` (False: no check, or it does not pass, or
+    it raised on a value it cannot divide, such as NaN: the library's validation decides)."""
+    check = outbound_check(action, answer=answer)
+    if check is None:
+        return False
+    try:
+        return check(payload)
+    except (ArithmeticError, TypeError, ValueError):
+        return False
 
 
 def schema_error(action: str, payload: dict[str, Any]) -> tuple[CallErrorCode, str] | None:
