@@ -21,11 +21,12 @@ Pure functions from a plan, a charger's electrical data and "now" to `OutgoingPr
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from adapters.ocpp.config import LeaseConfig
@@ -275,6 +276,22 @@ def _slot_index(slot_starts: Sequence[datetime], at: datetime) -> int | None:
     return t
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+SLOT_US = SLOT // _ONE_US
+
+
+def _micros(at: datetime) -> int:
+    """An aware time as integer microseconds since the epoch (exact)."""
+    return (at - _EPOCH) // _ONE_US
+
+
+@functools.lru_cache(maxsize=8)  # the slot starts of the latest plans
+def _micros_of(slot_starts: tuple[datetime, ...]) -> tuple[int, ...]:
+    """A plan's slot starts as integer microseconds, converted once per plan."""
+    return tuple(_micros(s) for s in slot_starts)
+
+
 def tx_profile(
     charger: ChargePoint,
     connector_id: int,
@@ -296,25 +313,33 @@ def tx_profile(
     # Built for every running transaction at every plan (1,000 chargers: the dispatcher's
     # largest share of the event loop), so the slots are walked once in order (the times are
     # sorted) and each distinct power is converted once.
-    points: list[tuple[datetime, float | None]] = []
-    starts = plan.slot_starts if plan is not None and setpoint is not None else ()
-    times = sorted({start, lease_end, *(s for s in starts if s > start)})
-    t = -1  # the plan slot containing `at`: bisect_right(starts, at) - 1, walked forward
-    for at in times:
-        while t + 1 < len(starts) and starts[t + 1] <= at:
-            t += 1
-        kw = None
-        if setpoint is not None and starts and t >= 0:
-            past_end = t == len(starts) - 1 and at >= starts[t] + SLOT
-            kw = None if past_end else setpoint.kw[t]
-        points.append((at, kw))
+    # Times as integer microseconds since the epoch (exact, ordered as the instants are; the
+    # plan's slot starts converted once per plan): datetime arithmetic at each of ~100 points
+    # was most of a TxProfile's cost.
+    starts = _micros_of(plan.slot_starts) if plan is not None and setpoint is not None else ()
+    start_us, lease_end_us = _micros(start), _micros(lease_end)
+    first = bisect.bisect_right(starts, start_us)  # the first slot start after `start`
+    # The sorted distinct times: `start`, the slot starts after it, the lease end among them.
+    after = starts[first:]
+    cut = bisect.bisect_left(after, lease_end_us)
+    known = cut < len(after) and after[cut] == lease_end_us
+    lease = [lease_end_us] if lease_end_us > start_us and not known else []
+    times = [start_us, *after[:cut], *lease, *after[cut:]]
+    t = first - 1  # the plan slot containing `at`: bisect_right(starts, at) - 1, walked forward
+    last = len(starts) - 1
     offsets: list[int] = []
     limits: list[float] = []
     discharge: list[float] = []
     mode = charger.v2g_mode
     converted: dict[float, float] = {}
-    for at, kw in points:
-        in_lease = at < lease_end
+    for at in times:
+        while t < last and starts[t + 1] <= at:
+            t += 1
+        kw = None
+        if setpoint is not None and starts and t >= 0:
+            past_end = t == last and at >= starts[t] + SLOT_US
+            kw = None if past_end else setpoint.kw[t]
+        in_lease = at < lease_end_us
         if kw is None:
             kw_now = safe_kw
         elif in_lease:
@@ -332,7 +357,7 @@ def tx_profile(
                 dis, charge = -charge, 0.0
             else:
                 charge = 0.0
-        offset = int((at - start).total_seconds())
+        offset = (at - start_us) // 1_000_000  # at >= start: whole seconds, as int() cut
         if offsets and offsets[-1] == offset:
             # Two changes within one second (a plan made a fraction of a second after `now`):
             # periods are whole seconds, so the later value takes the period.
