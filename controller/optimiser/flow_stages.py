@@ -124,6 +124,30 @@ def flow_stages(prepared: Prepared) -> FlowStages | None:
         return None
 
 
+def surely_short(prepared: Prepared) -> bool:
+    """Whether the targets need more energy than all slots' head-room together (no flow).
+
+    A cheap sufficient sign of an over-subscribed day (microseconds against a max flow's
+    milliseconds): the cars' total remaining need at the grid side, beyond forced charge,
+    exceeds the head-room left after forced charge. A day short only by its time windows
+    passes it and is found by the hard-target run instead.
+    """
+    if prepared.any_v2g:
+        return False
+    p = prepared.problem
+    dt = p.dt_h
+    soft = (p.departure_slot > 0) & (prepared.scale_kwh > TINY)
+    goal_grid = np.where(soft, prepared.scale_kwh / p.eta_ch, 0.0)
+    if prepared.lower_kw.any():
+        forced = prepared.lower_kw @ dt
+        need = np.maximum(goal_grid - forced, 0.0).sum()
+        room = np.maximum(prepared.headroom_kw @ dt - forced.sum(), 0.0)
+    else:
+        need = goal_grid.sum()
+        room = prepared.headroom_kw @ dt
+    return bool(need > room * (1.0 + 1e-9) + 1e-6)
+
+
 def _units(kwh: FloatArray) -> np.ndarray:
     result: np.ndarray = np.floor(np.maximum(kwh, 0.0) * _UNITS_PER_KWH).astype(np.int64)
     return result

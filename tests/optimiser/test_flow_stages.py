@@ -21,7 +21,7 @@ from controller.optimiser import (
     solve_reference,
     solve_reference_compact,
 )
-from controller.optimiser.flow_stages import flow_stages
+from controller.optimiser.flow_stages import flow_stages, surely_short
 from controller.optimiser.instances import DayShape, parse_fleet_table, seed_fleet_day
 from controller.optimiser.prepare import prepare
 from controller.planning.problem import PlanningProblem
@@ -72,7 +72,8 @@ def short_days(draw: st.DrawFn) -> PlanningProblem:
         capacity_kwh=capacity,
         target_kwh=target,
         price=[draw(st.integers(-5, 40)) / 100 for _ in range(t)],
-        headroom_kw=[per_car * n * draw(st.sampled_from([0.5, 1.0, 1.5])) for _ in range(t)],
+        # Some slots with plenty (x8): days short only in the slots their windows allow.
+        headroom_kw=[per_car * n * draw(st.sampled_from([0.5, 1.0, 1.5, 8.0])) for _ in range(t)],
         min_kw=[draw(st.sampled_from([0.0, 4.14])) for _ in range(n)],
         eta_ch=[draw(st.sampled_from(efficiencies)) for _ in range(n)],
     )
@@ -109,6 +110,7 @@ def test_flow_stages_give_the_references_optima(p: PlanningProblem) -> None:
     if fast.details.get("flow_stages") == 1.0:
         SEEN["flow"] += 1
         SEEN["fairness by flow"] += int(fast.details.get("flow_fairness", 0.0))
+        SEEN["after a hard run"] += int(fast.details.get("flow_stages_after_hard_run", 0.0))
         SEEN["seed tried"] += int("flow_stages_seeded" in fast.details)  # not after warm starts
         SEEN["seeded"] += int(fast.details.get("flow_stages_seeded", 0.0))
     SEEN["refused"] += int(fast.details.get("flow_stages_refused", 0.0))
@@ -130,6 +132,8 @@ def test_the_random_days_took_the_flow_path() -> None:
     assert SEEN["fairness by flow"] >= SEEN["flow"] // 2
     assert SEEN["seeded"] >= SEEN["seed tried"] // 2
     assert SEEN["refused"] == 0
+    # Days short only by their time windows reach the flows after the hard-target run.
+    assert 0 < SEEN["after a hard run"] < SEEN["flow"]
 
 
 def _three_cars() -> PlanningProblem:
@@ -228,3 +232,19 @@ def test_the_seed_day_on_a_third_of_its_headroom(fairness: bool) -> None:
     for stage in ("stage_shortfall_kwh", "stage_max_relative_shortfall", "stage_cost_eur"):
         assert close(again.details[stage], cold.details[stage]), stage
     assert_valid(event, again, min_rate=False)
+
+
+def test_a_day_short_only_in_its_windows_reaches_the_flows_after_the_hard_run() -> None:
+    """The three cars with plenty of head-room in slot 1: the totals do not show the day short
+    (30 kWh asked, 102 kWh of head-room), the hard-target run does; then the flows rank it."""
+    p = dataclasses.replace(_three_cars(), headroom_kw=np.array([8.0, 400.0]))
+    assert not surely_short(prepare(p))
+    assert surely_short(prepare(_three_cars()))
+    s = FastSolver().solve(p, MONEY)
+    assert s.details["flow_stages"] == 1.0
+    assert s.details["flow_stages_after_hard_run"] == 1.0
+    assert s.details["stage_shortfall_kwh"] == pytest.approx(8.0, abs=1e-9)
+    assert s.details["stage_max_relative_shortfall"] == pytest.approx(0.8, abs=1e-9)
+    assert s.shortfall_kwh[1:] == pytest.approx([0.0, 0.0], abs=1e-6)
+    first = FastSolver().solve(_three_cars(), MONEY)
+    assert "flow_stages_after_hard_run" not in first.details  # short by the totals: flows first
