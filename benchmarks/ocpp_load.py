@@ -24,6 +24,12 @@ Available, one CALL in flight at a time and one every 1/R s. Round trips are the
 action, with the server's CPU per CALL answered and its event-loop lag (a task that sleeps
 20 ms and records how much longer it slept).
 
+`--controller`: the whole controller behind the central system, as `voltpool serve` wires it
+without MQTT: every event through the service's durable Redis log, its consumer and reducer,
+plans (the proportional share, coalesced over `--coalesce-s`) published to the lease dispatcher;
+one car per charger (its idTag), so each transaction is planned and gets TxProfiles. The server's
+CPU per CALL is then the controller's, all-inclusive.
+
 `--compare-with DIR`: the same run twice, first with the server of another checkout (e.g. a
 `git archive` of an earlier commit in DIR), then with this one, each figure side by side with
 the ratio this/that. Both servers get the same Redis, fleet and load.
@@ -47,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,15 +67,20 @@ from websockets.typing import Subprotocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters.bootstrap import FanOutSink
 from adapters.codec import encode_event
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import LeaseConfig, OcppConfig
 from adapters.ocpp.credentials import CredentialStore
 from adapters.ocpp.dispatcher import LeaseDispatcher
+from adapters.redis_store import RedisFleetStore
 from controller.clock import WallClock
-from controller.domain import ChargePoint, Connector, Site
-from controller.events import Event
+from controller.domain import ChargePoint, Connector, Site, Vehicle
+from controller.events import ChargerRegistered, Event, SiteConfigured, VehicleRegistered
+from controller.planning.planner import StatePlanner
+from controller.service import ControllerService
+from controller.settings import Settings
 from controller.state import FleetState
 from simulators.chargepoints.chargepoint import FleetStats
 from simulators.chargepoints.fleet import (
@@ -120,17 +132,48 @@ async def serve(args: argparse.Namespace) -> None:
         site=Site(site_id=SITE, capacity_kw=20_000.0, safe_limit_kw=4.6 * len(ids)),
         chargers=chargers,
     )
-    sink = StreamSink(redis)
     clock = WallClock()
-    central = CentralSystem(
-        redis=redis,
-        site=SITE,
-        sink=sink,
-        clock=clock,
-        config=OcppConfig(port=0, heartbeat_interval_s=300, ping_interval_s=None),
-        chargers=chargers.get,
-    )
-    dispatcher = LeaseDispatcher(central, clock, LeaseConfig(), state=lambda: state)
+    config = OcppConfig(port=0, heartbeat_interval_s=300, ping_interval_s=None)
+    service: ControllerService | None = None
+    service_task: asyncio.Task[None] | None = None
+    if args.controller:
+        # The whole controller as `voltpool serve` wires it (without MQTT): events through the
+        # service's durable log, its consumer and reducer, plans (the proportional share, in
+        # the planner's thread) published to the lease dispatcher.
+        settings = Settings(site=SITE, coalesce_window_s=args.coalesce_s)
+        plans = FanOutSink([])
+        service = ControllerService(
+            store=RedisFleetStore(redis, SITE),
+            clock=clock,
+            planner=StatePlanner(settings.planning),
+            sink=plans,
+            settings=settings,
+        )
+        await service.start()
+        for event in fleet_events(state, clock.now()):
+            await service.submit(event)
+        service_task = asyncio.ensure_future(service.run())
+        await service.applied()
+        live = service
+        central = CentralSystem(
+            redis=redis,
+            site=SITE,
+            sink=service,
+            clock=clock,
+            config=config,
+            chargers=lambda cid: live.state.chargers.get(cid),
+            vehicle_for_tag=lambda tag: tag if tag in live.state.vehicles else None,
+        )
+        dispatcher = LeaseDispatcher(central, clock, LeaseConfig(), state=lambda: live.state)
+        plans.add(dispatcher)
+        events: Callable[[], int] = lambda: live.counters.get("events_received", 0)  # noqa: E731
+    else:
+        sink = StreamSink(redis)
+        central = CentralSystem(
+            redis=redis, site=SITE, sink=sink, clock=clock, config=config, chargers=chargers.get
+        )
+        dispatcher = LeaseDispatcher(central, clock, LeaseConfig(), state=lambda: state)
+        events = lambda: sink.count  # noqa: E731
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -143,14 +186,43 @@ async def serve(args: argparse.Namespace) -> None:
     stats = {
         "online": len(central.online()),
         "metrics": dict(central.metrics),
-        "events": sink.count,
+        "events": events(),
         "dispatcher": dict(dispatcher.counters),
+        "service": dict(service.counters) if service else {},
         "loop_lag_ms": lags,
     }
     await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(stats))
     await dispatcher.close()
     await central.stop()
+    if service_task is not None:
+        await stop_task(service_task)
     await redis.aclose()
+
+
+def fleet_events(state: FleetState, at: datetime) -> list[Event]:
+    """The benchmark's site, chargers and one car per charger (idTag = vehicle id) as events."""
+    assert state.site is not None
+    events: list[Event] = [SiteConfigured(event_id="bench-site", at=at, site=state.site)]
+    for charger in state.chargers.values():
+        events.append(
+            ChargerRegistered(event_id=f"bench-cp-{charger.charger_id}", at=at, charger=charger)
+        )
+        vehicle = Vehicle(
+            vehicle_id=vehicle_of(charger.charger_id),
+            model="bench",
+            capacity_kwh=60.0,
+            energy_kwh=20.0,
+            energy_at=at,
+        )
+        events.append(
+            VehicleRegistered(event_id=f"bench-ev-{charger.charger_id}", at=at, vehicle=vehicle)
+        )
+    return events
+
+
+def vehicle_of(charger_id: str) -> str:
+    """The car (and idTag) of a benchmark charger in `--controller` mode."""
+    return f"EV-{charger_id}"
 
 
 LAG_PROBE_S = 0.02
@@ -270,7 +342,7 @@ class PacedCharger:
         def start() -> dict[str, Any]:
             return {
                 "connectorId": 1,
-                "idTag": "BENCH",
+                "idTag": vehicle_of(self.id),
                 "meterStart": self._register,
                 "timestamp": _now_iso(),
             }
@@ -471,6 +543,7 @@ async def drive(args: argparse.Namespace, server_root: Path = HERE) -> dict[str,
             str(port_file),
             "--stats-file",
             str(stats_file),
+            *(["--controller", "--coalesce-s", str(args.coalesce_s)] if args.controller else []),
         ],
         cwd=server_root,
     )
@@ -517,6 +590,7 @@ async def drive(args: argparse.Namespace, server_root: Path = HERE) -> dict[str,
         "server_metrics": server_stats.get("metrics", {}),
         "server_events": server_stats.get("events"),
         "dispatcher": server_stats.get("dispatcher", {}),
+        "service": server_stats.get("service", {}),
         "bcrypt12_check_ms": bcrypt12_ms,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
@@ -570,6 +644,11 @@ def report_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("server CALLs / events total", f"{metrics.get('frames_call', 0)} / {r['server_events']}"),
         ("profiles accepted", f"{r['dispatcher'].get('profiles_accepted', 0)}"),
+        (
+            "controller: events applied / plans",
+            f"{r.get('service', {}).get('events_applied', '-')} / "
+            f"{r.get('service', {}).get('plans', '-')}",
+        ),
         ("bad frames / client errors", f"{bad} / {r['client_errors']}"),
         (
             "bcrypt cost 12, one check",
@@ -673,6 +752,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--interleavings", type=int, default=0, help="run the S-05 property this many times"
+    )
+    parser.add_argument(
+        "--controller",
+        action="store_true",
+        help="the whole controller behind the central system (service, log, reducer, plans)",
+    )
+    parser.add_argument(
+        "--coalesce-s", type=float, default=0.2, help="--controller: plan coalescing window"
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-socket", help=argparse.SUPPRESS)
