@@ -726,6 +726,8 @@ def _flow_stages(
     if status == "infeasible":
         extra["flow_stages"] = 0.0
         extra["flow_stages_refused"] = 1.0
+        _rows(loaded, _index(layout.short_row), _one(-INF), _one(INF))
+        _cols(loaded, _index(layout.z_col), _one(0.0), _one(1.0))
         shortfall, worst = _lp_stages(loaded, prepared, options, counter)
         _objective(loaded, loaded.values.cost_vector)
         status = _run(highs, counter)

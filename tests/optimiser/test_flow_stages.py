@@ -21,9 +21,9 @@ from controller.optimiser import (
     solve_reference,
     solve_reference_compact,
 )
-from controller.optimiser.flow_stages import flow_stages, surely_short
+from controller.optimiser.flow_stages import FlowStages, flow_stages, surely_short
 from controller.optimiser.instances import DayShape, parse_fleet_table, seed_fleet_day
-from controller.optimiser.prepare import prepare
+from controller.optimiser.prepare import Prepared, prepare
 from controller.planning.problem import PlanningProblem
 from tests.optimiser.checks import TOL, assert_valid, close, problem
 
@@ -248,3 +248,28 @@ def test_a_day_short_only_in_its_windows_reaches_the_flows_after_the_hard_run() 
     assert s.shortfall_kwh[1:] == pytest.approx([0.0, 0.0], abs=1e-6)
     first = FastSolver().solve(_three_cars(), MONEY)
     assert "flow_stages_after_hard_run" not in first.details  # short by the totals: flows first
+
+
+def test_bounds_the_cost_stage_refuses_send_the_day_down_the_lp_stages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The safety net: flows that claim a fairness level below the true one (as a rounding
+    could) make the cost stage infeasible; the solve then runs the LP stages and still
+    returns the reference's optima."""
+    import controller.optimiser.fast as fast
+
+    def too_fair(prepared: Prepared) -> FlowStages | None:
+        stages = flow_stages(prepared)
+        assert stages is not None
+        assert stages.worst is not None
+        return dataclasses.replace(stages, worst=0.5 * stages.worst)
+
+    monkeypatch.setattr(fast, "flow_stages", too_fair)
+    p = _three_cars()
+    s = FastSolver().solve(p, MONEY)
+    assert s.details["flow_stages_refused"] == 1.0
+    assert s.details["flow_stages"] == 0.0
+    assert s.details["stage_shortfall_kwh"] == pytest.approx(18.0, rel=1e-7)
+    assert s.details["stage_max_relative_shortfall"] == pytest.approx(0.8, abs=1e-7)
+    reference = solve_reference(p, MONEY)
+    assert close(s.details["stage_cost_eur"], reference.details["stage_cost_eur"])
