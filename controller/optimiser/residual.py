@@ -37,6 +37,11 @@ highspy: Any = _highspy
 
 # Largest MIP (semi-continuous columns) of the wider rounds (see `_cells`).
 MAX_CELLS = 4000
+# Largest first round. Above it HiGHS's MIP set-up alone overruns the step's 0.3 s (measured on
+# over-subscribed benchmark days, every slot at its head-room: 11,000-15,000 cells at 278 cars
+# took 0.42-0.53 s, 47,000 at 1,000 ~1 s, 238,000 at 5,000 3.4 s; none proven, none kept);
+# the saturated nights the MIP is for have 300-700.
+FIRST_MAX_CELLS = 2 * MAX_CELLS
 # The money pass (among the plans that lose the least energy) gets at most this long.
 MONEY_S = 0.2
 _HIGHS_OPTIONS: dict[str, float | int | bool | str] = {
@@ -83,7 +88,9 @@ def settle_residual(
     is spent. Figures: `repair_mip` (1 when it ran), `repair_mip_rounds`, `repair_mip_cells`
     (of the last round), `repair_mip_proven` (1 when what is left is the least any min-rate
     plan of the charge-only cars can lose: nothing, or the widest MIP's proven optimum),
-    `repair_mip_kept` (1 when a MIP plan replaced the cheap moves'), `repair_mip_s` (wall).
+    `repair_mip_kept` (1 when a MIP plan replaced the cheap moves'), `repair_mip_s` (wall),
+    `repair_mip_too_big` (1 when even the first round has more than `FIRST_MAX_CELLS` cells:
+    no MIP then).
     """
     started = time.perf_counter()
     lost = lost_kwh(prepared, lp_charge, charge, discharge)
@@ -92,6 +99,9 @@ def settle_residual(
     if not len(losers) or time_limit_s <= 0.0:
         return charge, info
     grids = _cells(prepared, lp_charge, charge, discharge, losers)
+    if not grids:
+        info["repair_mip_too_big"] = 1.0  # no round it could set up in its time
+        return charge, info
     info.update(repair_mip=1.0, repair_mip_rounds=0.0, repair_mip_proven=0.0, repair_mip_kept=0.0)
     best, best_key = charge, (float(lost.sum()), _money(prepared, charge))
     for k, cells in enumerate(grids):
@@ -175,7 +185,7 @@ def _cells(
     the cells where the LP's plan and the cheap moves' differ or either runs below its
     bound; (2) every charge-only car present before the losers' last departure, in every
     slot until then; (3) those cars in all their slots. A wider round above `MAX_CELLS`
-    cells is left out.
+    cells is left out, a first round above `FIRST_MAX_CELLS` too (then there is no round).
     """
     problem = prepared.problem
     t_count = problem.n_slots
@@ -210,7 +220,7 @@ def _cells(
     last = -1
     for k, grid in enumerate(rounds):
         size = int(grid.sum())
-        if size == last or (k > 0 and size > MAX_CELLS):
+        if size == last or size > (MAX_CELLS if k > 0 else FIRST_MAX_CELLS):
             continue
         last = size
         cars, slots = np.nonzero(grid)
