@@ -540,7 +540,7 @@ def main() -> None:
     stack.add_argument(
         "--restart-settle-wall-s",
         type=float,
-        default=2.0,
+        default=10.0,
         help="restart mode: a simulated second's step waits at most this for the fleet to settle",
     )
     stack.add_argument(

@@ -831,9 +831,13 @@ class SoakConfig:
     recovery_timeout_s: float = 60.0
     restart_down_s: float = 10.0  # S-12: simulated seconds the controller stays stopped
     # S-12: a simulated second's step ends when the fleet has settled, or after this (wall s);
-    # and the restart is given up after this many simulated seconds.
-    restart_settle_wall_s: float = 2.0
+    # the restart is given up after this many simulated seconds, or after
+    # `RESTART_STALLED_STEPS` steps in a row ended by the cap with nothing changed.
+    restart_settle_wall_s: float = 10.0
     restart_max_sim_s: int = 600
+    # S-12's check shown to fail: the first this many chargers reject every charging profile
+    # from the controller's stop on, so they never re-sync.
+    restart_rejecting: int = 0
     # The service's coalescing window is on the simulated clock; this many wall seconds of it
     # (capped at 60 s simulated) keep the planner from re-planning after every event when the
     # day runs many times faster than the wall.
@@ -860,6 +864,8 @@ class SoakConfig:
             raise ValueError("charger_processes must be within 1..chargers")
         if self.restart_settle_wall_s <= 0 or self.restart_max_sim_s < 1:
             raise ValueError("a restart needs a positive settle cap and simulated limit")
+        if not 0 <= self.restart_rejecting <= self.chargers:
+            raise ValueError("restart_rejecting must be within 0..chargers")
 
     @property
     def speed(self) -> float:
@@ -1377,6 +1383,9 @@ class ChargerProcessHandle:
 
 
 RESTART_TARGET_SIM_S = 90.0  # RELIABILITY.md S-12: every charger back and re-synced within this
+# S-12 gives up after this many steps in a row that the settle cap ended with no charger's state
+# changed (a charger that never re-syncs would otherwise hold every step for the whole cap).
+RESTART_STALLED_STEPS = 3
 NOT_RESYNCED_LISTED = 20  # a status names at most this many chargers not re-synced yet
 
 
@@ -1533,8 +1542,9 @@ class RestartFigures:
     """S-12's figures: the controller restarted under a fleet of connected, charging chargers.
 
     Times `*_sim_s` are simulated seconds from the moment the controller was ready again
-    (None: not within the run's limit). After that moment simulated time moves one second per
-    step, and a step ends when the whole fleet has settled (`fleet_settled`) or after
+    (None: not within the run's limit, or the run stalled: `RESTART_STALLED_STEPS`). After
+    that moment simulated time moves one second per step, and a step ends when the whole
+    fleet has settled (`fleet_settled`) or after
     `settle_cap_wall_s`; `steps_at_cap` counts the steps that hit the cap, in which this
     machine's speed (not only the back-off and the protocol) decided how far the fleet got.
     `timeline` is (simulated s from ready, online, re-synced, backing off) at ready and after
@@ -2116,6 +2126,8 @@ class StackSoak:
                 # the restart does not depend on how long this machine takes to stop and start
                 # the controller (the clock stands still meanwhile).
                 await self.controller.stop()
+                if config.restart_rejecting:
+                    await self._tell({"reject_profiles": True})
                 down = await self._fleet_status(stopped_at, config.restart_settle_wall_s)
                 down_capped = int(not down.settled)  # each charger has seen the stop
                 while (self.sim_clock.now() - stopped_at).total_seconds() < config.restart_down_s:
@@ -2130,14 +2142,21 @@ class StackSoak:
                 status = ready
                 all_online: float | None = 0.0 if ready.all_online else None
                 all_synced: float | None = 0.0 if ready.all_resynced else None
-                steps = capped = 0
+                steps = capped = stalled = 0
                 slowest = 0.0
-                while all_synced is None and steps < config.restart_max_sim_s:
+                while (
+                    all_synced is None
+                    and steps < config.restart_max_sim_s
+                    and stalled < RESTART_STALLED_STEPS
+                ):
+                    before = (status.online, status.resynced, status.backing_off)
                     began = time.perf_counter()
                     status = await self._step(stopped_at, config.restart_settle_wall_s)
                     slowest = max(slowest, time.perf_counter() - began)
                     steps += 1
                     capped += not status.settled
+                    now = (status.online, status.resynced, status.backing_off)
+                    stalled = stalled + 1 if not status.settled and now == before else 0
                     elapsed = (self.sim_clock.now() - ready_at).total_seconds()
                     timeline.append((elapsed, status.online, status.resynced, status.backing_off))
                     if all_online is None and status.all_online:

@@ -29,6 +29,8 @@ runs; this process carries out the soak's lines on stdin in order from its start
   wall as the fleet connects; from the controller's stop on, one second a step);
 - `{"arrive": true}`: every charger's first car plugs in (StartTransaction re-sent until
   answered);
+- `{"reject_profiles": true}` (after the controller's stop, with `restart_rejecting`): the
+  first chargers of the fleet reject every SetChargingProfile from now on (never re-sync);
 - `{"status": {"since": t or null, "wait_s": w}}`: wait up to w wall seconds until every
   charger is backing off or back and re-synced since t (`simulators.chaos.fleet_settled`),
   then print `{"status": ...}` (`FleetStatus`: online, re-synced, backing off, errors, ...);
@@ -289,7 +291,8 @@ class ChargerFleetProcess:
     async def _obey(self, control: asyncio.StreamReader) -> None:
         """Carry out the soak's control lines in order until `{"end": true}`: `to` (move the
         clock to that simulated time), `arrive` (the first cars plug in), `status` (answer
-        with a `FleetStatus` line once settled or after `wait_s`)."""
+        with a `FleetStatus` line once settled or after `wait_s`), `reject_profiles` (the
+        first `restart_rejecting` chargers of the fleet reject every profile from now on)."""
         while True:
             line = await control.readline()
             if not line:
@@ -299,6 +302,10 @@ class ChargerFleetProcess:
                 await self.sim_clock.run_until(datetime.fromisoformat(message["to"]))
             elif "arrive" in message:
                 await self._arrive()
+            elif "reject_profiles" in message:
+                for index in self.indices:
+                    if index < self.config.restart_rejecting:
+                        self.chargers[index - self.indices.start].faults.reject_profiles = True
             elif "status" in message:
                 asked = message["status"]
                 since = None if asked["since"] is None else datetime.fromisoformat(asked["since"])

@@ -20,6 +20,7 @@ import pytest
 
 from controller.planning.share import share_by_need
 from simulators.chaos import (
+    RESTART_STALLED_STEPS,
     ControllerRecords,
     MeterRecord,
     SoakConfig,
@@ -222,3 +223,27 @@ def test_the_restart_check_sees_chargers_not_resynced_and_errors(restarted: Stac
     assert report.verdict is not None
     lost = dataclasses.replace(report.verdict, lost=1)
     assert len(figures.failures(lost)) == 1
+
+
+async def test_a_charger_that_never_resyncs_fails_the_restart_check(tmp_path: Path) -> None:
+    """S-12's check fails for real: three chargers, the first rejecting every charging profile
+    from the stop on; the run stops once its steps stall, names that charger as never
+    re-synced, and the others are back and re-synced."""
+    config = SoakConfig(
+        chargers=3,
+        wall_s=60.0,
+        restart_down_s=1.0,
+        restart_settle_wall_s=0.3,
+        restart_rejecting=1,
+        seed=5,
+    )
+    soak = StackSoak(config, RedisProcess(tmp_path / "redis"), solver=share_by_need)
+    report = await soak.run_restart()
+    figures = report.restart
+    assert figures is not None
+    assert figures.all_resynced_sim_s is None
+    assert (figures.not_resynced, figures.not_resynced_ids) == (1, ("CP-0001",))
+    assert figures.all_online_sim_s is not None  # online, but without its profiles
+    assert figures.timeline[-1][1:3] == (3, 2)
+    assert figures.steps_at_cap >= RESTART_STALLED_STEPS
+    assert figures.failures(report.verdict) == ["1 chargers never re-synced"]
