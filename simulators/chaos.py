@@ -2098,8 +2098,10 @@ class StackSoak:
         stand still while the controller stops and starts. The controller is down for
         `config.restart_down_s` simulated seconds. So the figure is the fleet's (back-off and
         protocol), not this machine's speed: with no step at the cap, a run's timeline depends
-        on the seed alone. Re-synced: a TxDefaultProfile and a ChargePointMaxProfile accepted
-        after the stop.
+        on the seed, and only within a simulated second on the machine (a connection refused
+        inside a step can back off from where the clock is when the refusal is seen: its
+        sleeper's deadline or a later one of the same step). Re-synced: a TxDefaultProfile and
+        a ChargePointMaxProfile accepted after the stop.
         """
         config, report = self.config, self.report
         cpu0 = cpu_s()
