@@ -546,7 +546,12 @@ def main() -> None:
     stack.add_argument(
         "--restart-max-sim-s", type=int, default=600, help="restart mode: give up after this"
     )
-    stack.add_argument("--solver", choices=("share", "optimiser"), default="share")
+    stack.add_argument(
+        "--solver",
+        choices=("share", "optimiser"),
+        default="optimiser",
+        help="optimiser (default): as `voltpool serve` plans; share: the proportional share",
+    )
     stack.add_argument(
         "--solver-in-thread",
         action="store_true",

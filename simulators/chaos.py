@@ -300,9 +300,14 @@ class LedgerChargePoint(SimChargePoint):
         if self.heartbeat_s is None:
             await super()._heartbeats()
             return
+        # The first one at a random point of the interval: the fleet connects within seconds
+        # at x1, and the same phase for all would put every heartbeat of the day into a burst
+        # of ~30 ms of wall time at x160 (a real fleet's boots are spread over real time).
+        first = self.heartbeat_s * self.rng.random()
+        await self.clock.sleep_until(self.clock.now() + timedelta(seconds=first))
         while True:
-            await self.clock.sleep_until(self.clock.now() + timedelta(seconds=self.heartbeat_s))
             await self._call(_heartbeat())
+            await self.clock.sleep_until(self.clock.now() + timedelta(seconds=self.heartbeat_s))
 
     async def _call(self, payload: Any) -> Any:
         action = type(payload).__name__
@@ -1265,6 +1270,10 @@ def ledger_chargers(
                 charger_id=charger_id_for(index),
                 max_power_kw=11.0,
                 meter_interval_s=config.meter_interval_s,
+                # OCPP 1.6: samples counted from each transaction's start. From the connection,
+                # the whole fleet (connected within ~5 s at x1) would sample within 5 simulated
+                # seconds, i.e. within ~30 ms of wall time once the day runs at x160.
+                meter_phase="transaction",
             ),
             clock,
             ledger,

@@ -4,10 +4,12 @@ process boundary, the shares of the fleet and the steady visit pattern of the me
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -235,3 +237,46 @@ def test_a_fleet_status_counts_settled_chargers_and_combines_across_processes() 
         FleetStatus.combine([unsettled, later])
     with pytest.raises(ValueError, match="re-synced but only"):
         dataclasses.replace(unsettled, resynced=1)
+
+
+async def test_the_soaks_chargers_sample_from_their_transactions_and_spread_their_heartbeats() -> (
+    None
+):
+    """The soak compresses a fleet that connected within seconds into a fast day: its chargers
+    must neither sample nor heartbeat in step. MeterValues are counted from each transaction's
+    start (OCPP 1.6); the first heartbeat after a connection falls anywhere in the interval,
+    the later ones an interval apart."""
+    from simulators.chaos import ledger_chargers
+    from simulators.chargepoints.chargepoint import FleetStats
+
+    config = SoakConfig(chargers=200, heartbeat_s=3600.0)
+    clock = SimClock(START)
+    chargers = ledger_chargers(config, range(200), clock, Ledger(), FleetStats())
+    assert {c.spec.meter_phase for c in chargers} == {"transaction"}
+    beats: dict[str, list[datetime]] = {c.spec.charger_id: [] for c in chargers}
+
+    def recorder(charger_id: str) -> Any:
+        async def call(_: Any) -> None:
+            beats[charger_id].append(clock.now())
+
+        return call
+
+    for charger in chargers:
+        charger._call = recorder(charger.spec.charger_id)  # type: ignore[method-assign]
+    tasks = [asyncio.ensure_future(charger._heartbeats()) for charger in chargers]
+    try:
+        await clock.advance(timedelta(hours=2))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    firsts = sorted((times[0] - START).total_seconds() for times in beats.values())
+    assert len(firsts) == 200
+    assert len(set(firsts)) == 200  # each charger its own phase...
+    assert firsts[0] < 0.05 * 3600  # ...spread over the interval
+    assert firsts[-1] > 0.95 * 3600
+    assert all(
+        (b - a).total_seconds() == 3600.0
+        for times in beats.values()
+        for a, b in itertools.pairwise(times)
+    )
