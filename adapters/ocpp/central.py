@@ -410,6 +410,15 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         closing = asyncio.ensure_future(self.closed.wait())
         try:
             await asyncio.wait({calling, closing}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The requester was cancelled (a dispatcher worker stopped or replaced): the CALL
+            # stops with it instead of running on unobserved (its failure on a closed
+            # connection was logged as "Task exception was never retrieved"); a late answer is
+            # dropped as unmatched, as after a timeout.
+            calling.cancel()
+            calling.add_done_callback(_observed)
+            self.checker.forget_call(unique_id)
+            raise
         finally:
             closing.cancel()
         if not calling.done():
@@ -1500,6 +1509,12 @@ class CentralSystem:
             call.DataTransfer(vendor_id=vendor_id, message_id=message_id, data=data)
         )
         return str(result.status), result.data
+
+
+def _observed(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a CALL nobody waits for any more (its error is not news)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _camel(value: Any) -> Any:

@@ -280,3 +280,26 @@ async def test_an_answer_outside_its_schema_raises_the_librarys_error(harness: H
         assert got == answer
         limit = got["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"]
         assert isinstance(limit, float)
+
+
+async def test_a_call_whose_requester_is_cancelled_stops_and_its_late_answer_is_dropped(
+    harness: Harness,
+) -> None:
+    """A dispatcher worker cancelled while its SetChargingProfile is out (stopped, or replaced
+    at a reconnect): the CALL stops with it instead of running on unobserved, its late answer
+    is dropped as unmatched (counted), and the next CALL to the charger goes out and is
+    answered as usual."""
+    async with harness.connect("CP-1") as ws:
+        profile = absolute_profile(1, "TxDefaultProfile", [(0, 11000.0)])
+        first = asyncio.ensure_future(harness.central.set_charging_profile("CP-1", 0, profile))
+        request = await recv(ws)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await ws.send(f'[3,"{request[1]}",{{"status":"Accepted"}}]')  # too late
+        second = asyncio.ensure_future(harness.central.set_charging_profile("CP-1", 0, profile))
+        again = await recv(ws)
+        assert again[1] != request[1]
+        await ws.send(f'[3,"{again[1]}",{{"status":"Accepted"}}]')
+        assert await second == "Accepted"
+        assert harness.central.metrics["answers_unmatched"] == 1
