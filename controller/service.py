@@ -209,9 +209,13 @@ class ControllerService:
             await self._wake.wait()
             self._wake.clear()
             try:
-                if self._store_down_since is not None:
-                    await self._reconcile()
                 while True:
+                    # Before every batch, not only when the consumer wakes: an outage seen
+                    # elsewhere (an append refused while the consumer's own commands went
+                    # through) must end as soon as the store works, not when the log drains,
+                    # which under a steady load can take minutes of decreases-only plans.
+                    if self._store_down_since is not None:
+                        await self._reconcile()
                     entries = await self._store.take(TAKE_BATCH)
                     if not entries:
                         break

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
-from controller.errors import RefusalCode, Refused
+from controller.errors import RefusalCode, Refused, StoreUnavailable
 from controller.events import CapSite, ForceCharge, SiteLoadReported
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
@@ -248,6 +248,42 @@ async def test_applied_events_are_counted_in_redis_once_per_batch_not_once_per_e
         assert stored["events_applied"] == len(events)
         # events_applied once for the batch, plans once per plan: far below one per event.
         assert hincrby <= 1 + service.plans_made
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_an_outage_seen_by_an_append_ends_before_the_log_drains(
+    redis: Redis, clock: SimClock
+) -> None:
+    """An append refused (the outage begins: decreases only) while the consumer's own commands
+    go through: the service reconciles at the consumer's next batch, while 2,000 events still
+    wait in the log, not once the log has drained (under a steady load that was minutes of
+    decreases-only plans after the store was back)."""
+    store = RedisFleetStore(redis, "depot")
+    events = [*small_site(clock.now(), cars=2)]
+    events += [soc_reported("ev-1", 0.3 + i / 10**5, clock.now()) for i in range(2000)]
+    for event in events:
+        await store.append(event)  # type: ignore[arg-type]
+    service = ControllerService(
+        store=store,
+        clock=clock,
+        planner=StatePlanner(),
+        sink=PlanRecorder(),
+        settings=Settings(site="depot", coalesce_window_s=WINDOW.total_seconds()),
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        await service.counted("events_applied", 1)
+        # What `submit` does when Redis refuses an append.
+        service._store_failed(StoreUnavailable("append refused"), "appending an event")
+        assert service.store_down_since is not None
+        await service.counted("store_recoveries", 1)
+        assert service.store_down_since is None
+        assert service.counters["events_applied"] < len(events) // 2
+        await service.settled()
+        assert service.counters["events_applied"] == len(events)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
