@@ -1,0 +1,208 @@
+"""False "does not follow its profile" flags: the limit the dispatcher judges a connector by
+must be the one the charger applies (RELIABILITY.md P-05/P-07, found in the 1,000-charger
+soaks and the demo).
+
+A charger combines its installed profiles by OCPP 1.6's rules: the TxProfile *of the running
+transaction*, else the TxDefaultProfile, capped by the ChargePointMaxProfile; it deletes a
+transaction's TxProfiles when the transaction ends, and keeps its profiles across a reconnect
+that is not a reboot. The dispatcher judged every sample against the last TxProfile accepted on
+the connector, of whatever transaction, and after a reconnect against the profiles accepted on
+the new connection only. Two honest chargers were then flagged:
+
+- a new transaction on the connector of one whose TxProfile said 0 kW (its car was full or
+  gone) draws the TxDefaultProfile until its own TxProfile is accepted (an "increase" over
+  the old 0 kW, held while any other charger lowers its draw): "11.00 kW against a 0.00 kW
+  limit on 2 samples", 3-13 times a soak;
+- after a reconnect without a reboot the charger still applies its TxProfile while the new
+  connection has had only the TxDefaultProfile accepted (the TxProfile, an increase over it,
+  held behind another charger's decrease): the plan's draw against the safe share.
+
+Real central system and simulated chargers over real WebSockets on a `SimClock`; the rogue
+control (a charger that ignores its profiles) must still be flagged on its second sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from adapters.ocpp.config import OcppConfig
+from controller.clock import SimClock
+from simulators.chargepoints.chargepoint import Faults
+from tests.ocpp.conftest import charger, simulated
+from tests.ocpp.test_dispatcher import a_car, brought_up, purposes, rig
+
+MINUTE = timedelta(seconds=60)
+# A charger that answers late on the simulated clock must not time out on the wall clock while
+# the test advances it (the default 5 s of the harness did, under load).
+PATIENT = OcppConfig(bcrypt_rounds=4, call_timeout_s=120.0)
+# The fix is /tmp/s5/hS2_fix.patch (adapters/ocpp/dispatcher.py, helper P's file): these fail
+# until it is applied; then remove the marks.
+UNFIXED = pytest.mark.xfail(
+    strict=True,
+    reason="false P-05 flags: the dispatcher judges by a previous transaction's TxProfile and "
+    "forgets what a reconnected charger kept (fix: /tmp/s5/hS2_fix.patch, not applied yet)",
+)
+
+
+@pytest.mark.parametrize("fault", [pytest.param("honest", marks=UNFIXED), "ignores"])
+async def test_a_new_transaction_is_judged_by_the_default_not_the_last_transactions_profile(
+    redis: Redis, clock: SimClock, fault: str
+) -> None:
+    """Transaction A's TxProfile says 0 kW; A ends and B starts on the same connector before
+    B's TxProfile is sent. The charger drops A's TxProfile and gives B the TxDefaultProfile
+    (safe share 5.5 kW): an honest charger drawing 5.5 kW is not flagged, a charger ignoring
+    its profiles (11 kW) is, on its second sample."""
+    faults = Faults(ignore_profiles=fault == "ignores")
+    async with (
+        rig(redis, clock, charger("CP-1", max_power_kw=11.0), safe_limit_kw=5.5) as r,
+        simulated(r.harness, "CP-1", max_power_kw=11.0, faults=faults) as sim,
+    ):
+        await brought_up(r, sim)
+        await sim.plug_in(1, a_car(11.0))
+        await r.publish({("CP-1", 1): [0.0]})
+        await sim.wait_for(lambda: purposes(sim)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled("CP-1")
+        old_tx = sim.connector(1).transaction_id
+        assert r.dispatcher.sent("CP-1")["tx:1"].limits[0] == 0.0
+
+        await clock.advance(timedelta(seconds=10))  # within the meter interval: no sample of A
+        await sim.unplug(1)
+        await sim.plug_in(1, a_car(11.0))
+        new_tx = sim.connector(1).transaction_id
+        assert new_tx is not None
+        assert new_tx != old_tx
+        # The charger has no TxProfile of B: the TxDefaultProfile holds (or nothing, if rogue).
+        expected_kw = 11.0 if fault == "ignores" else 5.5
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(expected_kw)
+        assert r.dispatcher.sent("CP-1")["tx:1"].transaction_id == old_tx  # not sent yet
+
+        await sim.send_meter_values()
+        assert r.dispatcher.counters["non_compliant_flags"] == 0  # never on one sample
+        await clock.advance(MINUTE)
+        await sim.send_meter_values()
+        await clock.advance(MINUTE)
+        await sim.send_meter_values()
+        if fault == "honest":
+            assert r.dispatcher.compliance.non_compliant() == {}
+            assert r.dispatcher.counters["non_compliant_flags"] == 0
+        else:
+            assert r.dispatcher.compliance.non_compliant() == {("CP-1", 1): pytest.approx(11.0)}
+            assert r.dispatcher.counters["non_compliant_flags"] == 1
+
+
+@UNFIXED
+async def test_after_a_reconnect_the_profiles_the_charger_kept_are_what_it_is_judged_by(
+    redis: Redis, clock: SimClock
+) -> None:
+    """CP-1 runs its plan of 8 kW (safe share 6 kW). It loses its connection; meanwhile its
+    plan goes up to 11 kW and CP-2's down, and CP-2 answers only after 10 simulated minutes.
+    CP-1 comes back without a reboot, keeping its 8 kW TxProfile; the new connection has its
+    TxDefaultProfile (6 kW) and ChargePointMaxProfile accepted, and the 11 kW TxProfile, an
+    increase, is held behind CP-2's decrease. CP-1 draws 8 kW, as it was told: its samples
+    must not flag it (they did: "11.00 kW against a 6.00 kW limit" in the first version of
+    this test, the demo's "3.6 kW against a 2.89 kW limit")."""
+    async with (
+        rig(
+            redis,
+            clock,
+            charger("CP-1", max_power_kw=11.0),
+            charger("CP-2", max_power_kw=11.0),
+            safe_limit_kw=12.0,
+            config=PATIENT,
+        ) as r,
+        simulated(r.harness, "CP-1", max_power_kw=11.0) as sim,
+        simulated(r.harness, "CP-2", max_power_kw=11.0) as other,
+    ):
+        for s in (sim, other):
+            await brought_up(r, s)
+            await s.plug_in(1, a_car(11.0))
+        await r.publish({("CP-1", 1): [8.0], ("CP-2", 1): [11.0]})
+        for s in (sim, other):
+            await s.wait_for(lambda s=s: purposes(s)[-1:] == ["TxProfile"])
+            await r.dispatcher.settled(s.spec.charger_id)
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(8.0)
+
+        await sim.drop()
+        await sim.wait_for(lambda: sim.backing_off)
+        other.faults.reply_delay_s = 600.0
+        received = len(other.received)
+        await r.publish({("CP-1", 1): [11.0], ("CP-2", 1): [4.5]})
+        await r.dispatcher.wait_for(lambda: "CP-2" in r.dispatcher._decreasing)
+        await clock.advance(timedelta(seconds=2))
+        await sim.wait_for(
+            lambda: purposes(sim)[-2:] == ["TxDefaultProfile", "ChargePointMaxProfile"]
+        )
+        await r.dispatcher.settled("CP-1")
+        assert "tx:1" not in r.dispatcher.sent("CP-1")  # held behind CP-2's decrease
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(8.0)  # the kept TxProfile
+
+        for _ in range(3):
+            await sim.send_meter_values()
+            await clock.advance(MINUTE)
+        assert r.dispatcher.compliance.non_compliant() == {}
+        assert r.dispatcher.counters["non_compliant_flags"] == 0
+
+        await clock.advance(timedelta(seconds=600))  # CP-2 answers; CP-1's lease goes out
+        await other.wait_for(lambda: len(other.received) > received)
+        await sim.wait_for(lambda: purposes(sim)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled("CP-1")
+        assert r.dispatcher.sent("CP-1")["tx:1"].limits[0] == pytest.approx(11000.0)
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(11.0)
+
+
+@UNFIXED
+async def test_a_new_transactions_lease_below_the_default_is_a_decrease_and_goes_first(
+    redis: Redis, clock: SimClock
+) -> None:
+    """Decreases before increases (P-04), judged from what the charger applies: transaction A's
+    TxProfile said 0 kW; B on the same connector draws the TxDefaultProfile (11 kW). B's 5 kW
+    lease lowers the charger's draw, so CP-2's increase in the same plan waits until CP-1 has
+    acknowledged it (it was taken for an increase over A's 0 kW and went out with CP-2's,
+    while CP-1 drew 11 kW)."""
+    async with (
+        rig(
+            redis,
+            clock,
+            charger("CP-1", max_power_kw=11.0),
+            charger("CP-2", max_power_kw=11.0),
+            safe_limit_kw=40.0,
+            config=PATIENT,
+        ) as r,
+        simulated(r.harness, "CP-1", max_power_kw=11.0) as sim,
+        simulated(r.harness, "CP-2", max_power_kw=11.0) as other,
+    ):
+        for s in (sim, other):
+            await brought_up(r, s)
+            await s.plug_in(1, a_car(11.0))
+        await r.publish({("CP-1", 1): [0.0], ("CP-2", 1): [5.0]})
+        for s in (sim, other):
+            await s.wait_for(lambda s=s: purposes(s)[-1:] == ["TxProfile"])
+            await r.dispatcher.settled(s.spec.charger_id)
+        await clock.advance(timedelta(seconds=10))
+        await sim.unplug(1)
+        await sim.plug_in(1, a_car(11.0))
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(11.0)  # B: the default
+
+        sim.faults.reply_delay_s = 30.0  # CP-1 acknowledges 30 simulated seconds later
+        received, got = len(other.received), len(sim.received)
+        await r.publish({("CP-1", 1): [5.0], ("CP-2", 1): [11.0]})
+        await r.dispatcher.settled("CP-2")
+        assert len(other.received) == received  # CP-2's increase waits for CP-1's decrease
+        assert r.dispatcher.counters["increases_held"] >= 1
+
+        # Its answer is due 30 s after the profile reached it, which the clock cannot know:
+        # step the clock until it has answered.
+        for _ in range(40):
+            await clock.advance(timedelta(seconds=5))
+            with contextlib.suppress(TimeoutError):
+                await sim.wait_for(lambda: len(sim.received) > got, timeout_s=0.2)
+                break
+        assert len(sim.received) > got
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(5.0)
+        await other.wait_for(lambda: len(other.received) > received)
+        await r.dispatcher.settled("CP-2")
+        assert other.powers_kw(clock.now())[1] == pytest.approx(11.0)
