@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -46,6 +47,18 @@ UNFIXED = pytest.mark.xfail(
     reason="false P-05 flags: the dispatcher judges by a previous transaction's TxProfile and "
     "forgets what a reconnected charger kept (fix: /tmp/s5/hS2_fix.patch, not applied yet)",
 )
+
+
+async def charging_on_plan(r: Any, sims: tuple[Any, ...], plan: dict[Any, list[float]]) -> None:
+    """Each charger brought up with a car charging, then `plan` published and every charger's
+    TxProfile for it accepted."""
+    for s in sims:
+        await brought_up(r, s)
+        await s.plug_in(1, a_car(11.0))
+    await r.publish(plan)
+    for s in sims:
+        await s.wait_for(lambda s=s: purposes(s)[-1:] == ["TxProfile"])
+        await r.dispatcher.settled(s.spec.charger_id)
 
 
 @pytest.mark.parametrize("fault", [pytest.param("honest", marks=UNFIXED), "ignores"])
@@ -117,13 +130,7 @@ async def test_after_a_reconnect_the_profiles_the_charger_kept_are_what_it_is_ju
         simulated(r.harness, "CP-1", max_power_kw=11.0) as sim,
         simulated(r.harness, "CP-2", max_power_kw=11.0) as other,
     ):
-        for s in (sim, other):
-            await brought_up(r, s)
-            await s.plug_in(1, a_car(11.0))
-        await r.publish({("CP-1", 1): [8.0], ("CP-2", 1): [11.0]})
-        for s in (sim, other):
-            await s.wait_for(lambda s=s: purposes(s)[-1:] == ["TxProfile"])
-            await r.dispatcher.settled(s.spec.charger_id)
+        await charging_on_plan(r, (sim, other), {("CP-1", 1): [8.0], ("CP-2", 1): [11.0]})
         assert sim.powers_kw(clock.now())[1] == pytest.approx(8.0)
 
         await sim.drop()
@@ -175,13 +182,7 @@ async def test_a_new_transactions_lease_below_the_default_is_a_decrease_and_goes
         simulated(r.harness, "CP-1", max_power_kw=11.0) as sim,
         simulated(r.harness, "CP-2", max_power_kw=11.0) as other,
     ):
-        for s in (sim, other):
-            await brought_up(r, s)
-            await s.plug_in(1, a_car(11.0))
-        await r.publish({("CP-1", 1): [0.0], ("CP-2", 1): [5.0]})
-        for s in (sim, other):
-            await s.wait_for(lambda s=s: purposes(s)[-1:] == ["TxProfile"])
-            await r.dispatcher.settled(s.spec.charger_id)
+        await charging_on_plan(r, (sim, other), {("CP-1", 1): [0.0], ("CP-2", 1): [5.0]})
         await clock.advance(timedelta(seconds=10))
         await sim.unplug(1)
         await sim.plug_in(1, a_car(11.0))
