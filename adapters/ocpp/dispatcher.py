@@ -34,7 +34,13 @@ what the charger accepted:
 - `Accepted` is a claim: every measured power from MeterValues is compared with the limit in
   force (`adapters.ocpp.compliance`); a connector over it on two consecutive samples is flagged,
   its *measured* draw is budgeted, and the other connectors' setpoints are scaled down so that
-  measured + planned stays within the plan's head-room (RELIABILITY.md P-05/P-07).
+  measured + planned stays within the plan's head-room (RELIABILITY.md P-05/P-07). The limit in
+  force is the one the charger applies by OCPP's rules: the TxProfile *of the running
+  transaction* (a charger deletes a transaction's TxProfiles when it ends; the next
+  transaction on the connector gets the TxDefaultProfile until its own TxProfile is accepted),
+  and after a reconnect without a reboot, what it accepted on the previous connection for each
+  slot the new one has not had accepted yet (it keeps its profiles). Whether a TxProfile
+  raises or lowers a connector's limit is judged against the same.
 """
 
 from __future__ import annotations
@@ -199,6 +205,31 @@ class _Link:
     exhausted: set[str] = field(default_factory=set)
     max_given_up: bool = False
     off_at: dict[str, datetime] = field(default_factory=dict)  # last switch off, per tx slot
+    # What the charger accepted on its previous connection (a reconnect without a reboot: it
+    # keeps its profiles), per slot; a slot accepted on this connection replaces it.
+    kept: dict[str, OutgoingProfile] = field(default_factory=dict)
+
+
+def _installed(link: _Link, slot: str) -> OutgoingProfile | None:
+    """What the charger holds for a slot: accepted on this connection, else kept from the
+    previous one."""
+    profile = link.sent.get(slot)
+    return profile if profile is not None else link.kept.get(slot)
+
+
+def _before(link: _Link, profile: OutgoingProfile) -> OutgoingProfile | None:
+    """What the charger applies to the connector of a TxProfile lease before it is installed:
+    the slot's profile if still in force (one of the same transaction, or the slot sent as a
+    TxDefaultProfile), else the TxDefaultProfile (a charger deletes a transaction's TxProfiles
+    when it ends)."""
+    old = _installed(link, profile.slot)
+    if (
+        old is not None
+        and old.purpose == "TxProfile"
+        and old.transaction_id != profile.transaction_id
+    ):
+        old = None
+    return old if old is not None else _installed(link, "default")
 
 
 class LeaseDispatcher:
@@ -247,6 +278,8 @@ class LeaseDispatcher:
         self._publishing = False  # `publish` is looking through the chargers (it yields)
         self._wanted: dict[ChargerId, tuple[int, tuple[object, ...], list[OutgoingProfile]]] = {}
         self._retiring: set[asyncio.Future[None]] = set()  # replaced workers being stopped
+        # What each disconnected charger had accepted, until it is back (or reboots).
+        self._gone: dict[ChargerId, dict[str, OutgoingProfile]] = {}
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -310,13 +343,15 @@ class LeaseDispatcher:
     async def charger_ready(self, charger_id: ChargerId, *, rebooted: bool) -> None:
         """(Re)connected or rebooted: assume nothing is installed and bring it to the plan."""
         self.counters["bring_ups"] += 1
-        self._start_link(charger_id, trigger_status=not rebooted)
+        self._start_link(charger_id, trigger_status=not rebooted, rebooted=rebooted)
 
     async def charger_gone(self, charger_id: ChargerId) -> None:
         """Disconnected: stop its worker; what it accepted last stays in Redis."""
         link = self._links.pop(charger_id, None)
         self._wanted.pop(charger_id, None)
         self._release(charger_id)
+        if link is not None:
+            self._gone[charger_id] = {**link.kept, **link.sent}
         if link is not None and link.task is not None:
             await stop_task(link.task)
 
@@ -346,16 +381,21 @@ class LeaseDispatcher:
             other.wake.set()
 
     def _limit_in_force_kw(self, link: _Link, connector_id: int, at: datetime) -> float | None:
-        """The composite limit the charger accepted for the connector at `at`, in kW."""
+        """The composite limit the charger applies to the connector at `at`, in kW, as far as
+        its accepted profiles tell (None: none known)."""
         charger = self.state.chargers.get(link.charger_id)
         if charger is None:
             return None
-        tx = link.sent.get(f"tx:{connector_id}")
-        base = tx if tx is not None else link.sent.get("default")
+        tx = _installed(link, f"tx:{connector_id}")
+        if tx is not None and tx.purpose == "TxProfile" and tx.transaction_id is not None:
+            running = self._running(link.charger_id, charger).get(connector_id)
+            if running is not None and running != tx.transaction_id:
+                tx = None  # the previous transaction's: the charger deleted it at its end
+        base = tx if tx is not None else _installed(link, "default")
         if base is None:
             return None
         limit = from_limit(base.limit_at(at), charger, base.unit)
-        cap = link.sent.get("max")
+        cap = _installed(link, "max")
         if cap is not None:
             limit = min(limit, from_limit(cap.limit_at(at), charger, cap.unit))
         return max(0.0, limit)
@@ -688,11 +728,18 @@ class LeaseDispatcher:
 
     # -- the worker --
 
-    def _start_link(self, charger_id: ChargerId, *, trigger_status: bool) -> None:
+    def _start_link(
+        self, charger_id: ChargerId, *, trigger_status: bool, rebooted: bool = False
+    ) -> None:
         old = self._links.pop(charger_id, None)
+        gone = self._gone.pop(charger_id, None)
         if old is not None and old.task is not None:
             self._retire(old.task)
         link = _Link(charger_id, trigger_status=trigger_status)
+        if not rebooted:
+            # It kept what it accepted before (a replaced half-open connection, or a
+            # reconnect): that is what it applies until this connection's profiles replace it.
+            link.kept = gone if gone is not None else {**old.kept, **old.sent} if old else {}
         self._links[charger_id] = link
         link.task = asyncio.ensure_future(self._work(link))
 
@@ -743,7 +790,7 @@ class LeaseDispatcher:
         unit; 0 for the default and max profiles (caps: never an increase in draw)."""
         if profile.slot in ORDER:
             return 0.0
-        old = link.sent.get(profile.slot) or link.sent.get("default")
+        old = _before(link, profile)
         return profile.limit_at(now) - (old.limit_at(now) if old is not None else 0.0)
 
     def _release(self, charger_id: ChargerId) -> None:
@@ -770,9 +817,7 @@ class LeaseDispatcher:
         def key(p: OutgoingProfile) -> tuple[int, float, str]:
             """Sort key: default, max, then TxProfiles by change (decreases first)."""
             rank = ORDER.get(p.slot, 2)
-            old = link.sent.get(p.slot)
-            change = p.limit_at(now) - (old.limit_at(now) if old is not None else 0.0)
-            return rank, change if rank == 2 else 0.0, p.slot
+            return rank, self._change(link, p, now) if rank == 2 else 0.0, p.slot
 
         return sorted(profiles, key=key)
 

@@ -40,13 +40,6 @@ MINUTE = timedelta(seconds=60)
 # A charger that answers late on the simulated clock must not time out on the wall clock while
 # the test advances it (the default 5 s of the harness did, under load).
 PATIENT = OcppConfig(bcrypt_rounds=4, call_timeout_s=120.0)
-# The fix is /tmp/s5/hS2_fix.patch (adapters/ocpp/dispatcher.py, helper P's file): these fail
-# until it is applied; then remove the marks.
-UNFIXED = pytest.mark.xfail(
-    strict=True,
-    reason="false P-05 flags: the dispatcher judges by a previous transaction's TxProfile and "
-    "forgets what a reconnected charger kept (fix: /tmp/s5/hS2_fix.patch, not applied yet)",
-)
 
 
 async def charging_on_plan(r: Any, sims: tuple[Any, ...], plan: dict[Any, list[float]]) -> None:
@@ -61,7 +54,7 @@ async def charging_on_plan(r: Any, sims: tuple[Any, ...], plan: dict[Any, list[f
         await r.dispatcher.settled(s.spec.charger_id)
 
 
-@pytest.mark.parametrize("fault", [pytest.param("honest", marks=UNFIXED), "ignores"])
+@pytest.mark.parametrize("fault", ["honest", "ignores"])
 async def test_a_new_transaction_is_judged_by_the_default_not_the_last_transactions_profile(
     redis: Redis, clock: SimClock, fault: str
 ) -> None:
@@ -107,7 +100,6 @@ async def test_a_new_transaction_is_judged_by_the_default_not_the_last_transacti
             assert r.dispatcher.counters["non_compliant_flags"] == 1
 
 
-@UNFIXED
 async def test_after_a_reconnect_the_profiles_the_charger_kept_are_what_it_is_judged_by(
     redis: Redis, clock: SimClock
 ) -> None:
@@ -161,7 +153,6 @@ async def test_after_a_reconnect_the_profiles_the_charger_kept_are_what_it_is_ju
         assert sim.powers_kw(clock.now())[1] == pytest.approx(11.0)
 
 
-@UNFIXED
 async def test_a_new_transactions_lease_below_the_default_is_a_decrease_and_goes_first(
     redis: Redis, clock: SimClock
 ) -> None:
