@@ -8,6 +8,7 @@ shortfalls with reasons, and the figures in `Schedule.details`.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from controller.optimiser.prepare import Prepared
 from controller.optimiser.repair import repair_min_rate
 from controller.optimiser.residual import lost_reasons, settle_residual
 from controller.optimiser.rounding import Hints, round_slivers, slivers
+from controller.optimiser.tiebreak import earliest_departures_first
 from controller.planning.problem import (
     FloatArray,
     Schedule,
@@ -66,6 +68,89 @@ def clean(values: FloatArray, upper: FloatArray) -> FloatArray:
     """Clip an LP's values into [0, upper] and zero the solver's round-off."""
     result: FloatArray = np.clip(values, 0.0, upper)
     result[result < 1e-9] = 0.0
+    return result
+
+
+def ordered_plan(
+    prepared: Prepared,
+    plan: tuple[FloatArray, FloatArray, dict[str, float]],
+    options: OptimiserOptions,
+) -> tuple[FloatArray, FloatArray, dict[str, float]]:
+    """The final `plan` re-assigned earliest departure first (`earliest_departures_first`)
+    inside its slot and car totals, when `options.earliest_departure_tiebreak`.
+
+    With `options.min_rate_repair` the re-assigned plan's slivers are then removed by the free
+    moves of `round_slivers` (and what they leave by the greedy `repair_min_rate`), and the
+    result is kept only if it is no worse than `plan` in anything a stage or the min-rate step
+    ranks: no sliver, no car with less battery energy, no more money, peak or ramping (each to
+    `options.stage_tolerance`), the site within the head-room. Otherwise `plan` is returned
+    (`tiebreak_kept` = 0). Its figures (`tiebreak_*`) are added to the plan's.
+    """
+    charge, discharge, info = plan
+    if not options.earliest_departure_tiebreak or prepared.n_vehicles < 2:
+        return plan
+    started = time.perf_counter()
+    ordered, figures = earliest_departures_first(prepared, charge, discharge)
+    if figures["tiebreak_kept"] and options.min_rate_repair:
+        rounded = _rounded(prepared, charge, discharge, ordered, options)
+        figures["tiebreak_min_rate_refused"] = 1.0 if rounded is None else 0.0
+        if rounded is None:
+            figures["tiebreak_kept"] = 0.0
+        ordered = charge if rounded is None else rounded
+    if figures["tiebreak_kept"] and "min_rate_violations" in info:
+        small_charge, small_discharge = slivers(prepared, ordered, discharge)
+        figures["min_rate_violations"] = float(small_charge.sum() + small_discharge.sum())
+    figures["tiebreak_s"] = time.perf_counter() - started
+    return ordered, discharge, {**info, **figures}
+
+
+def _rounded(
+    prepared: Prepared,
+    charge: FloatArray,
+    discharge: FloatArray,
+    ordered: FloatArray,
+    options: OptimiserOptions,
+) -> FloatArray | None:
+    """`ordered` with its slivers removed as the min-rate step does, or None when that would
+    make the plan worse than `charge` (see `ordered_plan`)."""
+    problem = prepared.problem
+    peak, ramp = site_profile(charge, discharge)
+    cap = np.minimum(prepared.headroom_kw, max(peak, 0.0))
+    old_small = slivers(prepared, charge, discharge)[0].sum()
+    new, new_discharge, figures = round_slivers(prepared, ordered, discharge, site_cap_kw=cap)
+    if figures["rounding_left"] > 0.0:
+        new, new_discharge, _ = repair_min_rate(prepared, new, new_discharge)
+    if slivers(prepared, new, new_discharge)[0].sum() > old_small:
+        return None
+    if not np.array_equal(new_discharge, discharge):
+        return None
+    gain_old = _gain_kwh(prepared, charge)
+    gain_new = _gain_kwh(prepared, new)
+    if np.any(gain_new < gain_old - 1e-6):
+        return None
+    new_peak, new_ramp = site_profile(new, discharge)
+    site = new.sum(axis=0) - discharge.sum(axis=0)
+    old_site = charge.sum(axis=0) - discharge.sum(axis=0)
+    if np.any(site > np.maximum(prepared.headroom_kw, old_site) + 1e-7):
+        return None
+    old_money, new_money = (
+        sum(money(problem, charge, discharge)),
+        sum(money(problem, new, discharge)),
+    )
+    if (
+        new_money > old_money + options.slack(old_money)
+        or new_peak > peak + options.slack(peak)
+        or new_ramp > ramp + options.slack(ramp)
+    ):
+        return None
+    return new
+
+
+def _gain_kwh(prepared: Prepared, charge: FloatArray) -> FloatArray:
+    """(N,) battery kWh each car gains from `charge` before it leaves."""
+    problem = prepared.problem
+    delta = problem.eta_ch[:, None] * charge * problem.dt_h[None, :]
+    result: FloatArray = np.where(prepared.available, delta, 0.0).sum(axis=1)
     return result
 
 
@@ -188,6 +273,9 @@ def finish(
         charge, discharge, repair_info = min_rate_plan(
             prepared, lp_charge, lp_discharge, options, hints
         )
+    charge, discharge, repair_info = ordered_plan(
+        prepared, (charge, discharge, repair_info), options
+    )
     lp_short = _shortfalls(prepared, lp_charge, lp_discharge)
     schedule = schedule_from_power(
         problem,
