@@ -21,6 +21,7 @@ from controller.optimiser.residual import lost_reasons, settle_residual
 from controller.optimiser.rounding import Hints, round_slivers, slivers
 from controller.optimiser.tiebreak import earliest_departures_first
 from controller.planning.problem import (
+    BoolArray,
     FloatArray,
     Schedule,
     money,
@@ -79,20 +80,30 @@ def ordered_plan(
     """The final `plan` re-assigned earliest departure first (`earliest_departures_first`)
     inside its slot and car totals, when `options.earliest_departure_tiebreak`.
 
-    With `options.min_rate_repair` the re-assigned plan's slivers are then removed by the free
-    moves of `round_slivers` (and what they leave by the greedy `repair_min_rate`), and the
-    result is kept only if it is no worse than `plan` in anything a stage or the min-rate step
-    ranks: no sliver, no car with less battery energy, no more money, peak or ramping (each to
-    `options.stage_tolerance`), the site within the head-room. Otherwise `plan` is returned
-    (`tiebreak_kept` = 0). Its figures (`tiebreak_*`) are added to the plan's.
+    With `options.min_rate_repair` the re-assigned plan's slivers are removed by the free moves
+    of `round_slivers` (with the flow's dive for those they leave; what is still left goes to
+    the greedy `repair_min_rate`), and the result is kept only if it is no worse than `plan` in
+    anything a stage or the min-rate step ranks: no more slivers, no car with less battery
+    energy, no more money, peak or ramping (each to `options.stage_tolerance`), the site within
+    the head-room. Otherwise `plan` is returned (`tiebreak_kept` = 0,
+    `tiebreak_min_rate_refused` = 1). Its figures (`tiebreak_*`) are added to the plan's.
     """
     charge, discharge, info = plan
     if not options.earliest_departure_tiebreak or prepared.n_vehicles < 2:
         return plan
     started = time.perf_counter()
-    ordered, figures = earliest_departures_first(prepared, charge, discharge)
+    settle = None
+    if options.min_rate_repair:
+        peak = site_profile(charge, discharge)[0]
+        cap = np.minimum(prepared.headroom_kw, max(peak, 0.0))
+
+        def settle(ordered: FloatArray) -> tuple[FloatArray, BoolArray]:
+            rounded, _, _ = round_slivers(prepared, ordered, discharge, site_cap_kw=cap)
+            return rounded, slivers(prepared, rounded, discharge)[0]
+
+    ordered, figures = earliest_departures_first(prepared, charge, discharge, settle=settle)
     if figures["tiebreak_kept"] and options.min_rate_repair:
-        rounded = _rounded(prepared, charge, discharge, ordered, options)
+        rounded = _no_worse(prepared, charge, discharge, ordered, options)
         figures["tiebreak_min_rate_refused"] = 1.0 if rounded is None else 0.0
         if rounded is None:
             figures["tiebreak_kept"] = 0.0
@@ -104,39 +115,33 @@ def ordered_plan(
     return ordered, discharge, {**info, **figures}
 
 
-def _rounded(
+def _no_worse(
     prepared: Prepared,
     charge: FloatArray,
     discharge: FloatArray,
     ordered: FloatArray,
     options: OptimiserOptions,
 ) -> FloatArray | None:
-    """`ordered` with its slivers removed as the min-rate step does, or None when that would
-    make the plan worse than `charge` (see `ordered_plan`)."""
+    """`ordered` (slivers already settled by free moves where they could be) after the greedy
+    repair of what is left, or None when that is worse than `charge` (see `ordered_plan`)."""
     problem = prepared.problem
     peak, ramp = site_profile(charge, discharge)
-    cap = np.minimum(prepared.headroom_kw, max(peak, 0.0))
-    old_small = slivers(prepared, charge, discharge)[0].sum()
-    new, new_discharge, figures = round_slivers(prepared, ordered, discharge, site_cap_kw=cap)
-    if figures["rounding_left"] > 0.0:
-        new, new_discharge, _ = repair_min_rate(prepared, new, new_discharge)
-    if slivers(prepared, new, new_discharge)[0].sum() > old_small:
+    new = ordered
+    if slivers(prepared, new, discharge)[0].any():
+        new, new_discharge, _ = repair_min_rate(prepared, new, discharge)
+        if not np.array_equal(new_discharge, discharge):
+            return None
+    if slivers(prepared, new, discharge)[0].sum() > slivers(prepared, charge, discharge)[0].sum():
         return None
-    if not np.array_equal(new_discharge, discharge):
-        return None
-    gain_old = _gain_kwh(prepared, charge)
-    gain_new = _gain_kwh(prepared, new)
-    if np.any(gain_new < gain_old - 1e-6):
+    if np.any(_gain_kwh(prepared, new) < _gain_kwh(prepared, charge) - 1e-6):
         return None
     new_peak, new_ramp = site_profile(new, discharge)
     site = new.sum(axis=0) - discharge.sum(axis=0)
     old_site = charge.sum(axis=0) - discharge.sum(axis=0)
     if np.any(site > np.maximum(prepared.headroom_kw, old_site) + 1e-7):
         return None
-    old_money, new_money = (
-        sum(money(problem, charge, discharge)),
-        sum(money(problem, new, discharge)),
-    )
+    old_money = sum(money(problem, charge, discharge))
+    new_money = sum(money(problem, new, discharge))
     if (
         new_money > old_money + options.slack(old_money)
         or new_peak > peak + options.slack(peak)

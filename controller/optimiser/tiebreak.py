@@ -46,12 +46,13 @@ min-rate step ranks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
 from controller.optimiser.prepare import Prepared
-from controller.planning.problem import FloatArray, IntArray
+from controller.planning.problem import BoolArray, FloatArray, IntArray
 
 # A re-assigned plan must keep every slot's kW and every car's kWh to this, relative to
 # max(1, total); else the plan is left as it was.
@@ -59,108 +60,215 @@ _TOTAL_TOL = 1e-7
 _TINY = 1e-9  # kWh: cells and totals below this are nothing
 _UNITS_PER_KWH = 1e9  # the flow's energy unit (finest)
 _MAX_COST_TIMES_FLOW = 1e17  # stays well inside int64 (9.2e18) for the flow's total cost
+# Rounds of the min-rate dive (`earliest_departures_first` with `settle`): each fixes the cells
+# the free moves could not settle (on at the minimum or off) and runs the flow again.
+DIVE_ROUNDS = 3
+
+Settle = Callable[[FloatArray], tuple[FloatArray, BoolArray]]
+"""A min-rate step for a re-assigned charge plan: (its plan with the slivers the free moves
+remove removed, (N, T) mask of the slivers left)."""
 
 
 def earliest_departures_first(
     prepared: Prepared,
     charge_kw: FloatArray,
     discharge_kw: FloatArray,
+    *,
+    settle: Settle | None = None,
 ) -> tuple[FloatArray, dict[str, float]]:
     """(charge kW, figures): `charge_kw` with the energy of the cars that never discharge
     re-assigned among them, earliest departure first, inside the same slot and car totals.
 
-    `discharge_kw` is not changed (cars that may discharge keep their plan). Figures:
-    `tiebreak_cars`, `tiebreak_cells` (the flow's arcs), `tiebreak_moved_kwh` (grid kWh that
-    changed slot or car: half the absolute change), `tiebreak_kept` (1: the re-assigned plan is
-    returned; 0: the original, because fewer than two cars could move, the flow was not
-    optimal, or its answer missed a total or bound), `tiebreak_s`.
+    `discharge_kw` is not changed (cars that may discharge keep their plan). With `settle`
+    (the min-rate step's free moves) the answer is its settled plan, and a dive follows while
+    slivers are left, for at most `DIVE_ROUNDS` rounds: each left sliver's cell is fixed in the
+    flow, on at the charger's minimum (when it was at least half of it and the bound allows)
+    or off, and the flow runs again inside the same totals (stopping when it has no answer).
+
+    Figures: `tiebreak_cars`, `tiebreak_cells` (the flow's arcs), `tiebreak_moved_kwh` (grid
+    kWh that changed slot or car: half the absolute change), `tiebreak_rounds` (flows run),
+    `tiebreak_left` (slivers `settle` left in the answer), `tiebreak_kept` (1: the re-assigned
+    plan is returned; 0: the original, because fewer than two cars could move, the flow was
+    not optimal, or its answer missed a total or bound), `tiebreak_s`.
     """
-    del discharge_kw  # part of the plan; the cars that may discharge are left out by bound
     started = time.perf_counter()
-    problem = prepared.problem
-    n, t_count = charge_kw.shape
     info = {
         "tiebreak_cars": 0.0,
         "tiebreak_cells": 0.0,
         "tiebreak_moved_kwh": 0.0,
+        "tiebreak_rounds": 0.0,
+        "tiebreak_left": 0.0,
         "tiebreak_kept": 0.0,
         "tiebreak_s": 0.0,
     }
-    if n < 2 or t_count < 2:
+    transport = _Transport.of(prepared, charge_kw, discharge_kw)
+    if transport is None:
         return charge_kw, _done(info, started)
-    dt = problem.dt_h
-    lower_kwh = prepared.lower_kw * dt[None, :]
-    upper_kwh = np.maximum(prepared.upper_kw, prepared.lower_kw) * dt[None, :]
-    energy = np.clip(charge_kw * dt[None, :], lower_kwh, upper_kwh)
-    # Cars that may move: never discharge, and some energy above their forced part.
-    movable = ~prepared.discharge_available.any(axis=1)
-    movable &= (energy - lower_kwh).sum(axis=1) > _TINY
-    cells = movable[:, None] & prepared.available & (upper_kwh - lower_kwh > _TINY)
-    cars = np.flatnonzero(cells.any(axis=1))
-    if cars.size < 2:
+    info["tiebreak_cars"] = float(transport.cars.size)
+    info["tiebreak_cells"] = float(transport.rows.size)
+    flow = transport.solve()
+    info["tiebreak_rounds"] = 1.0
+    result = None if flow is None else transport.plan(charge_kw, flow)
+    if result is None:
         return charge_kw, _done(info, started)
-    car_of, slot_of = np.nonzero(cells[cars])  # local car index, absolute slot
-    info["tiebreak_cars"] = float(cars.size)
-    info["tiebreak_cells"] = float(car_of.size)
-    rows = cars[car_of]
-    base = lower_kwh[rows, slot_of]
-    free = energy[rows, slot_of] - base  # what the flow re-assigns, >= 0
-    room = upper_kwh[rows, slot_of] - base
-    cost = ((slot_of + 1) * (t_count + 1 - problem.departure_slot[rows])).astype(np.int64)
-    total = float(free.sum())
-    units = _UNITS_PER_KWH
-    top = float(max(int(cost.max(initial=1)), 1)) * max(total, 1.0)
-    if top * units > _MAX_COST_TIMES_FLOW:
-        units = 10.0 ** np.floor(np.log10(_MAX_COST_TIMES_FLOW / top))
-    flow = _flow(cars.size, t_count, car_of, slot_of, free, room, cost, units)
-    if flow is None:
-        return charge_kw, _done(info, started)
-    placed = np.minimum(flow / units, room)
-    new_energy = energy.copy()
-    new_energy[rows, slot_of] = base + placed
-    old_slot = (energy[cars].sum(axis=0)) / dt
-    new_slot = (new_energy[cars].sum(axis=0)) / dt
-    if not (_close(new_slot, old_slot) and _close(new_energy.sum(axis=1), energy.sum(axis=1))):
-        return charge_kw, _done(info, started)
-    result = charge_kw.copy()
-    result[cars] = new_energy[cars] / dt[None, :]
-    info["tiebreak_moved_kwh"] = 0.5 * float(np.abs(placed - free).sum())
+    if settle is not None:
+        result, left = settle(result)
+        for _ in range(DIVE_ROUNDS - 1):
+            if not left.any():
+                break
+            transport.fix(left, result)
+            flow = transport.solve()
+            info["tiebreak_rounds"] += 1.0
+            again = None if flow is None else transport.plan(charge_kw, flow)
+            if again is None:
+                break
+            result, left = settle(again)
+        info["tiebreak_left"] = float(left.sum())
+    info["tiebreak_moved_kwh"] = 0.5 * float(
+        (np.abs(result - charge_kw) * prepared.problem.dt_h[None, :]).sum()
+    )
     info["tiebreak_kept"] = 1.0
     return result, _done(info, started)
 
 
-def _flow(
-    n_cars: int,
-    t_count: int,
-    car_of: IntArray,
-    slot_of: IntArray,
-    free: FloatArray,
-    room: FloatArray,
-    cost: IntArray,
-    units: float,
-) -> IntArray | None:
-    """Each arc's flow (energy units) of the min-cost transportation flow whose margins are
-    those of the plan `free` rounded to units, or None when it is not optimal."""
-    planned = np.round(free * units).astype(np.int64)
-    capacity = np.maximum(np.round(room * units).astype(np.int64), planned)
-    supplies = np.concatenate(
-        [
-            np.bincount(car_of, weights=planned, minlength=n_cars),
-            -np.bincount(slot_of, weights=planned, minlength=t_count),
-        ]
-    ).astype(np.int64)
-    # bincount sums in float64: exact while a node's total stays below 2**53 units.
-    if np.abs(supplies).max(initial=0) >= 2**53 or supplies.sum() != 0:
-        return None
-    solver = min_cost_flow.SimpleMinCostFlow()
-    arcs = solver.add_arcs_with_capacity_and_unit_cost(
-        car_of.astype(np.int32), (n_cars + slot_of).astype(np.int32), capacity, cost
-    )
-    solver.set_nodes_supplies(np.arange(n_cars + t_count, dtype=np.int32), supplies)
-    if solver.solve() != min_cost_flow.SimpleMinCostFlow.OPTIMAL:
-        return None
-    result: IntArray = np.asarray(solver.flows(arcs), dtype=np.int64)
-    return result
+class _Transport:
+    """The flow network of a plan: car nodes supply their grid kWh, slot nodes take theirs,
+    one arc per (car, slot) cell the car may use, in integer energy units.
+
+    The margins come from the plan's cells rounded to units (so the plan is a feasible flow);
+    `fix` turns cells on (a lower bound of the charger's minimum) or off (no capacity).
+    """
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        cars: IntArray,
+        car_of: IntArray,
+        slot_of: IntArray,
+        base_kwh: FloatArray,
+        planned: IntArray,
+        capacity: IntArray,
+        units: float,
+    ) -> None:
+        problem = prepared.problem
+        self.prepared = prepared
+        self.cars = cars
+        self.car_of = car_of
+        self.slot_of = slot_of
+        self.rows = cars[car_of]
+        self.base_kwh = base_kwh
+        self.capacity = capacity
+        self.lower = np.zeros_like(capacity)
+        self.units = units
+        t_count = problem.n_slots
+        self.supplies = np.concatenate(
+            [
+                np.bincount(car_of, weights=planned, minlength=cars.size),
+                -np.bincount(slot_of, weights=planned, minlength=t_count),
+            ]
+        ).astype(np.int64)
+        self.cost = ((slot_of + 1) * (t_count + 1 - problem.departure_slot[self.rows])).astype(
+            np.int64
+        )
+
+    @classmethod
+    def of(
+        cls, prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray
+    ) -> _Transport | None:
+        """The network of `charge_kw`'s cars that never discharge and have energy above their
+        forced part, or None when fewer than two such cars (or two slots) exist."""
+        del discharge_kw  # part of the plan; the cars that may discharge are left out by bound
+        problem = prepared.problem
+        n, t_count = charge_kw.shape
+        if n < 2 or t_count < 2:
+            return None
+        dt = problem.dt_h
+        lower_kwh = prepared.lower_kw * dt[None, :]
+        upper_kwh = np.maximum(prepared.upper_kw, prepared.lower_kw) * dt[None, :]
+        energy = np.clip(charge_kw * dt[None, :], lower_kwh, upper_kwh)
+        movable = ~prepared.discharge_available.any(axis=1)
+        movable &= (energy - lower_kwh).sum(axis=1) > _TINY
+        cells = movable[:, None] & prepared.available & (upper_kwh - lower_kwh > _TINY)
+        cars = np.flatnonzero(cells.any(axis=1))
+        if cars.size < 2:
+            return None
+        car_of, slot_of = np.nonzero(cells[cars])  # local car index, absolute slot
+        rows = cars[car_of]
+        base = lower_kwh[rows, slot_of]
+        free = energy[rows, slot_of] - base  # what the flow re-assigns, >= 0
+        room = upper_kwh[rows, slot_of] - base
+        top = float(t_count + 1) ** 2 * max(float(free.sum()), 1.0)
+        units = _UNITS_PER_KWH
+        if top * units > _MAX_COST_TIMES_FLOW:
+            units = float(10.0 ** np.floor(np.log10(_MAX_COST_TIMES_FLOW / top)))
+        planned = np.round(free * units).astype(np.int64)
+        capacity = np.maximum(np.round(room * units).astype(np.int64), planned)
+        # The margins are summed in float64: exact while a node's total stays below 2**53.
+        if float(planned.sum()) >= 2.0**53:
+            return None
+        return cls(prepared, cars, car_of, slot_of, base, planned, capacity, units)
+
+    def fix(self, left: BoolArray, plan_kw: FloatArray) -> None:
+        """Fix the cells of the slivers `left` in `plan_kw`: on at the charger's minimum when
+        the sliver is at least half of it and the cell's bound allows, else off."""
+        problem = self.prepared.problem
+        hit = left[self.rows, self.slot_of]
+        if not hit.any():
+            return
+        minimum = problem.min_kw[self.rows] * problem.dt_h[self.slot_of]
+        need = np.ceil(np.maximum(minimum - self.base_kwh, 0.0) * self.units).astype(np.int64)
+        value = plan_kw[self.rows, self.slot_of] * problem.dt_h[self.slot_of]
+        on = hit & (value >= 0.5 * minimum) & (need <= self.capacity)
+        off = hit & ~on
+        self.lower = np.where(on, np.maximum(self.lower, need), self.lower)
+        self.capacity = np.where(off, 0, self.capacity)
+        self.lower = np.where(off, 0, self.lower)
+
+    def solve(self) -> IntArray | None:
+        """Each arc's flow (units) of the least-cost flow within the bounds, or None when it
+        is not optimal (infeasible after a `fix`)."""
+        lower = self.lower
+        supplies = self.supplies.copy()
+        n_cars = self.cars.size
+        supplies[:n_cars] -= np.bincount(self.car_of, weights=lower, minlength=n_cars).astype(
+            np.int64
+        )
+        supplies[n_cars:] += np.bincount(
+            self.slot_of, weights=lower, minlength=supplies.size - n_cars
+        ).astype(np.int64)
+        solver = min_cost_flow.SimpleMinCostFlow()
+        arcs = solver.add_arcs_with_capacity_and_unit_cost(
+            self.car_of.astype(np.int32),
+            (n_cars + self.slot_of).astype(np.int32),
+            self.capacity - lower,
+            self.cost,
+        )
+        solver.set_nodes_supplies(np.arange(supplies.size, dtype=np.int32), supplies)
+        if solver.solve() != min_cost_flow.SimpleMinCostFlow.OPTIMAL:
+            return None
+        result: IntArray = np.asarray(solver.flows(arcs), dtype=np.int64) + lower
+        return result
+
+    def plan(self, charge_kw: FloatArray, flow: IntArray) -> FloatArray | None:
+        """`charge_kw` with its network's cells set by `flow`, or None when that misses a
+        slot's or car's total or a bound (see `_TOTAL_TOL`)."""
+        prepared = self.prepared
+        dt = prepared.problem.dt_h
+        upper = np.maximum(prepared.upper_kw, prepared.lower_kw)
+        cars = self.cars
+        result = charge_kw.copy()
+        kwh = self.base_kwh + flow / self.units
+        result[self.rows, self.slot_of] = np.minimum(
+            kwh / dt[self.slot_of], upper[self.rows, self.slot_of]
+        )
+        old, new = charge_kw[cars], result[cars]
+        if not (
+            _close(new.sum(axis=0), old.sum(axis=0))
+            and _close(new @ dt, old @ dt)
+            and bool(np.all(new >= -_TINY))
+        ):
+            return None
+        return result
 
 
 def _close(values: FloatArray, wanted: FloatArray) -> bool:
