@@ -6,14 +6,16 @@ price change, p50/p99 of repeated car-event re-solves (wall clock and this proce
 the cvxpy/ECOS times measured in the same run and their ratio to the fast path, the objectives'
 relative difference, and peak memory.
 
-Two fast-path configurations are timed: "money" (total shortfall, fairness, money: the seed's LP
-with soft targets) and "full" (the service default: plus the second stage that flattens peak
-and ramps, plus the min-rate repair). cvxpy/ECOS runs the "money" configuration in two forms:
-"compact" (`reference_compact.py`, the transportation form: one variable per free car-slot
-entry, one energy row per car) at every size up to `--compact-limit`, and "textbook"
-(`reference.py`: an energy state per car and slot) up to `--textbook-limit` (it takes minutes
-beyond 278 cars). Each cvxpy form runs in a child process with a time limit and an address-space
-limit (`--cvxpy-timeout`, `--cvxpy-memory-gb`); its memory figure is the child's max RSS.
+Three fast-path configurations are timed: "money" (total shortfall, fairness, money: the seed's
+LP with soft targets), "full" (the service default: plus the second stage that flattens peak
+and ramps, the min-rate repair and the earliest-departure tie-break) and "full, no tie-break"
+(the default without `tiebreak.py`, its baseline in the same run). cvxpy/ECOS runs the "money"
+configuration in two forms: "compact" (`reference_compact.py`, the transportation form: one
+variable per free car-slot entry, one energy row per car) at every size up to `--compact-limit`,
+and "textbook" (`reference.py`: an energy state per car and slot) up to `--textbook-limit` (it
+takes minutes beyond 278 cars). Each cvxpy form runs in a child process with a time limit and an
+address-space limit (`--cvxpy-timeout`, `--cvxpy-memory-gb`); its memory figure is the child's
+max RSS.
 
     python benchmarks/optimiser.py                 # 278, 1000, 5000, 20000 cars
     python benchmarks/optimiser.py --quick         # 278 and 1000 cars, fewer repeats
@@ -57,8 +59,15 @@ from controller.planning.problem import PlanningProblem, Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEET_CSV = ROOT / "data" / "fleet" / "seed_fleet.csv"
-MONEY = OptimiserOptions(peak_flattening=False, min_rate_repair=False, time_limit_s=600.0)
+MONEY = OptimiserOptions(
+    peak_flattening=False,
+    min_rate_repair=False,
+    earliest_departure_tiebreak=False,
+    time_limit_s=600.0,
+)
 FULL = OptimiserOptions(time_limit_s=600.0)
+# The default without the earliest-departure tie-break (`tiebreak.py`): its baseline, same run.
+NO_TIEBREAK = OptimiserOptions(time_limit_s=600.0, earliest_departure_tiebreak=False)
 HEADER = ("first", "car evt", "price", "p50", "p99", "cpu p50", "cpu p99", "heap MB")
 TARGETS_MS = {
     ("no V2G", 278): 20.0,
@@ -152,12 +161,17 @@ def bench_fast(
         timing.cpu_s.append(cpu)
         timing.cost_eur.append(last.details["stage_cost_eur"])
     flows = [last.details.get("flow_stages", 0.0)]
+    kept: list[float] = []
+    tiebreak_s: list[float] = []
     _timed(solve, problem)  # back to the day's prices, so the repeats are car events only
     for k in range(1, repeats + 1):
         elapsed, cpu, last = _timed_cpu(solve, car_event(problem, k))
         timing.resolves_cpu_s.append(cpu)
         timing.resolves_s.append(elapsed)
         flows.append(last.details.get("flow_stages", 0.0))
+        if "tiebreak_kept" in last.details:
+            kept.append(last.details["tiebreak_kept"])
+            tiebreak_s.append(last.details["tiebreak_s"])
         if sum(timing.resolves_s) > budget_s:
             break
     if last.status == "optimal_shortfall":
@@ -174,6 +188,13 @@ def bench_fast(
         timing.note += (
             f"; last: {int(d['rounding_moves'])} swaps, {int(d['rounding_left'])} left,"
             f" repair {d['repair_cost_eur']:.2f} EUR, peak proven {int(d.get('peak_certified', 0))}"
+        )
+    if options.earliest_departure_tiebreak:
+        timing.note += (
+            f"; tie-break kept {int(sum(kept))}/{len(kept)}, its p50"
+            f" {np.percentile(tiebreak_s, 50) * 1e3:.1f} ms"
+            if kept
+            else ""
         )
     return timing
 
@@ -330,6 +351,9 @@ def bench_short(
     print(_row(money) + _short_note(money))
     full = bench_fast(day, FULL, "flow stages full (default)", repeats, args.budget)
     print(_row(full) + _short_note(full))
+    plain = bench_fast(day, NO_TIEBREAK, "flow stages full, no tie-break", repeats, args.budget)
+    print(_row(plain) + _short_note(plain))
+    print(f"  full / full without the tie-break (p50 CPU, same run): {_ratio(full, plain):.2f}")
     p99[("short", n, "money")] = (money.percentile(99), money.percentile(99, cpu=True))
     p99[("short", n, "full")] = (full.percentile(99), full.percentile(99, cpu=True))
     if n > args.short_lp_limit:
@@ -472,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(money))
         full = bench_fast(day, FULL, "fast full (default)", repeats, args.budget)
         print(_row(full))
+        plain = bench_fast(day, NO_TIEBREAK, "fast full, no tie-break", repeats, args.budget)
+        print(_row(plain))
+        print(f"  full / full without the tie-break (p50 CPU, same run): {_ratio(full, plain):.2f}")
         p99[("no V2G", n, "money")] = (money.percentile(99), money.percentile(99, cpu=True))
         p99[("no V2G", n, "full")] = (full.percentile(99), full.percentile(99, cpu=True))
         print(f"  full / money (p50 CPU, same run): {_ratio(full, money):.2f}")

@@ -134,6 +134,7 @@ class FastSolver:
         self.last_start = ""  # how the last solve started: "warm", "remapped", "flow", "cold"
         self._short = False  # the last solve was over-subscribed: try the flow stages first
         self._hints = Hints()  # the min-rate rounding's swaps of the last solve
+        self._tiebreak_hints = Hints()  # the same for the earliest-departure tie-break
 
     def solve(self, problem: PlanningProblem, options: OptimiserOptions | None = None) -> Schedule:
         """The lexicographically optimal schedule of `problem` (see `controller.optimiser`).
@@ -178,7 +179,12 @@ class FastSolver:
                     time_limit_s=deadline - self._clock(),
                 )
             return finish(
-                prepared, result, options, elapsed_s=self._clock() - started, repaired=repaired
+                prepared,
+                result,
+                options,
+                elapsed_s=self._clock() - started,
+                repaired=repaired,
+                tiebreak_hints=self._tiebreak_hints if options.warm_start else None,
             )
 
     def _repair_round(
@@ -246,6 +252,7 @@ class FastSolver:
             self._loaded = None
             self._second = None
             self._hints = Hints()
+            self._tiebreak_hints = Hints()
 
     # -- loading ----------------------------------------------------------------------------
 

@@ -76,6 +76,7 @@ def ordered_plan(
     prepared: Prepared,
     plan: tuple[FloatArray, FloatArray, dict[str, float]],
     options: OptimiserOptions,
+    hints: Hints | None = None,
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
     """The final `plan` re-assigned earliest departure first (`earliest_departures_first`)
     inside its slot and car totals, when `options.earliest_departure_tiebreak`.
@@ -87,6 +88,8 @@ def ordered_plan(
     energy, no more money, peak or ramping (each to `options.stage_tolerance`), the site within
     the head-room. Otherwise `plan` is returned (`tiebreak_kept` = 0,
     `tiebreak_min_rate_refused` = 1). Its figures (`tiebreak_*`) are added to the plan's.
+    `hints`: the free moves' swaps of the last solve's tie-break (see `round_slivers`), tried
+    first; they are the tie-break's own, apart from the min-rate step's.
     """
     charge, discharge, info = plan
     if not options.earliest_departure_tiebreak or prepared.n_vehicles < 2:
@@ -98,7 +101,9 @@ def ordered_plan(
         cap = np.minimum(prepared.headroom_kw, max(peak, 0.0))
 
         def settle(ordered: FloatArray) -> tuple[FloatArray, BoolArray]:
-            rounded, _, _ = round_slivers(prepared, ordered, discharge, site_cap_kw=cap)
+            rounded, _, _ = round_slivers(
+                prepared, ordered, discharge, site_cap_kw=cap, hints=hints
+            )
             return rounded, slivers(prepared, rounded, discharge)[0]
 
     ordered, figures = earliest_departures_first(prepared, charge, discharge, settle=settle)
@@ -258,13 +263,15 @@ def finish(
     elapsed_s: float,
     hints: Hints | None = None,
     repaired: tuple[FloatArray, FloatArray, dict[str, float]] | None = None,
+    tiebreak_hints: Hints | None = None,
 ) -> Schedule:
     """The `Schedule` of an LP answer, with every figure in `details`.
 
     With `options.min_rate_repair` the LP's plan is made one a charger can follow: first by
     the free moves of `round_slivers` (same money, same site profile or, within a car, a site
     no higher than the plan's peak), then what is left by the greedy `repair_min_rate`.
-    `hints` carry the swaps that worked from one solve to the next (see `round_slivers`).
+    `hints` carry the swaps that worked from one solve to the next (see `round_slivers`);
+    `tiebreak_hints` those of the earliest-departure tie-break (`ordered_plan`), which runs last.
     """
     problem = prepared.problem
     lp_charge, lp_discharge = result.charge_kw, result.discharge_kw
@@ -279,7 +286,7 @@ def finish(
             prepared, lp_charge, lp_discharge, options, hints
         )
     charge, discharge, repair_info = ordered_plan(
-        prepared, (charge, discharge, repair_info), options
+        prepared, (charge, discharge, repair_info), options, tiebreak_hints
     )
     lp_short = _shortfalls(prepared, lp_charge, lp_discharge)
     schedule = schedule_from_power(
