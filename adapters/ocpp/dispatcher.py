@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -208,6 +209,11 @@ class _Link:
     # What the charger accepted on its previous connection (a reconnect without a reboot: it
     # keeps its profiles), per slot; a slot accepted on this connection replaces it.
     kept: dict[str, OutgoingProfile] = field(default_factory=dict)
+    # The profile sent and not answered yet (one call in flight per charger), and profiles
+    # whose answer never came (timed out, or the connection closed with them in flight): the
+    # charger may apply them, so the budget books them (until the slot is accepted again).
+    in_flight: OutgoingProfile | None = None
+    unsure: dict[str, OutgoingProfile] = field(default_factory=dict)
 
 
 def _installed(link: _Link, slot: str) -> OutgoingProfile | None:
@@ -215,6 +221,15 @@ def _installed(link: _Link, slot: str) -> OutgoingProfile | None:
     previous one."""
     profile = link.sent.get(slot)
     return profile if profile is not None else link.kept.get(slot)
+
+
+def _unsure(link: _Link) -> dict[str, OutgoingProfile]:
+    """The profiles the charger may hold without our knowing: answers lost, and the one in
+    flight (when its connection goes)."""
+    unsure = dict(link.unsure)
+    if link.in_flight is not None:
+        unsure[link.in_flight.slot] = link.in_flight
+    return unsure
 
 
 def _before(link: _Link, profile: OutgoingProfile) -> OutgoingProfile | None:
@@ -230,6 +245,42 @@ def _before(link: _Link, profile: OutgoingProfile) -> OutgoingProfile | None:
     ):
         old = None
     return old if old is not None else _installed(link, "default")
+
+
+Lookup = Callable[[str], OutgoingProfile | None]
+
+
+def applied_limit_kw(
+    charger: ChargePoint, profile_of: Lookup, connector_id: int, running: int | None, at: datetime
+) -> float | None:
+    """The limit a charger applies to a connector at `at` by OCPP 1.6's rules, in kW, from the
+    profiles it holds (`profile_of(slot)`): the TxProfile of the running transaction (a
+    TxProfile of another transaction was deleted at its end; `running` None: not known, kept),
+    else the TxDefaultProfile, capped by the ChargePointMaxProfile; None if it holds neither."""
+    tx = profile_of(f"tx:{connector_id}")
+    if (
+        tx is not None
+        and tx.purpose == "TxProfile"
+        and tx.transaction_id is not None
+        and running is not None
+        and running != tx.transaction_id
+    ):
+        tx = None
+    base = tx if tx is not None else profile_of("default")
+    if base is None:
+        return None
+    limit = from_limit(base.limit_at(at), charger, base.unit)
+    cap = profile_of("max")
+    if cap is not None:
+        limit = min(limit, from_limit(cap.limit_at(at), charger, cap.unit))
+    return max(0.0, limit)
+
+
+def next_change(profile: OutgoingProfile, at: datetime) -> datetime | None:
+    """When the profile's limit next moves after `at` (its next period start), if ever."""
+    offsets = profile.offsets_s
+    k = bisect.bisect_right(offsets, (at - profile.start).total_seconds())
+    return profile.start + timedelta(seconds=offsets[k]) if k < len(offsets) else None
 
 
 class LeaseDispatcher:
@@ -280,6 +331,18 @@ class LeaseDispatcher:
         self._retiring: set[asyncio.Future[None]] = set()  # replaced workers being stopped
         # What each disconnected charger had accepted, until it is back (or reboots).
         self._gone: dict[ChargerId, dict[str, OutgoingProfile]] = {}
+        # ... and the profiles it may have applied without our knowing (in flight when it went).
+        self._gone_unsure: dict[ChargerId, dict[str, OutgoingProfile]] = {}
+        # The budget gate (P-04): per charger, the kW its connectors may draw by what it holds
+        # and what is in flight to it (`_booking`), their sum, when each booking next moves
+        # with its profiles' schedules (a heap of (time, charger)), and the room each held
+        # increase needs (in the order they were held).
+        self._booked: dict[ChargerId, float] = {}
+        self._booked_total = 0.0
+        self._book_until: dict[ChargerId, datetime] = {}
+        self._book_heap: list[tuple[datetime, ChargerId]] = []
+        self._held_need: dict[ChargerId, float] = {}
+        self._reserve: tuple[int, float] = (-1, 0.0)  # (epoch, rogue + uncontrollable kW)
         central.add_listener(self)
         central.add_meter_listener(self.meter_sampled)
 
@@ -307,14 +370,20 @@ class LeaseDispatcher:
                 if n and n % PUBLISH_CHUNK == 0:
                     await asyncio.sleep(0)
                 if self._links.get(charger_id) is known:
+                    self._rebook(charger_id, now)  # its transactions may have changed
                     self._look(known, now, woken)
         finally:
             self._publishing = False
+        for charger_id in list(self._gone):
+            self._rebook(charger_id, now)
+        self._booked_total = sum(self._booked.values())  # afresh once per plan: no drift
         for link in woken:
             link.idle.clear()
             link.wake.set()
         if not self._decreasing:
             self._wake_held()
+        else:
+            self._wake_fitting(now)  # the new head-room may have room for some
         for charger_id in self.central.online():
             if charger_id not in self._links:
                 # Connected before the dispatcher knew it (or before any plan): bring it up now.
@@ -349,11 +418,19 @@ class LeaseDispatcher:
         """Disconnected: stop its worker; what it accepted last stays in Redis."""
         link = self._links.pop(charger_id, None)
         self._wanted.pop(charger_id, None)
+        self._held_need.pop(charger_id, None)
         self._release(charger_id)
-        if link is not None:
-            self._gone[charger_id] = {**link.kept, **link.sent}
-        if link is not None and link.task is not None:
+        if link is None:
+            return
+        # P-08: booked at what it may apply (what it held, and what was in flight to it) until
+        # it is back; after a lease's end its TxProfile's own fallback is what it applies.
+        self._gone[charger_id] = {**link.kept, **link.sent}
+        self._gone_unsure[charger_id] = _unsure(link)
+        if link.task is not None:
             await stop_task(link.task)
+        if self._links.get(charger_id) is None and charger_id in self._gone:
+            self._gone_unsure[charger_id] = _unsure(link)
+        self._rebook(charger_id, self.clock.now())
 
     # -- MeterListener: is each connector doing what it accepted? --
 
@@ -376,6 +453,7 @@ class LeaseDispatcher:
             self.not_following.add(charger_id)
         else:
             self.counters["non_compliant_cleared"] += 1
+        self._rebook(charger_id, self.clock.now())  # in the reserve now, or out of it
         for other in self._links.values():  # every charger's budget changed
             other.idle.clear()
             other.wake.set()
@@ -386,28 +464,198 @@ class LeaseDispatcher:
         charger = self.state.chargers.get(link.charger_id)
         if charger is None:
             return None
-        tx = _installed(link, f"tx:{connector_id}")
-        if tx is not None and tx.purpose == "TxProfile" and tx.transaction_id is not None:
-            running = self._running(link.charger_id, charger).get(connector_id)
-            if running is not None and running != tx.transaction_id:
-                tx = None  # the previous transaction's: the charger deleted it at its end
-        base = tx if tx is not None else _installed(link, "default")
-        if base is None:
-            return None
-        limit = from_limit(base.limit_at(at), charger, base.unit)
-        cap = _installed(link, "max")
-        if cap is not None:
-            limit = min(limit, from_limit(cap.limit_at(at), charger, cap.unit))
-        return max(0.0, limit)
+        running = self._running(link.charger_id, charger).get(connector_id)
+        return applied_limit_kw(
+            charger, lambda slot: _installed(link, slot), connector_id, running, at
+        )
 
-    def _budget(self, plan: Plan, now: datetime) -> float:
-        """The factor on compliant setpoints so that measured rogue draw + plan <= head-room."""
+    # -- the budget gate (P-04) --
+
+    def _reserved_kw(self) -> float:
+        """What the budget sets aside for draw voltpool does not steer: the measured draw of
+        non-compliant connectors and the circuit limit of uncontrollable chargers (computed
+        once per change of either)."""
+        if self._reserve[0] != self._epoch:
+            rogue = self._rogue()
+            self._reserve = (self._epoch, sum(max(0.0, kw) for kw in rogue.values()))
+        return self._reserve[1]
+
+    def _rogue(self) -> dict[tuple[ChargerId, int], float]:
+        """Draw voltpool does not steer, per connector (connector 0: a whole uncontrollable
+        charger at its circuit limit)."""
         rogue = dict(self.compliance.non_compliant())
         chargers = self.state.chargers
         for charger_id in self.uncontrollable:
             # No profile of any form is taken: it may draw its circuit limit.
             charger = chargers.get(charger_id)
             rogue[(charger_id, 0)] = charger.max_power_kw if charger is not None else 0.0
+        return rogue
+
+    def _budget_kw(self, now: datetime) -> float | None:
+        """What the steered connectors may draw together now: the plan's head-room for the
+        current slot less the reserve for rogue and uncontrollable draw (None: no plan)."""
+        plan = self._plan
+        if plan is None or not plan.slot_starts:
+            return None
+        t = _slot_at(plan, now)
+        if t >= len(plan.headroom_kw):
+            return None
+        return plan.headroom_kw[t] - self._reserved_kw()
+
+    def _booking(
+        self, charger_id: ChargerId, now: datetime, extra: OutgoingProfile | None = None
+    ) -> tuple[float, datetime | None]:
+        """What the charger's steered connectors may draw now, in kW, and when that next moves.
+
+        Per connector with a running transaction, the limit it applies (`applied_limit_kw`)
+        by what it holds (accepted on this connection or kept from the previous one; for a
+        charger gone, what it held when it went: P-08); for a profile in flight, whose answer
+        was lost, or `extra` (an increase about to go), the larger of that limit with and
+        without it. A connector holding no profile at all is booked at the circuit limit;
+        connectors without a transaction draw nothing; non-compliant connectors and
+        uncontrollable chargers are in the reserve (`_reserved_kw`), not here.
+        """
+        charger = self.state.chargers.get(charger_id)
+        if charger is None or charger_id in self.uncontrollable:
+            return 0.0, None
+        link = self._links.get(charger_id)
+        held: dict[str, OutgoingProfile] | None
+        if link is not None:
+            held, unsure = None, list(link.unsure.values())
+            if link.in_flight is not None:
+                unsure.append(link.in_flight)
+        else:
+            held = self._gone.get(charger_id)
+            if held is None:
+                return 0.0, None  # never connected to this process: nothing known
+            unsure = list(self._gone_unsure.get(charger_id, {}).values())
+        if extra is not None:
+            unsure.append(extra)
+        running = self._running(charger_id, charger)
+        if not running:
+            return 0.0, None
+
+        def holds(slot: str) -> OutgoingProfile | None:
+            if link is not None:
+                return _installed(link, slot)
+            assert held is not None
+            return held.get(slot)
+
+        rogue = self.compliance.non_compliant() if self.compliance.is_flagged(charger_id) else {}
+        total = 0.0
+        slots = {"default", "max"}
+        for connector_id, transaction_id in running.items():
+            if (charger_id, connector_id) in rogue:
+                continue
+            slots.add(f"tx:{connector_id}")
+            limit = applied_limit_kw(charger, holds, connector_id, transaction_id, now)
+            booked = charger.max_power_kw if limit is None else limit
+            for profile in unsure:
+                if profile.connector_id not in (0, connector_id):
+                    continue
+
+                def with_it(slot: str, p: OutgoingProfile = profile) -> OutgoingProfile | None:
+                    return p if slot == p.slot else holds(slot)
+
+                other = applied_limit_kw(charger, with_it, connector_id, transaction_id, now)
+                if other is not None:
+                    booked = max(booked, other)
+            total += booked
+        changes = [
+            t
+            for p in (*(holds(slot) for slot in slots), *unsure)
+            if p is not None and (t := next_change(p, now)) is not None
+        ]
+        return total, min(changes) if changes else None
+
+    def _rebook(self, charger_id: ChargerId, now: datetime) -> float:
+        """Book the charger again at `now`; returns the change of its booking (kW)."""
+        kw, until = self._booking(charger_id, now)
+        old = self._booked.pop(charger_id, 0.0)
+        if kw:
+            self._booked[charger_id] = kw
+        self._booked_total += kw - old
+        if until is None:
+            self._book_until.pop(charger_id, None)
+        elif self._book_until.get(charger_id) != until:
+            self._book_until[charger_id] = until
+            heapq.heappush(self._book_heap, (until, charger_id))
+        return kw - old
+
+    def _rebook_due(self, now: datetime) -> bool:
+        """Book again every charger whose profiles' schedules moved since it was booked;
+        True if a booking went down."""
+        freed = False
+        heap = self._book_heap
+        while heap and heap[0][0] <= now:
+            at, charger_id = heapq.heappop(heap)
+            if self._book_until.get(charger_id) == at:
+                del self._book_until[charger_id]
+                freed = self._rebook(charger_id, now) < 0 or freed
+        return freed
+
+    def _rebook_all(self, now: datetime) -> None:
+        """Book every known charger again (at a plan) and sum afresh (no drift)."""
+        for charger_id in [*self._links, *self._gone, *self._booked]:
+            self._rebook(charger_id, now)
+        self._booked_total = sum(self._booked.values())
+
+    def _fits(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
+        """Whether the increase fits the budget with everything booked (in-flight increases
+        at their new limit, in-flight decreases at their old one); if not, note the room it
+        needs (for `_wake_fitting`)."""
+        budget = self._budget_kw(now)
+        self._rebook_due(now)
+        charger_id = link.charger_id
+        current = self._booked.get(charger_id, 0.0)
+        with_it, _ = self._booking(charger_id, now, profile)
+        need = with_it - current
+        if budget is not None and self._booked_total + need <= budget + 1e-6:
+            return True
+        self._held_need[charger_id] = need
+        return False
+
+    def _wake_fitting(self, now: datetime) -> None:
+        """Wake the held workers whose increase now fits, in the order they were held (each
+        woken one's need counted against the room, so a freed kW wakes one worker, not all)."""
+        if not self._held_need:
+            return
+        budget = self._budget_kw(now)
+        if budget is None:
+            return
+        self._rebook_due(now)
+        room = budget - self._booked_total
+        for charger_id, need in list(self._held_need.items()):
+            if need > room + 1e-6:
+                continue
+            room -= need
+            del self._held_need[charger_id]
+            link = self._links.get(charger_id)
+            if link is not None and link.held:
+                link.held = False
+                link.idle.clear()
+                link.wake.set()
+
+    def _may_raise(self, link: _Link, profile: OutgoingProfile) -> bool:
+        """Whether an increase may go now: it fits the budget, or nobody else has a decrease
+        due or in flight and no plan is being looked through (the rule before the budget gate:
+        what is left can only be met by the increases themselves; counted)."""
+        now = self.clock.now()
+        others_lowering = self._publishing or bool(self._decreasing - {link.charger_id})
+        if self._fits(link, profile, now):
+            self._held_need.pop(link.charger_id, None)
+            if others_lowering:
+                self.counters["increases_fit_early"] += 1
+            return True
+        if others_lowering:
+            return False
+        self._held_need.pop(link.charger_id, None)
+        self.counters["increases_over_budget"] += 1
+        return True
+
+    def _budget(self, plan: Plan, now: datetime) -> float:
+        """The factor on compliant setpoints so that measured rogue draw + plan <= head-room."""
+        rogue = self._rogue()
         if not rogue or not plan.slot_starts:
             return 1.0
         t = max(0, bisect.bisect_right(plan.slot_starts, now) - 1)
@@ -714,6 +962,7 @@ class LeaseDispatcher:
             self.counters["chargers_controllable_again"] += 1
             log.warning("%s takes its profiles again", charger_id)
         self._epoch += 1
+        self._rebook(charger_id, self.clock.now())  # in the reserve now, or out of it
         for other in self._links.values():  # every charger's budget changed
             other.idle.clear()
             other.wake.set()
@@ -735,12 +984,17 @@ class LeaseDispatcher:
         gone = self._gone.pop(charger_id, None)
         if old is not None and old.task is not None:
             self._retire(old.task)
+        gone_unsure = self._gone_unsure.pop(charger_id, None)
         link = _Link(charger_id, trigger_status=trigger_status)
         if not rebooted:
             # It kept what it accepted before (a replaced half-open connection, or a
             # reconnect): that is what it applies until this connection's profiles replace it.
             link.kept = gone if gone is not None else {**old.kept, **old.sent} if old else {}
+            # ... and may have taken what was in flight then: booked until replaced.
+            link.unsure = gone_unsure if gone_unsure is not None else _unsure(old) if old else {}
         self._links[charger_id] = link
+        self._held_need.pop(charger_id, None)
+        self._rebook(charger_id, self.clock.now())
         link.task = asyncio.ensure_future(self._work(link))
 
     def _retire(self, task: asyncio.Task[None]) -> None:
@@ -805,6 +1059,7 @@ class LeaseDispatcher:
         """Wake every worker that holds an increase (unless a plan is being published)."""
         if self._publishing:
             return
+        self._held_need.clear()
         for other in self._links.values():
             if other.held:
                 other.held = False
@@ -823,6 +1078,12 @@ class LeaseDispatcher:
 
     def _next_wake(self, link: _Link) -> datetime | None:
         times = list(link.retry_at.values())
+        plan = self._plan
+        if link.held and plan is not None:
+            # The head-room moves at the next slot: a held increase may fit then.
+            t = _slot_at(plan, self.clock.now()) + 1
+            if t < len(plan.slot_starts):
+                times.append(plan.slot_starts[t])
         margin = timedelta(seconds=self.config.refresh_margin_s)
         for slot, profile in link.sent.items():
             if slot in link.lapsed:
@@ -871,6 +1132,7 @@ class LeaseDispatcher:
             link.recheck_at.pop(slot, None)
             link.rung.pop(slot, None)
             link.off_at.pop(slot, None)
+            link.unsure.pop(slot, None)
             self._settle_exhausted(link, slot, refused=False)
             if old is not None and old.purpose == "TxDefaultProfile" and slot != "default":
                 await self._clear(link.charger_id, old)
@@ -892,22 +1154,25 @@ class LeaseDispatcher:
             # Looked at now: the next look is due before a plan value above the fallback
             # could come within the margin of applying.
             link.recheck_at[slot] = recheck
-        if not any(self._change(link, p, now) < 0 for p in due):
+        changes = [self._change(link, p, now) for p in due]
+        if not any(change < 0 for change in changes):
             self._release(link.charger_id)
-        held = False
-        if self._publishing or self._decreasing - {link.charger_id}:
-            # Others still lower their draw (or a plan is being looked through, whose
-            # decreases are not all known): our increases wait until they are acknowledged.
-            kept = [p for p in due if self._change(link, p, now) <= 0]
-            held = len(kept) < len(due)
-            if held:
-                link.held = True
-                self.counters["increases_held"] += 1
-            due = kept
-        if due:
+        if self._rebook(link.charger_id, now) < 0:  # a transaction of it may have ended
+            self._wake_fitting(now)
+        held = sent = False
+        for profile, change in zip(due, changes, strict=True):
+            if change > 0 and not self._may_raise(link, profile):
+                # It does not fit the budget while others still lower their draw: it waits
+                # until their acknowledged decreases make room (`_wake_fitting`).
+                held = True
+                continue
             link.idle.clear()
-            for profile in due:
-                await self._send(link, profile)
+            await self._send(link, profile)
+            sent = True
+        if held:
+            link.held = True
+            self.counters["increases_held"] += 1
+        if sent:
             return True
         if held and not self._publishing and not self._decreasing - {link.charger_id}:
             return True  # released while we looked: go again rather than sleep
@@ -939,6 +1204,8 @@ class LeaseDispatcher:
         charger_id = link.charger_id
         self.counters["profiles_sent"] += 1
         problem: str
+        link.in_flight = profile
+        self._rebook(charger_id, self.clock.now())  # an increase is booked from now on
         try:
             status = await self.central.set_charging_profile(
                 charger_id, profile.connector_id, profile.to_ocpp()
@@ -954,11 +1221,15 @@ class LeaseDispatcher:
         except CallTimedOut:
             self.counters["profiles_timed_out"] += 1
             problem = "timed out"
+            link.unsure[profile.slot] = profile  # it may have taken it
+            self._answered(link)
         except CallFailed as exc:
             self.counters["profiles_callerror"] += 1
             problem = f"CALLERROR {exc.code}"
+            self._answered(link)
         else:
             if status == "Accepted":
+                link.unsure.pop(profile.slot, None)
                 self.counters["profiles_accepted"] += 1
                 self._note_switch(link, profile)
                 link.sent[profile.slot] = profile
@@ -969,10 +1240,12 @@ class LeaseDispatcher:
                 self._settle_exhausted(link, profile.slot, refused=False)
                 if not link.failures:
                     self.not_following.discard(charger_id)
+                self._answered(link)
                 await self._remember(charger_id, profile.slot, profile)
                 return
             self.counters["profiles_rejected"] += 1
             problem = status
+            self._answered(link)
         self.not_following.add(charger_id)
         if problem == "Rejected" or problem.removeprefix("CALLERROR ") in LADDER_ERRORS:
             if await self._climb(link, profile, problem):
@@ -993,6 +1266,16 @@ class LeaseDispatcher:
             failures,
             delay,
         )
+
+    def _answered(self, link: _Link) -> None:
+        """The call in flight is answered: book the charger by what it holds now, and wake the
+        held increases the room it freed lets go."""
+        link.in_flight = None
+        if self._links.get(link.charger_id) is not link:
+            return  # a replaced worker's late answer: the new link books the charger
+        now = self.clock.now()
+        if self._rebook(link.charger_id, now) < 0:
+            self._wake_fitting(now)
 
     def _note_switch(self, link: _Link, profile: OutgoingProfile) -> None:
         """Before `profile` replaces the slot's lease: remember when the connector was last

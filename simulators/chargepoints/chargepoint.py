@@ -686,6 +686,10 @@ class SimChargePoint:
             or purpose in faults.unsupported_purposes
         )
 
+    def profile_arrived(self, connector_id: int, raw: dict[str, Any]) -> None:
+        """A SetChargingProfile has arrived, before any reply delay and before it is
+        installed (a hook for tests that check what is in flight; nothing here)."""
+
     def set_profile(self, connector_id: int, raw: dict[str, Any]) -> str:
         """Install a profile; returns Accepted or Rejected."""
         now = self.clock.now()
@@ -851,6 +855,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
         self, connector_id: int, cs_charging_profiles: dict[str, Any], **_: Any
     ) -> call_result.SetChargingProfile:
         """SetChargingProfile: install by the stacking rules (or a fault's answer)."""
+        self.sim.profile_arrived(connector_id, cs_charging_profiles)
         await self.sim.reply_delay()
         code = self.sim.faults.profile_callerror
         if code is not None:

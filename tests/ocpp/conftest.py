@@ -252,9 +252,15 @@ async def simulated(
 
 
 def plan_for(
-    now: datetime, setpoints: Mapping[tuple[str, int], Sequence[float]], *, slots: int = 8
+    now: datetime,
+    setpoints: Mapping[tuple[str, int], Sequence[float]],
+    *,
+    slots: int = 8,
+    headroom_kw: float = 0.0,
 ) -> Plan:
-    """A plan made at `now` with these per-connector setpoints (kW per slot)."""
+    """A plan made at `now` with these per-connector setpoints (kW per slot), made under a
+    head-room of `headroom_kw` in every slot (0 by default: nothing fits the dispatcher's
+    budget, so increases wait for every decrease, as before it had one)."""
     starts = tuple([now] + [slot_floor(now) + SLOT * k for k in range(1, slots)])
     dt_h = np.full(slots, 0.25)
     empty = np.zeros((0, slots))
@@ -283,6 +289,6 @@ def plan_for(
             for (cid, connector), kw in setpoints.items()
         ),
         slot_starts=starts,
-        headroom_kw=(0.0,) * slots,
+        headroom_kw=(headroom_kw,) * slots,
         price_eur_per_kwh=(0.0,) * slots,
     )

@@ -47,9 +47,12 @@ class Rig:
         """The simulated clock."""
         return self.harness.clock
 
-    async def publish(self, setpoints: dict[tuple[str, int], list[float]]) -> None:
-        """Publish a plan made now with these setpoints."""
-        await self.dispatcher.publish(plan_for(self.clock.now(), setpoints), self.state)
+    async def publish(
+        self, setpoints: dict[tuple[str, int], list[float]], *, headroom_kw: float = 0.0
+    ) -> None:
+        """Publish a plan made now with these setpoints (and head-room, see `plan_for`)."""
+        plan = plan_for(self.clock.now(), setpoints, headroom_kw=headroom_kw)
+        await self.dispatcher.publish(plan, self.state)
 
 
 @asynccontextmanager
