@@ -15,9 +15,30 @@ what the charger accepted:
 - a plan wakes only the chargers whose inputs it changed (their setpoints from now on, their
   running transactions, safe share, budget); what a charger wants is built once per plan and
   second (`wanted`), not once per look;
-- decreases go before increases, across chargers too: while any charger still has a decrease
-  to send (or in flight), no other charger is sent an increase; a decrease that fails is
-  retried later and no longer holds the others (it is counted and the charger marked);
+- decreases go before increases, and an increase only within the site budget (RELIABILITY
+  P-04, A7 "in-flight reserve"). Every charger is *booked* at what its steered connectors may
+  draw now: per connector with a running transaction, the limit it applies by what it holds
+  (`applied_limit_kw`: the running transaction's TxProfile, else the TxDefaultProfile, capped
+  by the ChargePointMaxProfile, in kW by its own unit, phases and voltage; the circuit limit
+  if it holds nothing), and for a profile in flight or whose answer was lost (a time-out, a
+  connection closed with it in flight) the larger of the limit with and without it. A charger
+  gone keeps its booking (what it held, and what was in flight) until it is back (P-08); after
+  a lease's end its TxProfile's own fallback is what it applies. Connectors without a
+  transaction are booked at 0; non-compliant connectors and uncontrollable chargers are not
+  booked but reserved (measured draw, circuit limit). The *budget* is the plan's head-room for
+  the current slot less that reserve. Decreases, default and max profiles are never held. An
+  increase goes if the bookings with it in flight fit the budget (`increases_fit_early` when
+  others were still lowering); otherwise it waits (`increases_held`), and the worker is woken
+  when an acknowledged decrease (or a lease's own schedule, or the next slot's head-room)
+  makes room for it, in the order they were held. If the plan's setpoints fit its head-room,
+  every increase fits once the decreases land, so nothing waits for ever. When nothing can
+  make room any more, because no other charger has a decrease due or in flight and no plan
+  is being looked through, a held increase goes anyway: the rule before the budget (the plan
+  asked for it: setpoints over the head-room, a transaction the plan does not know yet drawing
+  its safe share, a decrease that failed, booked at its old limit), counted as
+  `increases_over_budget`; so the gate never holds an increase longer than that rule did. A
+  decrease that fails is retried later and no longer holds the others (it is counted and the
+  charger marked);
 - one call in flight per charger (the worker is sequential; the library's call lock too), and
   the latest plan wins: a worker always builds from the newest plan when it sends;
 - a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
@@ -419,9 +440,12 @@ class LeaseDispatcher:
         link = self._links.pop(charger_id, None)
         self._wanted.pop(charger_id, None)
         self._held_need.pop(charger_id, None)
-        self._release(charger_id)
         if link is None:
+            self._release(charger_id)
             return
+        # A decrease it had due or in flight still counts as coming (P-08): at its reconnect
+        # it goes out, and at its leases' end the charger falls back by itself
+        # (`_rebook_due`); until then the increases that do not fit wait for it.
         # P-08: booked at what it may apply (what it held, and what was in flight to it) until
         # it is back; after a lease's end its TxProfile's own fallback is what it applies.
         self._gone[charger_id] = {**link.kept, **link.sent}
@@ -430,7 +454,10 @@ class LeaseDispatcher:
             await stop_task(link.task)
         if self._links.get(charger_id) is None and charger_id in self._gone:
             self._gone_unsure[charger_id] = _unsure(link)
-        self._rebook(charger_id, self.clock.now())
+        now = self.clock.now()
+        self._rebook(charger_id, now)
+        if self._leases_over(charger_id, now):
+            self._release(charger_id)  # no lease of it will end: nothing more will land
 
     # -- MeterListener: is each connector doing what it accepted? --
 
@@ -592,7 +619,18 @@ class LeaseDispatcher:
             if self._book_until.get(charger_id) == at:
                 del self._book_until[charger_id]
                 freed = self._rebook(charger_id, now) < 0 or freed
+                if charger_id in self._decreasing and self._leases_over(charger_id, now):
+                    self._release(charger_id)
         return freed
+
+    def _leases_over(self, charger_id: ChargerId, now: datetime) -> bool:
+        """A charger gone whose every TxProfile lease (held or in flight) has ended: it
+        applies min(plan, safe share) by itself, its decreases have landed (P-08)."""
+        if charger_id in self._links:
+            return False
+        held = [*self._gone.get(charger_id, {}).values()]
+        held += self._gone_unsure.get(charger_id, {}).values()
+        return all(p.lease_end is None or p.lease_end <= now for p in held)
 
     def _rebook_all(self, now: datetime) -> None:
         """Book every known charger again (at a plan) and sum afresh (no drift)."""
@@ -1080,10 +1118,13 @@ class LeaseDispatcher:
         times = list(link.retry_at.values())
         plan = self._plan
         if link.held and plan is not None:
-            # The head-room moves at the next slot: a held increase may fit then.
+            # The head-room moves at the next slot, the bookings with the profiles' schedules
+            # (a gone charger's lease ends): a held increase may fit then.
             t = _slot_at(plan, self.clock.now()) + 1
             if t < len(plan.slot_starts):
                 times.append(plan.slot_starts[t])
+            if self._book_heap:
+                times.append(self._book_heap[0][0])
         margin = timedelta(seconds=self.config.refresh_margin_s)
         for slot, profile in link.sent.items():
             if slot in link.lapsed:

@@ -194,6 +194,30 @@ async def test_an_increase_that_does_not_fit_waits_until_enough_decreases_are_ac
         assert r.dispatcher.counters["increases_over_budget"] == 0
 
 
+async def test_a_decrease_that_is_not_answered_does_not_hold_the_increases_for_ever(
+    redis: Redis, clock: SimClock
+) -> None:
+    """A: 11 -> 4.5 kW is never answered (its CALL times out); B: 4.5 -> 11 kW under a
+    head-room of 15.5 kW. A stays booked at 11 kW (it may still apply it), so B's increase
+    never fits; once A has nothing left to send (its retry waits on the back-off) nothing can
+    make room, and B goes as under the rule before the budget, counted over budget."""
+    quick = OcppConfig(bcrypt_rounds=4, call_timeout_s=0.5)
+    async with (
+        rig(redis, clock, charger("CP-A"), charger("CP-B"), config=quick) as r,
+        watched(r.harness, ChargerSpec(charger_id="CP-A", max_power_kw=22.0)) as a,
+        watched(r.harness, ChargerSpec(charger_id="CP-B", max_power_kw=22.0)) as b,
+    ):
+        await charging(r, [a, b], {("CP-A", 1): [11.0], ("CP-B", 1): [4.5]})
+        a.faults.reply_delay_s = 3600.0  # on the simulated clock, which stands still
+        await r.publish({("CP-A", 1): [4.5], ("CP-B", 1): [11.0]}, headroom_kw=15.5)
+        await b.wait_for(lambda: last_tx_w(b) == 11000.0)
+        assert r.dispatcher.counters["profiles_timed_out"] >= 1
+        assert r.dispatcher.counters["increases_held"] >= 1
+        assert r.dispatcher.counters["increases_over_budget"] == 1
+        assert "tx:1" in r.dispatcher._links["CP-A"].unsure  # booked at max(11, 4.5)
+        assert last_tx_w(a) == 11000.0
+
+
 def random_limits(rng: random.Random, n: int) -> list[float]:
     """A limit per charger: 0 or 5-22 kW by 0.5 (never under the minimum rate, 4.14 kW)."""
     return [0.0 if rng.random() < 0.15 else rng.randrange(10, 45) / 2.0 for _ in range(n)]
@@ -290,3 +314,36 @@ async def test_at_every_call_a_charger_receives_the_fleet_stays_within_the_head_
     assert len(checked) >= 5 * n
     assert r.dispatcher.counters["increases_fit_early"] > 0
     assert r.dispatcher.counters["increases_over_budget"] == 0
+
+
+async def test_a_charger_gone_with_its_decrease_in_flight_stays_booked_until_it_is_back(
+    redis: Redis, clock: SimClock
+) -> None:
+    """P-08. A: 11 -> 4.5 kW in flight when A's connection drops; B: 4.5 -> 11 kW under a
+    head-room of 15.5 kW. A may have taken its decrease or not: it stays booked at 11 kW and
+    its decrease counts as coming, so B waits (not even the rule before the budget lets it go,
+    which released B when A went). A comes back without a reboot, gets its decrease, and
+    then B is raised."""
+    async with (
+        rig(redis, clock, charger("CP-A"), charger("CP-B"), config=PATIENT) as r,
+        watched(r.harness, ChargerSpec(charger_id="CP-A", max_power_kw=22.0)) as a,
+        watched(r.harness, ChargerSpec(charger_id="CP-B", max_power_kw=22.0)) as b,
+    ):
+        await charging(r, [a, b], {("CP-A", 1): [11.0], ("CP-B", 1): [4.5]})
+        a.faults.reply_delay_s = 600.0
+        before = len(b.received)
+        await r.publish({("CP-A", 1): [4.5], ("CP-B", 1): [11.0]}, headroom_kw=15.5)
+        await arrived(a)
+        await a.drop()
+        await a.wait_for(lambda: a.backing_off)
+        await r.dispatcher.wait_for(lambda: "CP-A" not in r.dispatcher._links)
+        await r.dispatcher.settled("CP-B")
+        assert len(b.received) == before
+        assert r.dispatcher._booked["CP-A"] == pytest.approx(11.0)
+        assert r.dispatcher.counters["increases_over_budget"] == 0
+
+        a.faults.reply_delay_s = 0.0
+        await clock.advance(timedelta(seconds=2))  # A reconnects (no reboot)
+        await b.wait_for(lambda: last_tx_w(b) == 11000.0)
+        assert last_tx_w(a) == 4500.0  # A's decrease was acknowledged first
+        assert r.dispatcher.counters["increases_over_budget"] == 0
