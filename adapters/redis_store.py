@@ -42,11 +42,14 @@ log = logging.getLogger(__name__)
 
 # KEYS: applied zset, events stream, then one key per write.
 # ARGV: group, entry id, event id, score (ms), oldest score kept, n writes, then op/field/value.
+# Returns 1: applied now; 0: the event id was applied from another entry (a duplicate);
+# 2: this very entry was applied and settled already (the same commit sent again because its
+# answer was lost, e.g. the client's retry after a dropped connection).
 COMMIT_LUA = """
 local applied, stream = KEYS[1], KEYS[2]
 local group, entry, event_id, score = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('ZSCORE', applied, event_id) then
-  redis.call('XACK', stream, group, entry)
+  if redis.call('XACK', stream, group, entry) == 0 then return 2 end
   return 0
 end
 local a = 7
@@ -313,7 +316,12 @@ class RedisFleetStore:
         return int(removed)
 
     async def commit(self, entry: LogEntry, event_id: str, changes: Sequence[Change]) -> bool:
-        """Write, remember the event id and acknowledge, in one atomic script."""
+        """Write, remember the event id and acknowledge, in one atomic script.
+
+        True when the changes are in the store from this entry: written now, or by this same
+        commit sent before whose answer was lost (the client re-sends a command after a
+        dropped connection; the first one may have run). False for a duplicate: the event
+        id was applied from another entry, and nothing is written."""
         write_keys: list[str] = []
         args: list[str] = []
         for change in changes:
@@ -341,7 +349,7 @@ class RedisFleetStore:
         if self._policy.trim_every and self._commits_since_trim >= self._policy.trim_every:
             self._commits_since_trim = 0
             await self.trim()
-        return int(result) == 1
+        return int(result) in (1, 2)
 
     def _write_for(self, change: Change) -> tuple[str, str, str, str]:
         if change.kind in keys.SINGLE_RECORDS:

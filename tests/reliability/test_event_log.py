@@ -158,3 +158,25 @@ async def test_replaying_the_whole_log_twice_doubles_nothing(redis: Redis) -> No
     assert state.vehicles["ev-1"].soc == 0.7
     assert counters.get("events_claimed", 0) == 0
     assert await redis.zcard("vp:{depot}:applied") == len(events)
+
+
+async def test_a_commit_sent_again_after_its_answer_was_lost_reports_its_changes_written(
+    redis: Redis,
+) -> None:
+    """The client re-sends a command whose connection dropped before the answer came (the
+    embedded endpoint retries 3 times), and the first one may have run: the commit is then
+    sent twice for one entry. The second answer must say the changes are in the store
+    (True), or the consumer keeps a state without them while Redis has them (it used to count
+    a duplicate). A second entry with the same event id is still a duplicate (False)."""
+    state = await _site(redis)
+    store = RedisFleetStore(redis, "depot", policy=NO_TRIM)
+    event = soc_reported("ev-1", 0.42, T0)
+    await store.append(event)
+    await store.append(event)  # the same event appended twice (a producer's retry)
+    first, second = await store.take(10)
+    changes = apply_event(state, event).changes
+    assert await store.commit(first, event.event_id, changes)
+    assert await store.commit(first, event.event_id, changes)  # the same commit, re-sent
+    assert not await store.commit(second, event.event_id, changes)  # a duplicate entry
+    assert (await redis.xpending(STREAM, "controller"))["pending"] == 0
+    assert (await store.load()).vehicles["ev-1"].soc == 0.42
