@@ -235,6 +235,10 @@ class _Link:
     # charger may apply them, so the budget books them (until the slot is accepted again).
     in_flight: OutgoingProfile | None = None
     unsure: dict[str, OutgoingProfile] = field(default_factory=dict)
+    # Per slot, when its current profile was accepted and what it replaced: a meter sample
+    # taken before the acceptance is judged by either (P-05).
+    accepted_at: dict[str, datetime] = field(default_factory=dict)
+    replaced: dict[str, OutgoingProfile | None] = field(default_factory=dict)
 
 
 def _installed(link: _Link, slot: str) -> OutgoingProfile | None:
@@ -487,14 +491,30 @@ class LeaseDispatcher:
 
     def _limit_in_force_kw(self, link: _Link, connector_id: int, at: datetime) -> float | None:
         """The composite limit the charger applies to the connector at `at`, in kW, as far as
-        its accepted profiles tell (None: none known)."""
+        its accepted profiles tell (None: none known).
+
+        A sample taken before a profile of its composite was accepted (it reached the central
+        system after the acceptance: the charger's own CALLs queue one at a time) may show
+        either the old or the new limit at work: it is judged by the larger of the two."""
         charger = self.state.chargers.get(link.charger_id)
         if charger is None:
             return None
         running = self._running(link.charger_id, charger).get(connector_id)
-        return applied_limit_kw(
+        now = applied_limit_kw(
             charger, lambda slot: _installed(link, slot), connector_id, running, at
         )
+        slots = (f"tx:{connector_id}", "default", "max")
+        if now is None or not any(link.accepted_at.get(s, at) > at for s in slots):
+            return now
+
+        def before(slot: str) -> OutgoingProfile | None:
+            """What the slot held until its current profile was accepted, if after `at`."""
+            if link.accepted_at.get(slot, at) > at:
+                return link.replaced.get(slot)
+            return _installed(link, slot)
+
+        then = applied_limit_kw(charger, before, connector_id, running, at)
+        return None if then is None else max(now, then)
 
     # -- the budget gate (P-04) --
 
@@ -1167,6 +1187,8 @@ class LeaseDispatcher:
             # The transaction ended: the charger drops its TxProfile by itself (one sent as a
             # TxDefaultProfile on the connector, a rung of the ladder, is cleared).
             old = link.sent.pop(slot, None)
+            link.accepted_at.pop(slot, None)
+            link.replaced.pop(slot, None)
             link.failures.pop(slot, None)
             link.retry_at.pop(slot, None)
             link.lapsed.discard(slot)
@@ -1273,6 +1295,8 @@ class LeaseDispatcher:
                 link.unsure.pop(profile.slot, None)
                 self.counters["profiles_accepted"] += 1
                 self._note_switch(link, profile)
+                link.replaced[profile.slot] = _installed(link, profile.slot)
+                link.accepted_at[profile.slot] = self.clock.now()
                 link.sent[profile.slot] = profile
                 link.failures.pop(profile.slot, None)
                 link.retry_at.pop(profile.slot, None)

@@ -198,3 +198,46 @@ async def test_a_new_transactions_lease_below_the_default_is_a_decrease_and_goes
         await other.wait_for(lambda: len(other.received) > received)
         await r.dispatcher.settled("CP-2")
         assert other.powers_kw(clock.now())[1] == pytest.approx(11.0)
+
+
+async def test_a_sample_taken_before_a_profile_was_accepted_is_judged_by_the_limit_then(
+    redis: Redis, clock: SimClock
+) -> None:
+    """CP-1 charges at its plan's 11 kW; the next plan lowers it to 0 kW. Samples the charger
+    took before it accepted that lease (they reach the central system after the acceptance:
+    a charger's own CALLs queue one at a time, and the soak saw such queues of seconds) show
+    11 kW: judged by the old limit they are fine, not "11.00 kW against a 0.00 kW limit".
+    Samples taken after the acceptance at 11 kW, and an earlier one over both limits, are
+    still flagged."""
+    async with (
+        rig(redis, clock, charger("CP-1", max_power_kw=11.0), safe_limit_kw=40.0) as r,
+        simulated(r.harness, "CP-1", max_power_kw=11.0) as sim,
+    ):
+        await charging_on_plan(r, (sim,), {("CP-1", 1): [11.0]})
+        assert sim.powers_kw(clock.now())[1] == pytest.approx(11.0)
+        taken = [clock.now(), clock.now() + timedelta(seconds=30)]
+        await clock.advance(MINUTE)
+        await r.publish({("CP-1", 1): [0.0]})
+        await sim.wait_for(lambda: sim.powers_kw(clock.now())[1] == 0.0)
+        await r.dispatcher.settled("CP-1")
+        assert r.dispatcher.sent("CP-1")["tx:1"].limit_at(clock.now()) == 0.0
+        await clock.advance(timedelta(seconds=10))
+
+        for at in taken:  # the delayed samples of the old lease
+            r.harness.central.meter_sampled("CP-1", 1, at, 11.0)
+        assert r.dispatcher.compliance.non_compliant() == {}
+        assert r.dispatcher.counters["non_compliant_flags"] == 0
+
+        # Over both limits before the acceptance (20 kW against 11 kW): flagged.
+        for at in taken:
+            r.harness.central.meter_sampled("CP-1", 1, at, 20.0)
+        assert r.dispatcher.compliance.non_compliant() == {("CP-1", 1): pytest.approx(20.0)}
+        for _ in range(2):  # cleared by two good samples
+            r.harness.central.meter_sampled("CP-1", 1, clock.now(), 0.0)
+        assert r.dispatcher.compliance.non_compliant() == {}
+
+        # After the acceptance, 11 kW against the 0 kW lease: flagged on the second sample.
+        r.harness.central.meter_sampled("CP-1", 1, clock.now(), 11.0)
+        assert r.dispatcher.compliance.non_compliant() == {}
+        r.harness.central.meter_sampled("CP-1", 1, clock.now(), 11.0)
+        assert r.dispatcher.compliance.non_compliant() == {("CP-1", 1): pytest.approx(11.0)}
