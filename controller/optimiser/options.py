@@ -25,6 +25,9 @@ class OptimiserOptions:
     # car totals (cars that never discharge), its slivers removed by free moves; kept only if
     # no worse in any stage and in the min-rate step. Changes no optimum.
     earliest_departure_tiebreak: bool = True
+    # Its order: "laxity" (least laxity first: the latest start at full power, this plan's
+    # energy) or "departure" (earliest departure first).
+    tiebreak_order: str = "laxity"
     # Prices unmet energy in the report (`details["penalty_eur"]`); the ordering itself is
     # lexicographic, so no penalty, however small, can trade a kWh of shortfall for money.
     shortfall_penalty_eur_per_kwh: float = 1.0
@@ -60,6 +63,8 @@ class OptimiserOptions:
             raise InvalidEvent("optimiser: min_rate_mip_s must not be negative")
         if self.sifting_min_columns < 0:
             raise InvalidEvent("optimiser: sifting_min_columns must not be negative")
+        if self.tiebreak_order not in ("laxity", "departure"):
+            raise InvalidEvent(f"optimiser: tiebreak_order {self.tiebreak_order!r} unknown")
         if self.shortfall_penalty_eur_per_kwh < 0.0:
             raise InvalidEvent("optimiser: shortfall_penalty_eur_per_kwh must not be negative")
 

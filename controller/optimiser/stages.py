@@ -106,7 +106,9 @@ def ordered_plan(
             )
             return rounded, slivers(prepared, rounded, discharge)[0]
 
-    ordered, figures = earliest_departures_first(prepared, charge, discharge, settle=settle)
+    ordered, figures = earliest_departures_first(
+        prepared, charge, discharge, settle=settle, order=options.tiebreak_order
+    )
     if figures["tiebreak_kept"] and options.min_rate_repair:
         rounded = _no_worse(prepared, charge, discharge, ordered, options)
         figures["tiebreak_min_rate_refused"] = 1.0 if rounded is None else 0.0

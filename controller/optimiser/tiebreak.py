@@ -75,6 +75,7 @@ def earliest_departures_first(
     discharge_kw: FloatArray,
     *,
     settle: Settle | None = None,
+    order: str = "departure",
 ) -> tuple[FloatArray, dict[str, float]]:
     """(charge kW, figures): `charge_kw` with the energy of the cars that never discharge
     re-assigned among them, earliest departure first, inside the same slot and car totals.
@@ -101,7 +102,7 @@ def earliest_departures_first(
         "tiebreak_kept": 0.0,
         "tiebreak_s": 0.0,
     }
-    transport = _Transport.of(prepared, charge_kw, discharge_kw)
+    transport = _Transport.of(prepared, charge_kw, discharge_kw, order)
     if transport is None:
         return charge_kw, _done(info, started)
     info["tiebreak_cars"] = float(transport.cars.size)
@@ -149,6 +150,7 @@ class _Transport:
         planned: IntArray,
         capacity: IntArray,
         units: float,
+        weight: IntArray,
     ) -> None:
         problem = prepared.problem
         self.prepared = prepared
@@ -167,13 +169,11 @@ class _Transport:
                 -np.bincount(slot_of, weights=planned, minlength=t_count),
             ]
         ).astype(np.int64)
-        self.cost = ((slot_of + 1) * (t_count + 1 - problem.departure_slot[self.rows])).astype(
-            np.int64
-        )
+        self.cost = ((slot_of + 1) * weight[car_of]).astype(np.int64)
 
     @classmethod
     def of(
-        cls, prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray
+        cls, prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray, order: str
     ) -> _Transport | None:
         """The network of `charge_kw`'s cars that never discharge and have energy above their
         forced part, or None when fewer than two such cars (or two slots) exist."""
@@ -197,7 +197,8 @@ class _Transport:
         base = lower_kwh[rows, slot_of]
         free = energy[rows, slot_of] - base  # what the flow re-assigns, >= 0
         room = upper_kwh[rows, slot_of] - base
-        top = float(t_count + 1) ** 2 * max(float(free.sum()), 1.0)
+        weight = _weights(prepared, cars, car_of, free, room, order)
+        top = float(t_count + 1) * float(weight.max()) * max(float(free.sum()), 1.0)
         units = _UNITS_PER_KWH
         if top * units > _MAX_COST_TIMES_FLOW:
             units = float(10.0 ** np.floor(np.log10(_MAX_COST_TIMES_FLOW / top)))
@@ -206,7 +207,7 @@ class _Transport:
         # The margins are summed in float64: exact while a node's total stays below 2**53.
         if float(planned.sum()) >= 2.0**53:
             return None
-        return cls(prepared, cars, car_of, slot_of, base, planned, capacity, units)
+        return cls(prepared, cars, car_of, slot_of, base, planned, capacity, units, weight)
 
     def fix(self, left: BoolArray, plan_kw: FloatArray) -> None:
         """Fix the cells of the slivers `left` in `plan_kw`: on at the charger's minimum when
@@ -269,6 +270,35 @@ class _Transport:
         ):
             return None
         return result
+
+
+def _weights(
+    prepared: Prepared,
+    cars: IntArray,
+    car_of: IntArray,
+    free: FloatArray,
+    room: FloatArray,
+    order: str,
+) -> IntArray:
+    """(cars,) each car's priority, an integer >= 1 (higher: served in earlier slots).
+
+    "departure": T + 1 - d_i, earliest departure first. "laxity": least laxity first, by the
+    latest slot the car could start at full power and still get this plan's energy,
+    lst_i = d_i - e_i / (its largest cell), in quarter slots: 4 (T + 1 - clip(lst_i, 0, T)) + 1.
+    """
+    problem = prepared.problem
+    t_count = problem.n_slots
+    departure = problem.departure_slot[cars].astype(np.float64)
+    if order == "departure":
+        result: IntArray = (t_count + 1 - departure).astype(np.int64)
+        return result
+    energy = np.bincount(car_of, weights=free, minlength=cars.size)
+    full = np.zeros(cars.size)
+    np.maximum.at(full, car_of, room)
+    slots_needed = energy / np.maximum(full, _TINY)
+    latest_start = np.clip(departure - slots_needed, 0.0, float(t_count))
+    result = (np.round(4.0 * (t_count + 1 - latest_start)) + 1).astype(np.int64)
+    return result
 
 
 def _close(values: FloatArray, wanted: FloatArray) -> bool:

@@ -15,9 +15,13 @@ from controller.optimiser.tiebreak import earliest_departures_first
 from controller.planning.problem import FloatArray, PlanningProblem, Schedule
 from tests.optimiser.checks import assert_valid, close, energy, money_of, problem
 
-ON = OptimiserOptions(time_limit_s=60.0, warm_start=False)
+ON = OptimiserOptions(time_limit_s=60.0, warm_start=False)  # least laxity first (default)
+EDF = OptimiserOptions(time_limit_s=60.0, warm_start=False, tiebreak_order="departure")
 OFF = OptimiserOptions(time_limit_s=60.0, warm_start=False, earliest_departure_tiebreak=False)
 LP_ON = OptimiserOptions(time_limit_s=60.0, warm_start=False, min_rate_repair=False)
+LP_EDF = OptimiserOptions(
+    time_limit_s=60.0, warm_start=False, min_rate_repair=False, tiebreak_order="departure"
+)
 LP_OFF = OptimiserOptions(
     time_limit_s=60.0,
     warm_start=False,
@@ -33,10 +37,35 @@ STAGES = (
 )
 
 
-def late_swaps(p: PlanningProblem, charge: FloatArray) -> list[tuple[int, int, int, int]]:
-    """(i, j, t1, t2) where car i leaves before car j, i charges in t2 and j in t1 < t2, and
-    both could trade (i has room in t1, j in t2, neither cell forced, i still there in t2):
-    what an earliest-departure-first plan never has. Plain numpy over the problem's arrays."""
+def departure_priority(p: PlanningProblem, charge: FloatArray) -> FloatArray:
+    """(N,) earliest departure first: the earlier a car leaves, the higher."""
+    del charge
+    result: FloatArray = -p.departure_slot.astype(float)
+    return result
+
+
+def laxity_priority(p: PlanningProblem, charge: FloatArray) -> FloatArray:
+    """(N,) least laxity first, as docs/optimiser.md states it: the latest slot a car could
+    start at full power (its largest slot's grid kWh) and still get the plan's grid kWh,
+    lst = d - e / full, clipped to 0..T, in quarter slots; the lower, the higher."""
+    present = np.arange(p.n_slots)[None, :] < p.departure_slot[:, None]
+    cell = np.where(present, p.upper_kw, 0.0) * p.dt_h[None, :]
+    e = (charge * p.dt_h[None, :]).sum(axis=1)
+    full = np.maximum(cell.max(axis=1), 1e-9)
+    latest = np.clip(p.departure_slot - e / full, 0.0, p.n_slots)
+    result: FloatArray = -np.round(4.0 * latest)
+    return result
+
+
+def late_swaps(
+    p: PlanningProblem, charge: FloatArray, priority: FloatArray | None = None
+) -> list[tuple[int, int, int, int]]:
+    """(i, j, t1, t2) where car i comes before car j (`priority`, default: it leaves
+    earlier), i charges in t2 and j in t1 < t2, and both could trade (i has room in t1, j in
+    t2, neither cell forced, i still there in t2): what a plan ordered by that priority never
+    has. Plain numpy over the problem's arrays."""
+    if priority is None:
+        priority = departure_priority(p, charge)
     present = np.arange(p.n_slots)[None, :] < p.departure_slot[:, None]
     upper = np.where(present, p.upper_kw, 0.0)
     lower = np.where(present, np.minimum(p.lower_kw, p.upper_kw), 0.0)
@@ -46,7 +75,7 @@ def late_swaps(p: PlanningProblem, charge: FloatArray) -> list[tuple[int, int, i
     n, t_count = charge.shape
     for i in range(n):
         for j in range(n):
-            if p.departure_slot[i] >= p.departure_slot[j]:
+            if priority[i] <= priority[j]:
                 continue
             for t2 in range(t_count):
                 if not (gives[i, t2] and takes[j, t2]):
@@ -86,7 +115,7 @@ def night(min_kw: float = 0.0) -> PlanningProblem:
 def test_the_earlier_departure_charges_first_on_a_flat_full_night(min_kw: float) -> None:
     """Car 1 (leaves first) charges in slot 0, car 0 in slots 1-3; same money as without."""
     p = night(min_kw)
-    on = FastSolver().solve(p, ON)
+    on = FastSolver().solve(p, EDF)
     off = FastSolver().solve(p, OFF)
     assert on.charge_kw[1] == pytest.approx([11.0, 0.0, 0.0, 0.0])
     assert on.charge_kw[0] == pytest.approx([0.0, 11.0, 11.0, 11.0])
@@ -109,7 +138,7 @@ def test_three_cars_sharing_a_slot_are_served_by_departure() -> None:
         price=[0.3] * 4,
         headroom_kw=[16.5] * 4,
     )
-    on = FastSolver().solve(p, LP_ON)
+    on = FastSolver().solve(p, LP_EDF)
     assert late_swaps(p, on.charge_kw) == []
     # The second stage spreads the 9.625 kWh evenly (9.625 kW a slot): slot 0 is car 0's alone.
     assert on.charge_kw[:, 0] == pytest.approx([9.625, 0.0, 0.0])
@@ -135,13 +164,25 @@ def test_the_live_days_recorded_plans_keep_every_optimum(name: str) -> None:
     assert on.details["peak_kw"] <= off.details["peak_kw"] + 1e-7
     assert np.all(gained(p, on) >= gained(p, off) - 1e-6)
     assert_valid(p, on)
-    lp = FastSolver().solve(p, LP_ON)
+    lp = FastSolver().solve(p, LP_EDF)
     assert lp.details["tiebreak_kept"] == 1.0
     assert late_swaps(p, lp.charge_kw) == []
+    lp = FastSolver().solve(p, LP_ON)
+    assert lp.details["tiebreak_kept"] == 1.0
+    assert late_swaps(p, lp.charge_kw, laxity_priority(p, lp.charge_kw)) == []
 
 
-def _linprog_cost(p: PlanningProblem, charge: FloatArray) -> float:
-    """The least tie-break cost Σ (t+1)(T+1-d_i) x_it over plans with the totals of `charge`
+def _weights(p: PlanningProblem, charge: FloatArray, order: str) -> FloatArray:
+    """(N,) the tie-break's priority weights as docs/optimiser.md states them (no forced
+    cells): T + 1 - d_i, or 4 (T + 1 - lst_i) + 1 with lst_i in quarter slots."""
+    if order == "departure":
+        result: FloatArray = (p.n_slots + 1.0 - p.departure_slot).astype(np.float64)
+        return result
+    return 4.0 * (p.n_slots + 1) + 1.0 + laxity_priority(p, charge)
+
+
+def _linprog_cost(p: PlanningProblem, charge: FloatArray, weight: FloatArray) -> float:
+    """The least tie-break cost Σ (t+1) w_i x_it over plans with the totals of `charge`
     (every car movable, no forced cells), by scipy's linprog: an independent solve."""
     prepared = prepare(p)
     dt = p.dt_h
@@ -157,7 +198,7 @@ def _linprog_cost(p: PlanningProblem, charge: FloatArray) -> float:
         ]
     )
     b_eq = np.concatenate([e.sum(axis=1), e.sum(axis=0)])
-    cost = (slots + 1.0) * (t_count + 1.0 - p.departure_slot[cars])
+    cost = (slots + 1.0) * weight[cars]
     bounds = np.stack([np.zeros(k), prepared.upper_kw[cars, slots] * dt[slots]], axis=1)
     result = optimize.linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs")
     assert result.status == 0, result.message
@@ -206,13 +247,14 @@ def fleets(draw: st.DrawFn) -> PlanningProblem:
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 @given(p=fleets())
-def test_random_fleets_keep_every_optimum_and_serve_earlier_departures_first(
+def test_random_fleets_keep_every_optimum_and_serve_by_priority(
     p: PlanningProblem,
 ) -> None:
     """On random small fleets: the stage optima with and without the tie-break are the same
     (and the reference's), the final plans have the same money, no higher peak or ramping, no
-    car with less energy; the LP plan (no min-rate step) has no late swap, and its tie-break
-    cost is the least one scipy's linprog finds for the same totals."""
+    car with less energy; the LP plan (no min-rate step) ordered either way has no late swap
+    by its priority, and its tie-break cost is the least one scipy's linprog finds for the
+    same totals."""
     on = FastSolver().solve(p, ON)
     off = FastSolver().solve(p, OFF)
     reference = solve_reference(p, OptimiserOptions(min_rate_repair=False))
@@ -227,19 +269,25 @@ def test_random_fleets_keep_every_optimum_and_serve_earlier_departures_first(
     assert np.all(gained(p, on) >= gained(p, off) - 1e-6)
     assert_valid(p, on)
 
-    lp_on = FastSolver().solve(p, LP_ON)
     lp_off = FastSolver().solve(p, LP_OFF)
-    assert np.allclose(lp_on.charge_kw.sum(axis=0), lp_off.charge_kw.sum(axis=0), atol=1e-6)
-    assert np.allclose(gained(p, lp_on), gained(p, lp_off), atol=1e-6)
-    assert close(money_of(p, lp_on), money_of(p, lp_off), rel=1e-7)
-    assert_valid(p, lp_on, min_rate=False)
-    assert late_swaps(p, lp_on.charge_kw) == []
-    if not p.lower_kw.any() and lp_on.details.get("tiebreak_kept"):
-        dt = p.dt_h
+    for options in (LP_ON, LP_EDF):
+        lp_on = FastSolver().solve(p, options)
+        assert np.allclose(lp_on.charge_kw.sum(axis=0), lp_off.charge_kw.sum(axis=0), atol=1e-6)
+        assert np.allclose(gained(p, lp_on), gained(p, lp_off), atol=1e-6)
+        assert close(money_of(p, lp_on), money_of(p, lp_off), rel=1e-7)
+        assert_valid(p, lp_on, min_rate=False)
+        if options.tiebreak_order == "departure":
+            assert late_swaps(p, lp_on.charge_kw) == []
+        if p.lower_kw.any() or not lp_on.details.get("tiebreak_kept"):
+            continue
+        if options.tiebreak_order == "laxity":
+            priority = laxity_priority(p, lp_off.charge_kw)
+            assert late_swaps(p, lp_on.charge_kw, priority) == []
+        weight = _weights(p, lp_off.charge_kw, options.tiebreak_order)
         slots = np.arange(p.n_slots)[None, :]
-        weight = (slots + 1.0) * (p.n_slots + 1.0 - p.departure_slot[:, None])
-        ours = float((weight * lp_on.charge_kw * dt[None, :]).sum())
-        assert ours == pytest.approx(_linprog_cost(p, lp_off.charge_kw), rel=1e-7, abs=1e-6)
+        ours = float(((slots + 1.0) * weight[:, None] * lp_on.charge_kw * p.dt_h[None, :]).sum())
+        best = _linprog_cost(p, lp_off.charge_kw, weight)
+        assert ours == pytest.approx(best, rel=1e-7, abs=1e-6)
 
 
 def test_cars_that_may_discharge_keep_their_plan() -> None:
