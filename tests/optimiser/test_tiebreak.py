@@ -145,6 +145,33 @@ def test_three_cars_sharing_a_slot_are_served_by_departure() -> None:
     assert gained(p, on) == pytest.approx(gained(p, FastSolver().solve(p, LP_OFF)), abs=1e-9)
 
 
+def test_the_car_with_least_slack_charges_first() -> None:
+    """Three cars leaving together after four slots, room for 16.5 kW: car 0 needs three
+    full slots (its latest start: slot 1), car 1 two half slots' worth in each slot, car 2 one
+    slot (latest start: slot 3). Least laxity first starts car 0 now and leaves car 2 for the
+    last slot; money, peak and energies as without the tie-break. (Without it HiGHS starts car
+    2 now and car 0 one slot late, with no slack left.)"""
+    p = problem(
+        dt_h=[0.25] * 4,
+        upper_kw=[[11.0] * 4] * 3,
+        departure_slot=[4, 4, 4],
+        energy_kwh=[10.0] * 3,
+        capacity_kwh=[60.0] * 3,
+        target_kwh=[18.25, 15.5, 12.75],
+        price=[0.2] * 4,
+        headroom_kw=[16.5] * 4,
+    )
+    on = FastSolver().solve(p, ON)
+    off = FastSolver().solve(p, OFF)
+    assert on.charge_kw[0] == pytest.approx([11.0, 11.0, 11.0, 0.0])
+    assert on.charge_kw[2] == pytest.approx([0.0, 0.0, 0.0, 11.0])
+    assert late_swaps(p, on.charge_kw, laxity_priority(p, on.charge_kw)) == []
+    assert on.cost_eur == pytest.approx(off.cost_eur, abs=1e-9)
+    assert on.details["peak_kw"] == pytest.approx(off.details["peak_kw"], abs=1e-9)
+    assert gained(p, on) == pytest.approx(gained(p, off), abs=1e-9)
+    assert_valid(p, on)
+
+
 @pytest.mark.parametrize("name", ["live_morning_0600", "live_night_0250"])
 def test_the_live_days_recorded_plans_keep_every_optimum(name: str) -> None:
     """Two recorded re-plans of the live day (saturated, a shared shortfall): with the
