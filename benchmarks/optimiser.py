@@ -520,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
             print(_row(v_money))
             v_full = bench_fast(v2g, FULL, "fast full (default), V2G", repeats, args.budget)
             print(_row(v_full))
+            v_plain = bench_fast(
+                v2g, NO_TIEBREAK, "fast full, no tie-break, V2G", repeats, args.budget
+            )
+            print(_row(v_plain))
+            print(
+                "  full / full without the tie-break, V2G (p50 CPU, same run):"
+                f" {_ratio(v_full, v_plain):.2f}"
+            )
             p99[("V2G", n, "money")] = (v_money.percentile(99), v_money.percentile(99, cpu=True))
             p99[("V2G", n, "full")] = (v_full.percentile(99), v_full.percentile(99, cpu=True))
             print(f"  full / money (p50 CPU, same run): {_ratio(v_full, v_money):.2f}")
