@@ -9,8 +9,9 @@ A broker with TLS also listens on a plain loopback port for the controller in th
 Both servers are stopped when their context exits, so no server outlives a clean shutdown.
 
 Durability is checked at start-up (RELIABILITY.md R-01): the embedded server must report
-`appendonly yes` or voltpool refuses to start; an external server without AOF, or one whose ACL
-user may not read its configuration, is reported loudly at ERROR level (see docs/reliability.md).
+`appendonly yes` and the `appendfsync` of `REDIS_CONFIG` or voltpool refuses to start; an
+external server without AOF, with `appendfsync everysec`, or one whose ACL user may not read its
+configuration, is reported loudly at ERROR level (see docs/reliability.md, Guarantee 1).
 """
 
 from __future__ import annotations
@@ -40,9 +41,17 @@ log = logging.getLogger(__name__)
 
 REDIS_CONFIG = {
     "appendonly": "yes",
-    # fsync once a second: a crash of the host loses at most a second; a crash of voltpool
-    # alone loses nothing, since the server keeps running (it is its own process).
-    "appendfsync": "everysec",
+    # `no`: every write is in the AOF file (the kernel's page cache) before Redis answers it,
+    # so a kill -9 of the server loses nothing acknowledged; a crash of the host loses what
+    # the kernel has not yet written back (up to ~30 s with Linux's defaults).
+    # Not `everysec`: Redis (6.2, and later versions alike) postpones its AOF write for up to
+    # 2 s while the previous background fsync is still running and answers all the same (aof.c
+    # flushAppendOnlyFile, server.c beforeSleep), so a kill -9 in that window lost acknowledged
+    # StopTransactions in a soak (tests/reliability/test_aof_window.py).
+    # Not `always` (safe against both): it fsyncs before every answer, and voltpool's consumer,
+    # one commit per event, then applies ~180 events/s instead of ~3,500 (docs/reliability.md,
+    # Guarantee 1, has the figures).
+    "appendfsync": "no",
 }
 
 
@@ -58,13 +67,21 @@ class Durability:
     """What a Redis server says about its persistence."""
 
     aof: bool | None  # None: the server would not tell (CONFIG and INFO refused by its ACL)
-    fsync: str | None = None
+    fsync: str | None = None  # None: unknown (INFO persistence does not say)
     source: str = ""
 
     @property
     def safe(self) -> bool:
-        """Whether acknowledged writes survive a crash of the server process."""
+        """Whether the server keeps an append-only file at all (without one a kill -9 loses
+        every write since the last snapshot)."""
         return bool(self.aof)
+
+    @property
+    def acknowledged_survive_kill(self) -> bool:
+        """Whether every acknowledged write survives a kill -9 of the server: AOF on and
+        written before each reply (`always`, or `no`, which leaves the fsync to the kernel).
+        With `everysec` the write waits while a background fsync is slow, replies do not."""
+        return bool(self.aof) and self.fsync in ("always", "no")
 
 
 async def read_durability(client: Redis) -> Durability:
@@ -86,12 +103,27 @@ async def read_durability(client: Redis) -> Durability:
 
 
 async def check_durability(client: Redis, *, embedded: bool) -> Durability:
-    """R-01: refuse an embedded server without AOF; report an external one at ERROR level."""
+    """R-01: refuse an embedded server without AOF or with another `appendfsync` than
+    `REDIS_CONFIG`'s; report an external one that can lose acknowledged writes at ERROR level.
+    """
     durability = await read_durability(client)
-    if durability.safe and durability.fsync not in (None, "always", "everysec"):
+    wanted = REDIS_CONFIG["appendfsync"]
+    if embedded and durability.safe and durability.fsync not in (None, wanted):
+        raise DurabilityError(
+            f"the embedded redis-server runs with appendfsync {durability.fsync}, not {wanted}: "
+            "see docs/reliability.md, Guarantee 1"
+        )
+    if durability.safe and durability.fsync == "everysec":
         log.error(
-            "redis appendfsync=%s: a host crash can lose many seconds of events; use everysec",
-            durability.fsync,
+            "redis appendfsync=everysec: while a background fsync is slow Redis postpones its "
+            "AOF write (up to 2 s) but still answers, so a kill -9 of the server can lose "
+            "acknowledged events; use appendfsync no or always (docs/reliability.md, "
+            "Guarantee 1)"
+        )
+    elif durability.safe and durability.fsync == "no" and not embedded:
+        log.warning(
+            "redis appendfsync=no: a kill -9 of the server loses nothing acknowledged; a crash "
+            "of its host can lose ~30 s of events (the kernel's write-back); always loses none"
         )
     if durability.safe:
         return durability
@@ -108,7 +140,7 @@ async def check_durability(client: Redis, *, embedded: bool) -> Durability:
     else:
         log.error(
             "EXTERNAL REDIS RUNS WITHOUT AOF (appendonly=no): a crash of the server loses "
-            "acknowledged events; set appendonly yes and appendfsync everysec"
+            "acknowledged events; set appendonly yes and appendfsync no or always"
         )
     return durability
 

