@@ -71,6 +71,7 @@ import bisect
 import contextlib
 import heapq
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -234,6 +235,7 @@ class _Link:
     # whose answer never came (timed out, or the connection closed with them in flight): the
     # charger may apply them, so the budget books them (until the slot is accepted again).
     in_flight: OutgoingProfile | None = None
+    held_since: float | None = None  # time.monotonic() when its increase was first held
     unsure: dict[str, OutgoingProfile] = field(default_factory=dict)
     # Per slot, when its current profile was accepted and what it replaced: a meter sample
     # taken before the acceptance is judged by either (P-05).
@@ -1229,12 +1231,18 @@ class LeaseDispatcher:
                 # until their acknowledged decreases make room (`_wake_fitting`).
                 held = True
                 continue
+            if change > 0 and link.held_since is not None:
+                self._note_wait(link)
             link.idle.clear()
             await self._send(link, profile)
             sent = True
         if held:
             link.held = True
             self.counters["increases_held"] += 1
+            if link.held_since is None:
+                link.held_since = time.monotonic()
+        elif link.held_since is not None and not any(c > 0 for c in changes):
+            link.held_since = None  # the increase it waited with is no longer asked for
         if sent:
             return True
         if held and not self._publishing and not self._decreasing - {link.charger_id}:
@@ -1243,6 +1251,16 @@ class LeaseDispatcher:
             link.trigger_status = False
             await self._trigger_status(link.charger_id)
         return False
+
+    def _note_wait(self, link: _Link) -> None:
+        """A held increase goes: count how long (wall ms) it waited, for the benchmarks."""
+        assert link.held_since is not None
+        waited_ms = int((time.monotonic() - link.held_since) * 1000.0)
+        link.held_since = None
+        self.counters["increases_waited"] += 1
+        self.counters["increase_wait_ms_total"] += waited_ms
+        if waited_ms > self.counters["increase_wait_ms_max"]:
+            self.counters["increase_wait_ms_max"] = waited_ms
 
     async def _sleep(self, link: _Link) -> None:
         waiters: list[asyncio.Future[object]] = [asyncio.ensure_future(link.wake.wait())]
