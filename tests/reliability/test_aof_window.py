@@ -51,7 +51,7 @@ from tests.reliability.redis_process import RedisProcess
 BLOB_MIB = 96  # what the background fsync has to write: ~50 ms on the test machine's disk
 BLOB_LUA = "redis.call('SET', KEYS[1], string.rep('x', tonumber(ARGV[1]))) return 1"
 PENDING_WAIT_S = 1.5  # everysec starts its background fsync within a second
-ATTEMPTS = 4  # stops tried until one is acknowledged while the slow fsync still runs
+ATTEMPTS = 8  # stops tried until one is acknowledged while the slow fsync still runs
 TIMEOUT_S = 20.0
 WINDOW = timedelta(seconds=0.2)
 BOOT = {"chargePointVendor": "acme", "chargePointModel": "wallbox"}
