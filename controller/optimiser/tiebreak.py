@@ -76,15 +76,18 @@ def earliest_departures_first(
     *,
     settle: Settle | None = None,
     order: str = "departure",
+    rounds: int = DIVE_ROUNDS,
 ) -> tuple[FloatArray, dict[str, float]]:
     """(charge kW, figures): `charge_kw` with the energy of the cars that never discharge
     re-assigned among them, earliest departure first, inside the same slot and car totals.
 
     `discharge_kw` is not changed (cars that may discharge keep their plan). With `settle`
     (the min-rate step's free moves) the answer is its settled plan, and a dive follows while
-    slivers are left, for at most `DIVE_ROUNDS` rounds: each left sliver's cell is fixed in the
-    flow, on at the charger's minimum (when it was at least half of it and the bound allows)
-    or off, and the flow runs again inside the same totals (stopping when it has no answer).
+    slivers are left, for at most `rounds` flows in all: first each left sliver's cell is
+    fixed in the flow, on at the charger's minimum (when it was at least half of it and the
+    bound allows) or off; then the cars with slivers left keep their rows of `charge_kw` and
+    only the others are ordered (inside the totals that leaves). A flow without an answer ends
+    the dive.
 
     Figures: `tiebreak_cars`, `tiebreak_cells` (the flow's arcs), `tiebreak_moved_kwh` (grid
     kWh that changed slot or car: half the absolute change), `tiebreak_rounds` (flows run),
@@ -114,10 +117,18 @@ def earliest_departures_first(
         return charge_kw, _done(info, started)
     if settle is not None:
         result, left = settle(result)
-        for _ in range(DIVE_ROUNDS - 1):
+        kept = np.zeros(charge_kw.shape[0], dtype=bool)
+        for round_ in range(1, rounds):
             if not left.any():
                 break
-            transport.fix(left, result)
+            if round_ == 1:  # fix the left slivers' cells on or off
+                transport.fix(left, result)
+            else:  # leave the cars with slivers as the plan had them, order the others
+                kept |= left.any(axis=1)
+                again_transport = _Transport.of(prepared, charge_kw, discharge_kw, order, kept)
+                if again_transport is None:
+                    break
+                transport = again_transport
             flow = transport.solve()
             info["tiebreak_rounds"] += 1.0
             again = None if flow is None else transport.plan(charge_kw, flow)
@@ -173,10 +184,16 @@ class _Transport:
 
     @classmethod
     def of(
-        cls, prepared: Prepared, charge_kw: FloatArray, discharge_kw: FloatArray, order: str
+        cls,
+        prepared: Prepared,
+        charge_kw: FloatArray,
+        discharge_kw: FloatArray,
+        order: str,
+        kept: BoolArray | None = None,
     ) -> _Transport | None:
-        """The network of `charge_kw`'s cars that never discharge and have energy above their
-        forced part, or None when fewer than two such cars (or two slots) exist."""
+        """The network of `charge_kw`'s cars that never discharge, have energy above their
+        forced part and are not `kept` (N,) as they are, or None when fewer than two such
+        cars (or two slots) exist."""
         del discharge_kw  # part of the plan; the cars that may discharge are left out by bound
         problem = prepared.problem
         n, t_count = charge_kw.shape
@@ -188,6 +205,8 @@ class _Transport:
         energy = np.clip(charge_kw * dt[None, :], lower_kwh, upper_kwh)
         movable = ~prepared.discharge_available.any(axis=1)
         movable &= (energy - lower_kwh).sum(axis=1) > _TINY
+        if kept is not None:
+            movable &= ~kept
         cells = movable[:, None] & prepared.available & (upper_kwh - lower_kwh > _TINY)
         cars = np.flatnonzero(cells.any(axis=1))
         if cars.size < 2:
