@@ -302,8 +302,9 @@ def _weights(
     """(cars,) each car's priority, an integer >= 1 (higher: served in earlier slots).
 
     "departure": T + 1 - d_i, earliest departure first. "laxity": least laxity first, by the
-    latest slot the car could start at full power and still get this plan's energy,
-    lst_i = d_i - e_i / (its largest cell), in quarter slots: 4 (T + 1 - clip(lst_i, 0, T)) + 1.
+    latest slot the car could start at full power and still get what it needs (the larger of
+    this plan's energy and its goal, grid kWh beyond forced power): lst_i = d_i - e_i / (its
+    largest cell), in quarter slots: 4 (T + 1 - clip(lst_i, 0, T)) + 1.
     """
     problem = prepared.problem
     t_count = problem.n_slots
@@ -312,6 +313,12 @@ def _weights(
         result: IntArray = (t_count + 1 - departure).astype(np.int64)
         return result
     energy = np.bincount(car_of, weights=free, minlength=cars.size)
+    # What the car still needs (grid kWh beyond its forced energy), when the plan gives it
+    # less: a car the plan leaves short has no slack, however little the plan gives it.
+    dt = problem.dt_h
+    forced = (prepared.lower_kw[cars] * dt[None, :]).sum(axis=1)
+    need = np.maximum(prepared.goal_kwh[cars], 0.0) / problem.eta_ch[cars] - forced
+    energy = np.maximum(energy, need)
     full = np.zeros(cars.size)
     np.maximum.at(full, car_of, room)
     slots_needed = energy / np.maximum(full, _TINY)

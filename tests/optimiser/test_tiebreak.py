@@ -46,11 +46,15 @@ def departure_priority(p: PlanningProblem, charge: FloatArray) -> FloatArray:
 
 def laxity_priority(p: PlanningProblem, charge: FloatArray) -> FloatArray:
     """(N,) least laxity first, as docs/optimiser.md states it: the latest slot a car could
-    start at full power (its largest slot's grid kWh) and still get the plan's grid kWh,
-    lst = d - e / full, clipped to 0..T, in quarter slots; the lower, the higher."""
+    start at full power (its largest slot's grid kWh) and still get the larger of the plan's
+    grid kWh and its need (target minus content, at most what full power reaches, over its
+    efficiency), lst = d - e / full, clipped to 0..T, in quarter slots; the lower, the
+    higher. (No forced cells.)"""
     present = np.arange(p.n_slots)[None, :] < p.departure_slot[:, None]
     cell = np.where(present, p.upper_kw, 0.0) * p.dt_h[None, :]
-    e = (charge * p.dt_h[None, :]).sum(axis=1)
+    reach = p.eta_ch * cell.sum(axis=1)
+    need = np.maximum(np.minimum(p.target_kwh - p.energy_kwh, reach), 0.0) / p.eta_ch
+    e = np.maximum((charge * p.dt_h[None, :]).sum(axis=1), need)
     full = np.maximum(cell.max(axis=1), 1e-9)
     latest = np.clip(p.departure_slot - e / full, 0.0, p.n_slots)
     result: FloatArray = -np.round(4.0 * latest)
