@@ -654,12 +654,6 @@ class LeaseDispatcher:
         held += self._gone_unsure.get(charger_id, {}).values()
         return all(p.lease_end is None or p.lease_end <= now for p in held)
 
-    def _rebook_all(self, now: datetime) -> None:
-        """Book every known charger again (at a plan) and sum afresh (no drift)."""
-        for charger_id in [*self._links, *self._gone, *self._booked]:
-            self._rebook(charger_id, now)
-        self._booked_total = sum(self._booked.values())
-
     def _fits(self, link: _Link, profile: OutgoingProfile, now: datetime) -> bool:
         """Whether the increase fits the budget with everything booked (in-flight increases
         at their new limit, in-flight decreases at their old one); if not, note the room it
