@@ -243,6 +243,14 @@ async def simulated(
     from simulators.chargepoints.chargepoint import ChargerSpec, SimChargePoint
 
     sim = SimChargePoint(ChargerSpec(charger_id=charger_id, **spec), harness.clock, faults=faults)
+    async with connected(harness, sim):
+        yield sim
+
+
+@asynccontextmanager
+async def connected(harness: Harness, sim: Any) -> AsyncIterator[Any]:
+    """`sim` (a simulated charger of any kind) connected and booted to the harness's central
+    system, stopped at the end."""
     task = asyncio.ensure_future(sim.run(harness.central.url(), harness.password))
     try:
         await asyncio.wait_for(sim.wait_online(), RECV_TIMEOUT_S)

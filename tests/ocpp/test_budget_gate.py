@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from adapters.ocpp.aio import stop_task
 from adapters.ocpp.config import OcppConfig
 from controller.clock import SimClock
 from simulators.chargepoints.chargepoint import ChargerSpec, SimChargePoint
 from simulators.chargepoints.profiles import parse_profile
-from tests.ocpp.conftest import RECV_TIMEOUT_S, Harness, charger
+from tests.ocpp.conftest import RECV_TIMEOUT_S, Harness, charger, connected
 from tests.ocpp.test_dispatcher import Rig, a_car, brought_up, rig
 
 # A charger that answers late on the simulated clock must not time out on the wall clock.
@@ -75,13 +74,8 @@ class Watched(SimChargePoint):
 @asynccontextmanager
 async def watched(harness: Harness, spec: ChargerSpec) -> AsyncIterator[Watched]:
     """A `Watched` charger connected (and booted) to the harness's central system."""
-    sim = Watched(spec, harness.clock)
-    task = asyncio.ensure_future(sim.run(harness.central.url(), harness.password))
-    try:
-        await asyncio.wait_for(sim.wait_online(), RECV_TIMEOUT_S)
+    async with connected(harness, Watched(spec, harness.clock)) as sim:
         yield sim
-    finally:
-        await stop_task(task)
 
 
 def last_tx_w(sim: SimChargePoint) -> float | None:

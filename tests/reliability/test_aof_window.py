@@ -18,10 +18,8 @@ except the control, which runs `everysec` to show the window is real.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -35,8 +33,6 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from adapters.codec import decode_event
 from adapters.embedded import REDIS_CONFIG, RedisEndpoint
-from adapters.ocpp.central import CentralSystem
-from adapters.ocpp.config import OcppConfig
 from adapters.ocpp.transactions import BookedTransaction, TransactionBook, summarise
 from adapters.redis_store import LogPolicy, RedisFleetStore
 from controller.clock import SimClock
@@ -47,6 +43,7 @@ from controller.settings import Settings
 from tests.conftest import T0
 from tests.factories import PlanRecorder, small_site
 from tests.reliability.redis_process import RedisProcess
+from tests.reliability.test_store_outage import started_central
 
 BLOB_MIB = 96  # what the background fsync has to write: ~50 ms on the test machine's disk
 BLOB_LUA = "redis.call('SET', KEYS[1], string.rep('x', tonumber(ARGV[1]))) return 1"
@@ -241,19 +238,7 @@ async def test_a_stop_answered_with_callresult_is_in_the_state_after_a_kill_9(
     service recovers, and the transaction book and the fleet state (reloaded from Redis)
     both have every stop, with its meterStop."""
     async with _stack(tmp_path, clock) as run:
-        central = CentralSystem(
-            redis=run.client,
-            site=SITE,
-            sink=run.service,
-            clock=clock,
-            config=OcppConfig(bcrypt_rounds=4, call_timeout_s=5.0),
-            chargers=lambda charger_id: run.service.state.chargers.get(charger_id),
-            vehicle_for_tag=lambda tag: tag if tag in run.service.state.vehicles else None,
-        )
-        password = secrets.token_hex(16)
-        await central.credentials.set_password("cp-1", password)
-        await central.start()
-        token = base64.b64encode(f"cp-1:{password}".encode()).decode()
+        central, token = await started_central(run.client, run.service, clock, SITE)
         stops: dict[int, int] = {}  # transaction id -> meterStop acknowledged
         try:
             async with connect(

@@ -56,6 +56,26 @@ class Outage:
     clock: SimClock
 
 
+async def started_central(
+    client: Redis, service: ControllerService, clock: SimClock, site: str
+) -> tuple[CentralSystem, str]:
+    """A central system for the service's chargers, started, with charger "cp-1" given a fresh
+    password; and the Basic token cp-1 logs in with."""
+    central = CentralSystem(
+        redis=client,
+        site=site,
+        sink=service,
+        clock=clock,
+        config=OcppConfig(bcrypt_rounds=4, call_timeout_s=5.0),
+        chargers=lambda charger_id: service.state.chargers.get(charger_id),
+        vehicle_for_tag=lambda tag: tag if tag in service.state.vehicles else None,
+    )
+    password = secrets.token_hex(16)
+    await central.credentials.set_password("cp-1", password)
+    await central.start()
+    return central, base64.b64encode(f"cp-1:{password}".encode()).decode()
+
+
 @contextlib.asynccontextmanager
 async def _running(workdir: Path, clock: SimClock) -> AsyncIterator[Outage]:
     server = RedisProcess(workdir, aof=True)
@@ -224,19 +244,7 @@ async def test_a_start_during_the_outage_gets_internal_error_and_its_retry_lands
     from Redis, has exactly that one transaction."""
     async with _running(tmp_path, clock) as run:
         await _site(run)
-        central = CentralSystem(
-            redis=run.client,
-            site="depot",
-            sink=run.service,
-            clock=clock,
-            config=OcppConfig(bcrypt_rounds=4, call_timeout_s=5.0),
-            chargers=lambda charger_id: run.service.state.chargers.get(charger_id),
-            vehicle_for_tag=lambda tag: tag if tag in run.service.state.vehicles else None,
-        )
-        password = secrets.token_hex(16)
-        await central.credentials.set_password("cp-1", password)
-        await central.start()
-        token = base64.b64encode(f"cp-1:{password}".encode()).decode()
+        central, token = await started_central(run.client, run.service, clock, "depot")
         start = {
             "connectorId": 1,
             "idTag": "ev-1",
