@@ -57,7 +57,9 @@ class FleetStore(Protocol):
         """Write the changes and settle the entry, atomically and once per event id.
 
         Returns False (and writes nothing but the settlement) if the event id was applied
-        before."""
+        before from another entry; True when the changes are in the store from this entry,
+        including a commit of the same entry sent again (its first answer lost) that finds
+        them already written."""
         ...
 
     async def reject(self, entry: LogEntry, reason: str) -> None:
