@@ -13,7 +13,9 @@ on real WebSockets, lease dispatcher, MQTT link, Redis store, planner) in this p
 the simulated time from the wall (`simulators.chaos.PacedClock`). `--visits day`: each charger
 gets an evening car (and half of them an afternoon one); `--visits steady`: car after car, as
 many arriving as leaving (the memory check). Faults: `--kills` kill -9 of the redis-server (AOF
-everysec, restarted on the same files), `--broker-restarts` restarts of the amqtt broker on its
+as the embedded server runs it, `appendfsync no`; restarted on the same files; the report
+says how many AOF bytes the kill found only in the server's memory), `--broker-restarts`
+restarts of the amqtt broker on its
 port (both from this process), and `--drop-per-min` of the sockets dropped (no close frame)
 each wall minute (in the chargers' processes). Printed: lost and duplicated transaction records
 (the chargers' ledgers, sent back as JSON, against the transaction book, the fleet state and

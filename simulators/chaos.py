@@ -561,7 +561,11 @@ def compare(ledger: Ledger, records: ControllerRecords, *, details: int = 20) ->
         state = records.transactions.get(stop.transaction_id)
         booked = records.book.get(stop.transaction_id)
         if state is None or state.meter_stop_wh is None or booked is None:
-            lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: not recorded")
+            lost.append(
+                f"stop {stop.charger_id} tx {stop.transaction_id}: not recorded (book: "
+                f"{'none' if booked is None else 'stopped' if booked.get('stopped') else 'open'}, "
+                f"state: {'none' if state is None else 'open'})"
+            )
         elif int(state.meter_stop_wh) != stop.meter_stop_wh or not booked.get("stopped"):
             lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: meterStop differs")
     for meter in ledger.meters:
@@ -1847,6 +1851,15 @@ class StackSoak:
         )
         record.recovery_s = waited  # the chargers' side is added from the ledger (`_judge`)
         record.detail = f"down {up - began:.2f} s; restart -> first event applied {_fmt(waited)}"
+        # What the kill took: AOF bytes only in the server's memory and whether a background
+        # fsync was running (RedisProcess reads INFO persistence just before its SIGKILL).
+        before = getattr(self.redis_server, "last_kill", None)
+        if before:
+            fsync = "running" if before.get("aof_pending_bio_fsync") else "idle"
+            record.detail += (
+                f"; at the kill {before.get('aof_buffer_length', '?')} AOF bytes only in "
+                f"memory, background fsync {fsync}"
+            )
         self._fault_windows.append((began, time.time() + 1.0))
         return record
 
