@@ -148,6 +148,13 @@ class _Basis:
 # one charger's profiles takes up to ~1 ms: a step stays near 20 ms).
 PUBLISH_CHUNK = 20
 
+# Workers woken in one pass of the event loop (`LeaseDispatcher._wake`). A plan wakes a few
+# hundred at once at 1,000 chargers; each one's first step builds and sends a profile (~0.5-1
+# ms). Woken all together, they stood in the loop's ready queue ahead of every OCPP call that
+# arrived meanwhile (a heartbeat's answer waited for ~300 worker steps); in chunks, the calls
+# that arrive are served between two chunks.
+WAKE_CHUNK = 20
+
 
 def _slot_at(plan: Plan, at: datetime) -> int:
     return _slot_index_at(plan.slot_starts, at)
@@ -404,9 +411,9 @@ class LeaseDispatcher:
         for charger_id in list(self._gone):
             self._rebook(charger_id, now)
         self._booked_total = sum(self._booked.values())  # afresh once per plan: no drift
-        for link in woken:
-            link.idle.clear()
-            link.wake.set()
+        # Decreases first (P-04): the increases of this plan wait for them in any case.
+        woken.sort(key=lambda link: link.charger_id not in self._decreasing)
+        self._wake(woken)
         if not self._decreasing:
             self._wake_held()
         else:
@@ -679,6 +686,7 @@ class LeaseDispatcher:
             return
         self._rebook_due(now)
         room = budget - self._booked_total
+        woken: list[_Link] = []
         for charger_id, need in list(self._held_need.items()):
             if need > room + 1e-6:
                 continue
@@ -687,8 +695,8 @@ class LeaseDispatcher:
             link = self._links.get(charger_id)
             if link is not None and link.held:
                 link.held = False
-                link.idle.clear()
-                link.wake.set()
+                woken.append(link)
+        self._wake(woken)
 
     def _may_raise(self, link: _Link, profile: OutgoingProfile) -> bool:
         """Whether an increase may go now: it fits the budget, or nobody else has a decrease
@@ -1114,11 +1122,27 @@ class LeaseDispatcher:
         if self._publishing:
             return
         self._held_need.clear()
-        for other in self._links.values():
-            if other.held:
-                other.held = False
-                other.idle.clear()
-                other.wake.set()
+        woken = [other for other in self._links.values() if other.held]
+        for other in woken:
+            other.held = False
+        self._wake(woken)
+
+    def _wake(self, links: list[_Link]) -> None:
+        """Wake the workers of `links`, WAKE_CHUNK of them per pass of the event loop, in
+        order. Each is marked busy (`idle` cleared) at once, so whoever waits for the
+        dispatcher to settle waits for the later chunks too."""
+        for link in links:
+            link.idle.clear()
+        self._wake_chunk(links, 0)
+
+    def _wake_chunk(self, links: list[_Link], start: int) -> None:
+        end = start + WAKE_CHUNK
+        for link in links[start:end]:
+            link.wake.set()
+        if end < len(links):
+            # call_soon: after the steps of the workers just woken (and any I/O callback
+            # already due), so calls that arrived meanwhile are served between two chunks.
+            asyncio.get_running_loop().call_soon(self._wake_chunk, links, end)
 
     def _order(
         self, link: _Link, profiles: list[OutgoingProfile], now: datetime

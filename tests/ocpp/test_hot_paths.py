@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 
 from adapters.ocpp.config import LeaseConfig
-from adapters.ocpp.dispatcher import LeaseDispatcher, _Link
+from adapters.ocpp.dispatcher import WAKE_CHUNK, LeaseDispatcher, _Link
 from adapters.redis_store import RedisFleetStore, plan_summary, plan_summary_json
 from controller.clock import SimClock
 from tests.ocpp.conftest import Harness, charger, fleet, plan_for, running_central
@@ -129,13 +129,25 @@ async def test_a_plan_for_many_chargers_gives_the_loop_back_and_wakes_the_held_a
         seen.clear()
         plan = plan_for(clock.now(), {(cid, 1): [5.0] for cid in state.chargers})
         await dispatcher.publish(plan, state)
+        woken_at_once = sum(link.wake.is_set() for link in dispatcher._links.values())
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sum(seen) >= 3  # at least once per 100 chargers, while publishing
         assert not dispatcher._publishing
-        assert all(link.wake.is_set() for link in dispatcher._links.values())
+        links = list(dispatcher._links.values())
+        # Every changed charger is busy at once (a settle waits for all of them) ...
+        assert not any(link.idle.is_set() for link in links)
         assert not held.held
+        # ... but woken WAKE_CHUNK per pass of the loop, so calls arriving meanwhile are
+        # served between chunks rather than behind 350 workers' steps.
+        assert 0 < woken_at_once <= WAKE_CHUNK + 1
+        assert held.wake.is_set()  # in the first chunk: the plan wakes in charger order
+        passes = 0
+        while not all(link.wake.is_set() for link in links):
+            await asyncio.sleep(0)
+            passes += 1
+        assert passes >= len(links) // WAKE_CHUNK - 1
         await dispatcher.close()
 
 
