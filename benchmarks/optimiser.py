@@ -62,12 +62,12 @@ FLEET_CSV = ROOT / "data" / "fleet" / "seed_fleet.csv"
 MONEY = OptimiserOptions(
     peak_flattening=False,
     min_rate_repair=False,
-    earliest_departure_tiebreak=False,
+    tiebreak=False,
     time_limit_s=600.0,
 )
 FULL = OptimiserOptions(time_limit_s=600.0)
 # The default without the earliest-departure tie-break (`tiebreak.py`): its baseline, same run.
-NO_TIEBREAK = OptimiserOptions(time_limit_s=600.0, earliest_departure_tiebreak=False)
+NO_TIEBREAK = OptimiserOptions(time_limit_s=600.0, tiebreak=False)
 HEADER = ("first", "car evt", "price", "p50", "p99", "cpu p50", "cpu p99", "heap MB")
 TARGETS_MS = {
     ("no V2G", 278): 20.0,
@@ -189,7 +189,7 @@ def bench_fast(
             f"; last: {int(d['rounding_moves'])} swaps, {int(d['rounding_left'])} left,"
             f" repair {d['repair_cost_eur']:.2f} EUR, peak proven {int(d.get('peak_certified', 0))}"
         )
-    if options.earliest_departure_tiebreak:
+    if options.tiebreak:
         timing.note += (
             f"; tie-break kept {int(sum(kept))}/{len(kept)}, its p50"
             f" {np.percentile(tiebreak_s, 50) * 1e3:.1f} ms"

@@ -20,13 +20,13 @@ class OptimiserOptions:
     ramp_smoothing: bool = True  # then, among those, the smallest sum of |slot-to-slot change|
     fairness: bool = True  # share an unavoidable shortfall by relative size
     min_rate_repair: bool = True  # charger setpoints 0 or >= min_kw
-    # Among the plans every stage finds optimal, the one that serves the earliest departures
-    # first (`controller.optimiser.tiebreak`): a min-cost flow inside the final plan's slot and
-    # car totals (cars that never discharge), its slivers removed by free moves; kept only if
-    # no worse in any stage and in the min-rate step. Changes no optimum.
-    earliest_departure_tiebreak: bool = True
-    # Its order: "laxity" (least laxity first: the latest start at full power, this plan's
-    # energy) or "departure" (earliest departure first).
+    # Among the plans every stage finds optimal, the one that serves the cars in the order
+    # `tiebreak_order` gives (`controller.optimiser.tiebreak`): a min-cost flow inside the final
+    # plan's slot and car totals (cars that never discharge), its slivers removed by free moves;
+    # kept only if no worse in any stage and in the min-rate step. Changes no optimum.
+    tiebreak: bool = True
+    # Its order: "laxity" (least laxity first: the latest start at full power for what the car
+    # still needs) or "departure" (earliest departure first).
     tiebreak_order: str = "laxity"
     # Prices unmet energy in the report (`details["penalty_eur"]`); the ordering itself is
     # lexicographic, so no penalty, however small, can trade a kWh of shortfall for money.

@@ -79,7 +79,7 @@ def ordered_plan(
     hints: Hints | None = None,
 ) -> tuple[FloatArray, FloatArray, dict[str, float]]:
     """The final `plan` re-assigned earliest departure first (`earliest_departures_first`)
-    inside its slot and car totals, when `options.earliest_departure_tiebreak`.
+    inside its slot and car totals, when `options.tiebreak`.
 
     With `options.min_rate_repair` the re-assigned plan's slivers are removed by the free moves
     of `round_slivers` (with the flow's dive for those they leave; what is still left goes to
@@ -94,7 +94,7 @@ def ordered_plan(
     first; they are the tie-break's own, apart from the min-rate step's.
     """
     charge, discharge, info = plan
-    if not options.earliest_departure_tiebreak or prepared.n_vehicles < 2:
+    if not options.tiebreak or prepared.n_vehicles < 2:
         return plan
     started = time.perf_counter()
     settle = None

@@ -17,7 +17,7 @@ from tests.optimiser.checks import assert_valid, close, energy, money_of, proble
 
 ON = OptimiserOptions(time_limit_s=60.0, warm_start=False)  # least laxity first (default)
 EDF = OptimiserOptions(time_limit_s=60.0, warm_start=False, tiebreak_order="departure")
-OFF = OptimiserOptions(time_limit_s=60.0, warm_start=False, earliest_departure_tiebreak=False)
+OFF = OptimiserOptions(time_limit_s=60.0, warm_start=False, tiebreak=False)
 LP_ON = OptimiserOptions(time_limit_s=60.0, warm_start=False, min_rate_repair=False)
 LP_EDF = OptimiserOptions(
     time_limit_s=60.0, warm_start=False, min_rate_repair=False, tiebreak_order="departure"
@@ -26,7 +26,7 @@ LP_OFF = OptimiserOptions(
     time_limit_s=60.0,
     warm_start=False,
     min_rate_repair=False,
-    earliest_departure_tiebreak=False,
+    tiebreak=False,
 )
 STAGES = (
     "stage_shortfall_kwh",
