@@ -54,6 +54,24 @@ def _slots_until(starts: list[datetime], when: datetime) -> int:
     return count
 
 
+def departure_share(starts: list[datetime], departure: datetime) -> tuple[int, float]:
+    """(slots the car is there for, share of the last of them it is there for).
+
+    A car leaving at a slot boundary is there for whole slots: (count, 1.0). A car leaving
+    inside a slot of the horizon is there for that slot too, for the part before it leaves:
+    leaving at 07:44 gives the slot 07:30-07:45 with 14/15 of it (and at 07:46 the slot
+    07:45-08:00 with 1/15). Its power bound there is scaled by that share, so the energy the
+    plan gives it in the slot is what full power until the departure can deliver.
+    """
+    whole = _slots_until(starts, departure)
+    if whole >= len(starts) or departure <= starts[whole]:
+        return whole, 1.0
+    start = starts[whole]
+    end = starts[whole + 1] if whole + 1 < len(starts) else slot_floor(start) + SLOT
+    share = (departure - start) / (end - start)
+    return whole + 1, float(share)
+
+
 def _default_departure(now: datetime, settings: PlanningSettings) -> datetime:
     candidate = now.replace(
         hour=settings.default_departure_hour_utc, minute=0, second=0, microsecond=0
@@ -139,6 +157,7 @@ def build_problem(
     target = np.zeros(n)
     v2g = np.zeros(n, dtype=bool)
     min_kw = np.zeros(n)
+    last_share = np.ones(n)
     overrides = state.active_overrides(now) + [
         o for o in state.overrides.values() if o.created_at > now
     ]
@@ -147,7 +166,7 @@ def build_problem(
         departure = vehicle.departure
         if departure is None or departure <= now:
             departure = _default_departure(now, settings)
-        departure_slot[i] = _slots_until(starts, departure)
+        departure_slot[i], last_share[i] = departure_share(starts, departure)
         wanted = vehicle.target_kwh
         if wanted is None:
             wanted = DEFAULT_TARGET_SOC * vehicle.capacity_kwh
@@ -155,6 +174,10 @@ def build_problem(
         upper[i, : departure_slot[i]] = _connector_limit_kw(vehicle, charger)
         if charger is not None:
             min_kw[i] = min(charger.min_power_kw, upper[i].max(initial=0.0))
+        if last_share[i] < 1.0:
+            # The slot the car leaves in: the average power over the slot is bounded by full
+            # power for the part it is still there (`make_plan` runs it faster until it leaves).
+            upper[i, departure_slot[i] - 1] *= last_share[i]
         v2g[i] = (
             vehicle.v2g_allowed
             and vehicle.max_discharge_kw > 0
@@ -201,6 +224,13 @@ def build_problem(
             elif override.kind == "set_v2g" and override.enabled is not None:
                 if window.any():
                     v2g[i] = bool(override.enabled) and vehicles[i].max_discharge_kw > 0
+
+    for i in (int(k) for k in np.flatnonzero(v2g & (last_share < 1.0))):
+        # The discharge bound is per car, not per slot, so a partial last slot cannot bound a
+        # discharge there: a car that may discharge is planned on its whole slots only.
+        departure_slot[i] -= 1
+        upper[i, departure_slot[i]] = 0.0
+        lower[i, departure_slot[i]] = 0.0
 
     def column(name: str) -> FloatArray:
         return np.array([getattr(v, name) for v in vehicles], dtype=float)
@@ -267,13 +297,19 @@ def make_plan(
     fallback: bool = False,
     note: str = "",
 ) -> Plan:
-    """Wrap a schedule into a `Plan` with one setpoint per plugged-in connector."""
+    """Wrap a schedule into a `Plan` with one setpoint per plugged-in connector.
+
+    In the slot a car leaves in, its planned power is an average over the whole slot; its
+    setpoint there runs it faster, up to its bound, so that the slot's energy is delivered
+    before it leaves (`until_departure_kw`).
+    """
     setpoints = []
+    net_kw = until_departure_kw(state, problem, starts, schedule)
     for i, vehicle_id in enumerate(schedule.vehicle_ids):
         vehicle = state.vehicles[vehicle_id]
         if vehicle.charger_id is None or vehicle.connector_id is None:
             continue
-        net = schedule.charge_kw[i] - schedule.discharge_kw[i]
+        net = net_kw[i]
         setpoints.append(
             Setpoint(
                 charger_id=vehicle.charger_id,
@@ -292,3 +328,46 @@ def make_plan(
         fallback=fallback,
         note=note,
     )
+
+
+def until_departure_kw(
+    state: FleetState, problem: PlanningProblem, starts: list[datetime], schedule: Schedule
+) -> FloatArray:
+    """(N, T) net setpoints: the schedule's, with each car's last partial slot run faster.
+
+    A car that leaves inside slot t is planned an average P over the slot, at most its bound
+    times the share s of the slot it is there for (`departure_share`). Held at P it would get
+    only P s of the slot's energy before it leaves; its setpoint is P / s (at most its bound),
+    which delivers the planned energy by the departure. Until it leaves the site then draws
+    more than the plan's slot total, so these raises are cut, in proportion, to what the
+    slot's head-room leaves above the plan (the site stays within the limit the plan was made
+    under). Forced or pinned cells, discharging cars and cars whose last slot is whole keep
+    the schedule's power.
+    """
+    net: FloatArray = schedule.charge_kw - schedule.discharge_kw
+    rows = {vid: i for i, vid in enumerate(problem.vehicle_ids)}
+    raise_kw = np.zeros_like(net)
+    for i, vehicle_id in enumerate(schedule.vehicle_ids):
+        vehicle = state.vehicles.get(vehicle_id)
+        row = rows.get(vehicle_id)
+        if vehicle is None or row is None or vehicle.departure is None:
+            continue
+        if vehicle.departure <= problem.start:
+            continue
+        slots, share = departure_share(starts, vehicle.departure)
+        if share >= 1.0 or slots != int(problem.departure_slot[row]) or slots > net.shape[1]:
+            continue
+        t = slots - 1
+        power = float(schedule.charge_kw[i, t])
+        if power <= 0.0 or schedule.discharge_kw[i, t] > 0.0 or problem.lower_kw[row, t] > 0.0:
+            continue
+        bound = float(problem.upper_kw[row, t]) / share
+        raise_kw[i, t] = max(0.0, min(power / share, bound) - power)
+    if not raise_kw.any():
+        return net
+    for t in (int(k) for k in np.flatnonzero(raise_kw.sum(axis=0) > 0.0)):
+        room = float(problem.headroom_kw[t]) - float(net[:, t].sum())
+        wanted = float(raise_kw[:, t].sum())
+        raise_kw[:, t] *= min(1.0, max(0.0, room) / wanted)
+    result: FloatArray = net + raise_kw
+    return result
