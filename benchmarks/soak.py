@@ -327,6 +327,9 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
     ]
     for action, figures in report.rtt_by_action_ms.items():
         rows.append((f"  {action} (outside faults)", _ms(figures, "p50", "p99", "max")))
+    for action, figures in report.handled_ms.items():
+        # The central system's share: from its router to the answer written (whole run).
+        rows.append((f"  {action}: handled in", _ms(figures, "p50", "p99", "max")))
     rows += [
         (
             "wait for the charger's own call before",

@@ -1182,6 +1182,8 @@ class SoakReport:
     rtt_calm_ms: dict[str, float] = field(default_factory=dict)
     rtt_by_action_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # outside faults
     queued_ms: dict[str, float] = field(default_factory=dict)  # behind the charger's own call
+    # The central system's own share, by action: routed -> answered (adapters/ocpp/timing.py)
+    handled_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     event_to_profile_s: dict[str, float] = field(default_factory=dict)
     transactions_without_profile: int = 0
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
@@ -2257,6 +2259,7 @@ class StackSoak:
             k: v for k, v in self.runtime.service.counters.items() if isinstance(v, int)
         }
         report.dispatch_counters = dict(self.runtime.dispatcher.counters)
+        report.handled_ms = self.runtime.central.handling.percentiles_ms()
         if self.runtime.solver is not None:
             report.solver_counters = dict(self.runtime.solver.counters)
         plans = {id(o) for o in gc.get_objects() if isinstance(o, Plan)}

@@ -77,6 +77,7 @@ from adapters.ocpp.ports import (
     MeterListener,
     VehicleForTag,
 )
+from adapters.ocpp.timing import HandlingTimes
 from adapters.ocpp.transactions import (
     BookedTransaction,
     SessionSummary,
@@ -314,11 +315,13 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             await super().route_message(raw_msg)
             return
         msg = Call(verdict.unique_id, verdict.action, verdict.payload)
+        routed = time.perf_counter()
         try:
             await self._handle_call(msg)
         except OCPPError as error:  # as the library's router does
             self.logger.exception("Error while handling request '%s'", msg)
             await self._send(msg.create_call_error(error).to_json())
+        self.central.handling.record(verdict.action, time.perf_counter() - routed)
 
     async def _handle_call(self, msg: Call) -> Any:
         """The library's `_handle_call` steps for a CALL whose payload the frame checker has
@@ -908,6 +911,9 @@ class CentralSystem:
         )
         self.transactions = TransactionBook(redis, site)
         self.metrics = Metrics()
+        # How long each CALL took from the router to its answer, by action (the central
+        # system's share of a charger's round trip).
+        self.handling = HandlingTimes()
         self._sessions: dict[ChargerId, ChargerSession] = {}
         self._listeners: list[ChargerListener] = []
         self._meter_listeners: list[MeterListener] = []
