@@ -42,7 +42,8 @@ class HandlingTimes:
         """One CALL of `action` answered `seconds` after it was routed."""
         ring = self._rings.get(action)
         if ring is None:
-            ring = self._rings[action] = _Ring(np.zeros(self.keep, dtype=np.float64))
+            # np.full writes every page now (np.zeros maps them lazily: RSS would grow as it fills)
+            ring = self._rings[action] = _Ring(np.full(self.keep, 0.0))
         ring.values_s[ring.count % self.keep] = seconds
         ring.count += 1
 
