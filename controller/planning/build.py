@@ -8,7 +8,7 @@ import numpy as np
 
 from controller.domain import SLOT, ChargePoint, Series, Vehicle, slot_floor
 from controller.planning.plan import Plan, Setpoint
-from controller.planning.problem import FloatArray, PlanningProblem, Schedule
+from controller.planning.problem import FloatArray, IntArray, PlanningProblem, Schedule
 from controller.settings import PlanningSettings
 from controller.state import FleetState
 
@@ -52,6 +52,26 @@ def _slots_until(starts: list[datetime], when: datetime) -> int:
         else:
             break
     return count
+
+
+# A car leaving inside a slot is planned there only when it is there for at least this share
+# of it. Its setpoint there runs it faster until it leaves, up to its bound U, so the plan keeps
+# U (1 - share) of the slot's head-room for that: at a full site that is taken from the other
+# cars, and below half a slot it would take them more than the car can get (U share).
+MIN_LAST_SHARE = 0.5
+
+
+def _last_slot_reserve_kw(
+    upper: FloatArray, lower: FloatArray, departure_slot: IntArray, share: FloatArray
+) -> FloatArray:
+    """(T,) head-room the raises until departure may take: per car leaving inside slot t with
+    share s (free to be steered there), its bound there over s, times 1 - s."""
+    reserve = np.zeros(upper.shape[1])
+    for i in (int(k) for k in np.flatnonzero(share < 1.0)):
+        t = int(departure_slot[i]) - 1
+        if 0 <= t < upper.shape[1] and upper[i, t] > 0.0 and lower[i, t] <= 0.0:
+            reserve[t] += upper[i, t] / share[i] * (1.0 - share[i])
+    return reserve
 
 
 def departure_share(starts: list[datetime], departure: datetime) -> tuple[int, float]:
@@ -171,9 +191,20 @@ def build_problem(
         if wanted is None:
             wanted = DEFAULT_TARGET_SOC * vehicle.capacity_kwh
         target[i] = max(wanted, 0.0) + settings.target_margin_kwh
-        upper[i, : departure_slot[i]] = _connector_limit_kw(vehicle, charger)
+        limit_kw = _connector_limit_kw(vehicle, charger)
         if charger is not None:
-            min_kw[i] = min(charger.min_power_kw, upper[i].max(initial=0.0))
+            min_kw[i] = min(charger.min_power_kw, limit_kw)
+        if last_share[i] < 1.0 and (
+            last_share[i] < MIN_LAST_SHARE or limit_kw * last_share[i] < min_kw[i]
+        ):
+            # Too short to be worth its head-room reserve (see `MIN_LAST_SHARE`), or to be
+            # used at all (the minimum rate bounds the slot's average power): the car is
+            # planned on its whole slots.
+            departure_slot[i] -= 1
+            last_share[i] = 1.0
+        upper[i, : departure_slot[i]] = limit_kw
+        if departure_slot[i] == 0:
+            min_kw[i] = 0.0  # never there: no setpoint at all
         if last_share[i] < 1.0:
             # The slot the car leaves in: the average power over the slot is bounded by full
             # power for the part it is still there (`make_plan` runs it faster until it leaves).
@@ -231,6 +262,18 @@ def build_problem(
         departure_slot[i] -= 1
         upper[i, departure_slot[i]] = 0.0
         lower[i, departure_slot[i]] = 0.0
+        last_share[i] = 1.0
+    # The head-room the raise until departure needs (`until_departure_kw`) is kept out of the
+    # plan; where a slot cannot hold it, its partial last slots are not planned.
+    reserve = _last_slot_reserve_kw(upper, lower, departure_slot, last_share)
+    for t in (int(k) for k in np.flatnonzero(reserve > headroom + 1e-9)):
+        for i in (int(k) for k in np.flatnonzero((departure_slot == t + 1) & (last_share < 1.0))):
+            departure_slot[i] -= 1
+            upper[i, t] = 0.0
+            lower[i, t] = 0.0
+            last_share[i] = 1.0
+        reserve[t] = 0.0
+    headroom = np.maximum(headroom - reserve, 0.0)
 
     def column(name: str) -> FloatArray:
         return np.array([getattr(v, name) for v in vehicles], dtype=float)
@@ -301,10 +344,11 @@ def make_plan(
 
     In the slot a car leaves in, its planned power is an average over the whole slot; its
     setpoint there runs it faster, up to its bound, so that the slot's energy is delivered
-    before it leaves (`until_departure_kw`).
+    before it leaves, in the head-room `build_problem` kept for that; the plan's head-room is
+    the limit with that reserve given back (`until_departure_kw`).
     """
     setpoints = []
-    net_kw = until_departure_kw(state, problem, starts, schedule)
+    net_kw, headroom = until_departure_kw(state, problem, starts, schedule)
     for i, vehicle_id in enumerate(schedule.vehicle_ids):
         vehicle = state.vehicles[vehicle_id]
         if vehicle.charger_id is None or vehicle.connector_id is None:
@@ -323,51 +367,67 @@ def make_plan(
         schedule=schedule,
         setpoints=tuple(setpoints),
         slot_starts=tuple(starts),
-        headroom_kw=tuple(float(x) for x in problem.headroom_kw),
+        headroom_kw=tuple(float(x) for x in headroom),
         price_eur_per_kwh=tuple(float(x) for x in problem.price_eur_per_kwh),
         fallback=fallback,
         note=note,
     )
 
 
+def last_slot_shares(
+    state: FleetState, problem: PlanningProblem, starts: list[datetime]
+) -> FloatArray:
+    """(N,) per car of `problem`, the share of its last slot it is planned there for (1.0: its
+    last slot is whole, or its partial slot was not planned; see `build_problem`)."""
+    shares = np.ones(problem.n_vehicles)
+    for row, vehicle_id in enumerate(problem.vehicle_ids):
+        vehicle = state.vehicles.get(vehicle_id)
+        if vehicle is None or vehicle.departure is None or vehicle.departure <= problem.start:
+            continue
+        slots, share = departure_share(starts, vehicle.departure)
+        if share < 1.0 and slots == int(problem.departure_slot[row]):
+            shares[row] = share
+    return shares
+
+
 def until_departure_kw(
     state: FleetState, problem: PlanningProblem, starts: list[datetime], schedule: Schedule
-) -> FloatArray:
-    """(N, T) net setpoints: the schedule's, with each car's last partial slot run faster.
+) -> tuple[FloatArray, FloatArray]:
+    """((N, T) net setpoints, (T,) head-room): the schedule's power with each car's partial
+    last slot run faster, and the head-room with the reserve for that given back.
 
     A car that leaves inside slot t is planned an average P over the slot, at most its bound
-    times the share s of the slot it is there for (`departure_share`). Held at P it would get
-    only P s of the slot's energy before it leaves; its setpoint is P / s (at most its bound),
-    which delivers the planned energy by the departure. Until it leaves the site then draws
-    more than the plan's slot total, so these raises are cut, in proportion, to what the
-    slot's head-room leaves above the plan (the site stays within the limit the plan was made
-    under). Forced or pinned cells, discharging cars and cars whose last slot is whole keep
-    the schedule's power.
+    U times the share s of the slot it is there for (`departure_share`). Held at P it would get
+    only P s of the slot's energy before it leaves; its setpoint is P / s (at most U), which
+    delivers the planned energy by the departure. Until it leaves the site then draws up to
+    U (1 - s) more than the plan's slot total: `build_problem` kept that much of the slot's
+    head-room out of the plan, and it is given back here (the plan's head-room is the real
+    limit again). The raises are cut, in proportion, to what that head-room leaves above the
+    plan (never, unless the plan itself is over it). Forced or pinned cells, discharging cars
+    and cars whose last slot is whole keep the schedule's power.
     """
     net: FloatArray = schedule.charge_kw - schedule.discharge_kw
+    shares = last_slot_shares(state, problem, starts)
+    reserve = _last_slot_reserve_kw(
+        problem.upper_kw, problem.lower_kw, problem.departure_slot, shares
+    )
+    headroom: FloatArray = problem.headroom_kw + reserve
     rows = {vid: i for i, vid in enumerate(problem.vehicle_ids)}
     raise_kw = np.zeros_like(net)
     for i, vehicle_id in enumerate(schedule.vehicle_ids):
-        vehicle = state.vehicles.get(vehicle_id)
         row = rows.get(vehicle_id)
-        if vehicle is None or row is None or vehicle.departure is None:
+        if row is None or shares[row] >= 1.0:
             continue
-        if vehicle.departure <= problem.start:
-            continue
-        slots, share = departure_share(starts, vehicle.departure)
-        if share >= 1.0 or slots != int(problem.departure_slot[row]) or slots > net.shape[1]:
-            continue
-        t = slots - 1
+        share = float(shares[row])
+        t = int(problem.departure_slot[row]) - 1
         power = float(schedule.charge_kw[i, t])
         if power <= 0.0 or schedule.discharge_kw[i, t] > 0.0 or problem.lower_kw[row, t] > 0.0:
             continue
         bound = float(problem.upper_kw[row, t]) / share
         raise_kw[i, t] = max(0.0, min(power / share, bound) - power)
-    if not raise_kw.any():
-        return net
     for t in (int(k) for k in np.flatnonzero(raise_kw.sum(axis=0) > 0.0)):
-        room = float(problem.headroom_kw[t]) - float(net[:, t].sum())
+        room = float(headroom[t]) - float(net[:, t].sum())
         wanted = float(raise_kw[:, t].sum())
         raise_kw[:, t] *= min(1.0, max(0.0, room) / wanted)
     result: FloatArray = net + raise_kw
-    return result
+    return result, headroom

@@ -51,15 +51,16 @@ def _leaving(vehicle_id: str, departure: datetime, target_kwh: float) -> Departu
     )
 
 
-@pytest.mark.parametrize(("minutes", "share"), [(2 * 60 + 44, 14 / 15), (2 * 60 + 37, 7 / 15)])
+@pytest.mark.parametrize(("minutes", "share"), [(2 * 60 + 44, 14 / 15), (2 * 60 + 40, 10 / 15)])
 def test_a_car_leaving_inside_a_slot_gets_energy_there_up_to_its_power_times_the_share(
     minutes: int, share: float
 ) -> None:
-    """ev-1 (18 kWh now) wants 45.5 kWh by 18:44 (or 18:37): ten whole slots at 11 kW give it
-    25.3 kWh (43.3 kWh), so it needs the slot it leaves in, for which 11 kW over the 14 (7)
-    minutes it is still there is the bound. With 14 minutes the target is met; with 7 the car
-    gets all those minutes can give, where whole slots alone would leave it 1.2 kWh shorter.
-    Its setpoint there, held until it leaves, delivers the slot's planned energy."""
+    """ev-1 (18 kWh now) wants 45.5 kWh by 18:44 (or 18:40): ten whole slots at 11 kW give it
+    25.3 kWh (43.3 kWh), so it needs the slot it leaves in, for which 11 kW over the 14 (10)
+    minutes it is still there is the bound. With 14 minutes the target is met; with 10 the car
+    gets all those minutes can give, where whole slots alone would leave it 1.7 kWh shorter.
+    Its setpoint there, held until it leaves, delivers the slot's planned energy; the plan
+    keeps 11 kW x the rest of the slot out of its head-room for that and gives it back."""
     departure = T0 + timedelta(minutes=minutes)
     state = _fold(
         [
@@ -93,34 +94,57 @@ def test_a_car_leaving_inside_a_slot_gets_energy_there_up_to_its_power_times_the
     assert setpoint * share * 0.25 == pytest.approx(planned_kwh, abs=1e-9)
 
 
-@pytest.mark.parametrize(("headroom_kw", "expected_kw"), [(30.0, 11.0), (15.0, 11.0 / 3 + 1 / 3)])
-def test_the_raise_until_departure_stays_within_the_head_room(
+@pytest.mark.parametrize(("headroom_kw", "expected_kw"), [(30.0, 11.0), (20.0, 22.0 / 3 + 5 / 3)])
+def test_the_raise_until_departure_has_its_head_room_kept(
     headroom_kw: float, expected_kw: float
 ) -> None:
-    """ev-1 leaves at 16:05, a third into the first slot, planned 11/3 kW on average there; ev-2
-    charges 11 kW. At full power until it leaves ev-1 would draw 11 kW beside ev-2's 11: with
-    30 kW of head-room it does; with 15 kW the site could take only 1/3 kW more than the plan's
-    14.67 kW, and ev-1's setpoint is cut to that."""
+    """ev-1 leaves at 16:10, 2/3 into the first slot: planned at most 22/3 kW on average
+    there, 11 kW until it leaves, so the problem keeps 11/3 kW of the slot's head-room out;
+    the plan's head-room is the real one. At 30 kW, ev-1 at 22/3 and ev-2 at 11 kW: ev-1 runs
+    11 kW until it leaves. A plan over the kept head-room (20 kW: 18.33 kW against 16.33) has
+    the raise cut to what the real limit leaves: ev-1 at 9 kW."""
     state = _fold(
         [
             *small_site(T0, cars=2),
             flat_headroom(T0, T0, headroom_kw),
             flat_prices(T0, T0),
-            _leaving("ev-1", T0 + timedelta(minutes=5), 40.0),
+            _leaving("ev-1", T0 + timedelta(minutes=10), 40.0),
             _leaving("ev-2", T0 + timedelta(hours=2), 40.0),
         ]
     )
     problem, starts = build_problem(state, T0, SHORT)
-    assert problem.upper_kw[0, 0] == pytest.approx(LIMIT_KW / 3)
+    assert problem.departure_slot[0] == 1
+    assert problem.upper_kw[0, 0] == pytest.approx(LIMIT_KW * 2 / 3)
+    assert problem.headroom_kw[0] == pytest.approx(headroom_kw - LIMIT_KW / 3)
+    assert problem.headroom_kw[1] == pytest.approx(headroom_kw)
     power = np.zeros((2, problem.n_slots))
-    power[0, 0] = LIMIT_KW / 3
+    power[0, 0] = LIMIT_KW * 2 / 3
     power[1, :8] = LIMIT_KW
     schedule = schedule_from_power(problem, power, strategy="hand")
-    net = until_departure_kw(state, problem, starts, schedule)
+    net, limit = until_departure_kw(state, problem, starts, schedule)
+    assert limit.tolist() == pytest.approx([headroom_kw] * problem.n_slots)
     assert net[0, 0] == pytest.approx(expected_kw)
     assert net[1, 0] == pytest.approx(LIMIT_KW)
     assert net[:, 0].sum() <= headroom_kw + 1e-9
     assert np.array_equal(net[:, 1:], power[:, 1:])  # only the departure slot is raised
+    plan = make_plan(state, problem, starts, schedule)
+    assert plan.headroom_kw[0] == pytest.approx(headroom_kw)
+
+
+def test_a_slot_that_cannot_hold_the_reserve_plans_no_partial_slot() -> None:
+    """At 3 kW of head-room, the 11/3 kW ev-1's raise would need do not fit: it is planned on
+    its whole slots (none: it leaves inside the first), and the head-room is not touched."""
+    state = _fold(
+        [
+            *small_site(T0, cars=1),
+            flat_headroom(T0, T0, 3.0),
+            _leaving("ev-1", T0 + timedelta(minutes=10), 40.0),
+        ]
+    )
+    problem, _ = build_problem(state, T0, SHORT)
+    assert problem.departure_slot[0] == 0
+    assert problem.upper_kw[0].max() == 0.0
+    assert problem.headroom_kw[0] == pytest.approx(3.0)
 
 
 def test_a_car_that_may_discharge_keeps_whole_slots() -> None:
@@ -165,18 +189,30 @@ def _independent_optima(
     bounds_a = [now_min] + [15 * k for k in range(1, slots)]
     bounds_b = [15 * k for k in range(1, slots + 1)]
     cells = n * slots
-    upper = []
+    there = np.zeros((n, slots))  # minutes each car is there in each slot
     for i in range(n):
         for t in range(slots):
-            there = max(0, min(bounds_b[t], departures_min[i]) - bounds_a[t])
-            upper.append(LIMIT_KW * there / 60.0)
-    lengths_h = [(b - a) / 60.0 for a, b in zip(bounds_a, bounds_b, strict=True)]
+            there[i, t] = max(0, min(bounds_b[t], departures_min[i]) - bounds_a[t])
+    lengths = np.array(bounds_b) - np.array(bounds_a)
+    share = there / lengths[None, :]
+    partial = (share > 0.0) & (share < 1.0)
+    # Below half a slot the car is not planned there (its reserve would cost the others more
+    # than it gets); above, its raise to 11 kW until it leaves needs 11 (1 - share) kW of the
+    # slot's head-room, and where the slot cannot hold that, no partial slot is planned there.
+    usable = partial & (share >= 0.5)
+    reserve = (LIMIT_KW * (1.0 - share) * usable).sum(axis=0)
+    fits = reserve <= headroom_kw
+    usable &= fits[None, :]
+    reserve = np.where(fits, reserve, 0.0)
+    there = np.where(partial & ~usable, 0.0, there)
+    upper = (LIMIT_KW * there / 60.0).ravel().tolist()
+    lengths_h = lengths / 60.0
     rows, rhs = [], []
     for t in range(slots):  # the site
         row = np.zeros(cells + n)
         row[[i * slots + t for i in range(n)]] = 1.0
         rows.append(row)
-        rhs.append(headroom_kw * lengths_h[t])
+        rhs.append((headroom_kw - reserve[t]) * lengths_h[t])
     for i in range(n):  # the battery: -(eta sum_t x) - s <= -(need), sum x <= room / eta
         # What the stage counts: the shortfall the head-room causes (not the one time makes).
         reach = ETA * sum(upper[i * slots : (i + 1) * slots])
@@ -272,7 +308,8 @@ def test_fleets_with_partial_last_slots_match_the_reference_and_an_independent_s
 
     plan = make_plan(state, problem, starts, fast)
     net = np.array([s.kw for s in plan.setpoints])
-    assert np.all(net.sum(axis=0) <= problem.headroom_kw + 1e-6)
+    assert plan.headroom_kw == pytest.approx([headroom] * problem.n_slots)
+    assert np.all(net.sum(axis=0) <= headroom + 1e-6)
     for i in range(n):
         last = int(problem.departure_slot[i]) - 1
         if last < 0:
@@ -280,8 +317,24 @@ def test_fleets_with_partial_last_slots_match_the_reference_and_an_independent_s
         a = now_min if last == 0 else 15 * last
         there_h = (min(15 * (last + 1), departures[i]) - a) / 60.0
         assert fast.charge_kw[i, last] * problem.dt_h[last] <= LIMIT_KW * there_h + 1e-9
-        # The setpoint held while the car is there gives at most the planned energy, and all
-        # of it when the head-room leaves room.
+        # The setpoint held while the car is there gives the planned energy (the head-room
+        # for it was kept).
         delivered = net[i, last] * there_h
-        assert delivered <= fast.charge_kw[i, last] * problem.dt_h[last] + 1e-9
+        assert delivered == pytest.approx(fast.charge_kw[i, last] * problem.dt_h[last], abs=1e-9)
         assert net[i, last] <= LIMIT_KW + 1e-9
+
+
+def test_a_share_too_short_for_the_minimum_rate_is_not_planned() -> None:
+    """Leaving 1 minute into a slot (below half of it; 11 kW over it would also average
+    0.73 kW, below the charger's 4.14 kW minimum): the car keeps its whole slots only."""
+    state = _fold(
+        [
+            *small_site(T0, cars=1),
+            flat_headroom(T0, T0, 30.0),
+            _leaving("ev-1", T0 + timedelta(minutes=46), 40.0),
+        ]
+    )
+    problem, _ = build_problem(state, T0, SHORT)
+    assert problem.departure_slot[0] == 3
+    assert problem.upper_kw[0, :3].tolist() == pytest.approx([LIMIT_KW] * 3)
+    assert problem.upper_kw[0, 3] == 0.0
