@@ -39,6 +39,10 @@ class OptimiserOptions:
     # The min-rate step's MIP (`controller.optimiser.residual`), run only when the cheap moves
     # would lose energy a car needs, may take this long (and never beyond `time_limit_s`).
     min_rate_mip_s: float = 0.3
+    # Before the MIP, a dive on its relaxation (fix the slivers one by one, each the way that
+    # leaves the least shortfall, by warm LPs): a starting plan that keeps most of the energy
+    # when the MIP's time runs out before it finds one (`residual._dive`).
+    min_rate_dive: bool = True
     # Fast path only: seed HiGHS with a min-cost-flow basis on a cold start, and carry the
     # previous solve's basis over to the next problem (matched by vehicle and slot time).
     flow_start: bool = True

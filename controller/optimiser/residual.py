@@ -49,6 +49,11 @@ _HIGHS_OPTIONS: dict[str, float | int | bool | str] = {
     "mip_feasibility_tolerance": 1e-9,
     "primal_feasibility_tolerance": 1e-9,
 }
+# The dive (`_dive`) fixes at most this many cells one by one, and takes at most this share
+# of the MIP's time, before it gives up.
+DIVE_FIXES = 400
+DIVE_SHARE = 0.5
+_DIVE_TOL = 1e-9  # kWh
 _TOL = 1e-7  # kW: below this a setpoint is 0, within it of the minimum it is at the minimum
 _ENERGY_TOL = 1e-6  # kWh: a car that gets this much less than the LP gave it lost nothing
 
@@ -78,6 +83,7 @@ def settle_residual(
     discharge: FloatArray,
     *,
     time_limit_s: float,
+    dive: bool = True,
 ) -> tuple[FloatArray, dict[str, float]]:
     """(charge, figures): the min-rate plan `charge` with the least energy lost.
 
@@ -110,7 +116,7 @@ def settle_residual(
             break
         info["repair_mip_rounds"] += 1.0
         info["repair_mip_cells"] = float(len(cells[0]))
-        solved = _solve(prepared, lp_charge, best, discharge, cells, left)
+        solved = _solve(prepared, lp_charge, best, discharge, cells, left, dive=dive)
         if solved is not None and _valid(prepared, solved[0], discharge, best):
             candidate = solved[0]
             key = (
@@ -235,8 +241,14 @@ def _solve(
     discharge: FloatArray,
     cells: tuple[IntArray, IntArray],
     time_limit_s: float,
+    *,
+    dive: bool = True,
+    mip: bool = True,
 ) -> tuple[FloatArray, bool] | None:
     """(charge plan, proven optimal) of the MIP over `cells`, or None (no solution in time).
+
+    `dive`: start the MIP from `_dive`'s plan when it loses less than `charge`; `mip=False`
+    returns the dive's plan alone (not time-boxed; None when it loses no less than `charge`).
 
     Columns: grid kWh x per cell (semi-continuous where the charger has a minimum), then one
     shortfall column per car. Rows: per slot, the site (the cells' kWh within head-room and
@@ -293,30 +305,45 @@ def _solve(
     matrix = sparse.csc_matrix((vals, (rows, cols)), shape=(n_rows, n_cols))
 
     deadline = time.perf_counter() + time_limit_s
+    lp = column_lp(matrix, cost, col_lower, col_upper, row_lower, row_upper)
+    start = charge[car_of, slot_of] * dt[slot_of]
+    gained = np.bincount(car_row, weights=eta * start, minlength=n_cars)
+    incumbent = np.concatenate([start, np.maximum(short_needed - gained, 0.0)])
+    # A dive on the relaxation first: a min-rate plan that often loses nothing, found in a few
+    # warm LPs; the better of it and the plan so far starts the MIP (and is what is returned
+    # when the MIP finds nothing better in its time).
+    dive_end = time.perf_counter() + time_limit_s * DIVE_SHARE if mip else float("inf")
+    dived = _dive(lp, semi, minimum, upper, n_x, dive_end) if dive or not mip else None
+    if dived is not None and dived[n_x:].sum() < incumbent[n_x:].sum() - _ENERGY_TOL / 10:
+        incumbent = dived
+    if not mip:
+        if incumbent is not dived:
+            return None
+        return _plan(fixed, dived[:n_x], cells, dt, semi, minimum, upper), False
     highs = highspy.Highs()
     highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("time_limit", max(time_limit_s, 1e-3))
+    highs.setOptionValue("time_limit", max(deadline - time.perf_counter(), 1e-3))
     for key, value in _HIGHS_OPTIONS.items():
         highs.setOptionValue(key, value)
-    lp = column_lp(matrix, cost, col_lower, col_upper, row_lower, row_upper)
     kinds = highspy.HighsVarType
     lp.integrality_ = [kinds.kSemiContinuous if s else kinds.kContinuous for s in semi.tolist()] + [
         kinds.kContinuous
     ] * n_cars
     if highs.passModel(lp) == highspy.HighsStatus.kError:
         return None
-    start = charge[car_of, slot_of] * dt[slot_of]
-    gained = np.bincount(car_row, weights=eta * start, minlength=n_cars)
     x_cols = np.arange(n_x, dtype=np.int32)
     s_cols = (n_x + np.arange(n_cars)).astype(np.int32)
     # Energy first: the shortfall alone (a plan that loses nothing ends the search at once).
-    _start(highs, np.concatenate([start, np.maximum(short_needed - gained, 0.0)]))
+    _start(highs, incumbent)
     if highs.run() == highspy.HighsStatus.kError:
         return None
-    if int(highs.getInfo().primal_solution_status) != 2:  # no feasible solution
-        return None
-    energy_optimal = highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
-    values = np.asarray(highs.getSolution().col_value, dtype=float)
+    found = int(highs.getInfo().primal_solution_status) == 2
+    energy_optimal = found and highs.getModelStatus() == highspy.HighsModelStatus.kOptimal
+    values = np.asarray(highs.getSolution().col_value, dtype=float) if found else incumbent
+    if found and values[n_x:].sum() > incumbent[n_x:].sum() + _ENERGY_TOL / 10:
+        values = incumbent  # HiGHS ran out of time before it took the start
+    if not found and incumbent is not dived:
+        return None  # nothing better than the plan so far
     shortfall = float(values[n_x:].sum())
     if energy_optimal:
         # Then money, among the plans that lose no more, for what is left of the time.
@@ -330,12 +357,115 @@ def _solve(
             if highs.run() != highspy.HighsStatus.kError:
                 if int(highs.getInfo().primal_solution_status) == 2:
                     values = np.asarray(highs.getSolution().col_value, dtype=float)
-    x = values[:n_x]
-    # Snap HiGHS's round-off: 0, or at least the minimum and at most the bound.
+    return _plan(fixed, values[:n_x], cells, dt, semi, minimum, upper), bool(energy_optimal)
+
+
+def _plan(
+    fixed: FloatArray,
+    x: FloatArray,
+    cells: tuple[IntArray, IntArray],
+    dt: FloatArray,
+    semi: BoolArray,
+    minimum: FloatArray,
+    upper: FloatArray,
+) -> FloatArray:
+    """The charge plan (kW): `fixed` with the cells' kWh `x` put in, HiGHS's round-off snapped
+    (0, or at least the minimum and at most the bound)."""
+    car_of, slot_of = cells
     x = np.where(x <= 1e-9, 0.0, np.clip(x, np.where(semi, minimum, 0.0), upper))
     plan = fixed.copy()
     plan[car_of, slot_of] = x / dt[slot_of]
-    return plan, bool(energy_optimal)
+    return plan
+
+
+def dive_residual(
+    prepared: Prepared, lp_charge: FloatArray, charge: FloatArray, discharge: FloatArray
+) -> FloatArray | None:
+    """The dive alone (`_dive`, no MIP, not time-boxed) on the MIP's first set of cells: a
+    min-rate charge plan that loses less energy than `charge`, or None (none found, or it is
+    not valid). For tests and measurements of what the dive gives when the MIP has no time."""
+    lost = lost_kwh(prepared, lp_charge, charge, discharge)
+    losers = np.nonzero(lost > _ENERGY_TOL)[0]
+    if not len(losers):
+        return None
+    grids = _cells(prepared, lp_charge, charge, discharge, losers)
+    if not grids:
+        return None
+    solved = _solve(prepared, lp_charge, charge, discharge, grids[0], 0.0, mip=False)
+    if solved is None or not _valid(prepared, solved[0], discharge, charge):
+        return None
+    return solved[0]
+
+
+def _dive(
+    lp: Any,
+    semi: BoolArray,
+    minimum: FloatArray,
+    upper: FloatArray,
+    n_x: int,
+    deadline: float,
+) -> FloatArray | None:
+    """A min-rate solution of the MIP's first pass by diving on its relaxation, or None.
+
+    The relaxation (every cell continuous in [0, U dt]) is solved, warm after each change,
+    until no cell is left strictly between 0 and its minimum. Each time, every such cell is
+    first rounded at once (on, i.e. at least its minimum, when it is at least half of it, else
+    off); when that raises the relaxation's shortfall the rounding is undone and only the cell
+    nearest its minimum is fixed, the way (on or off) that leaves the least shortfall. The
+    shortfall columns absorb what the fixings cost, so the dive ends with a plan, unless
+    `deadline` (perf_counter) passes or `DIVE_FIXES` single fixings were needed (then None).
+    """
+    relax = highspy.Highs()
+    relax.setOptionValue("output_flag", False)
+    relax.setOptionValue(
+        "primal_feasibility_tolerance", _HIGHS_OPTIONS["primal_feasibility_tolerance"]
+    )
+    if relax.passModel(lp) == highspy.HighsStatus.kError:
+        return None
+    # The MIP's semi-continuous columns carry their minimum as lower bound: relax it to 0.
+    free = semi.copy()
+    cols = np.flatnonzero(free).astype(np.int32)
+    relax.changeColsBounds(len(cols), cols, np.zeros(len(cols)), upper[cols].astype(float))
+    optimal = highspy.HighsModelStatus.kOptimal
+    shortfall = _relaxed_shortfall(relax, optimal)
+    for _ in range(DIVE_FIXES + 1):
+        if shortfall == float("inf") or time.perf_counter() > deadline:
+            return None
+        values = np.asarray(relax.getSolution().col_value, dtype=float)
+        x = values[:n_x]
+        between = free & (x > _DIVE_TOL) & (x < minimum - _DIVE_TOL)
+        if not between.any():
+            return values
+        cols = np.flatnonzero(between).astype(np.int32)
+        on = x[cols] >= minimum[cols] / 2
+        relax.changeColsBounds(
+            len(cols), cols, np.where(on, minimum[cols], 0.0), np.where(on, upper[cols], 0.0)
+        )
+        rounded = _relaxed_shortfall(relax, optimal)
+        if rounded <= shortfall + _DIVE_TOL:
+            free[cols] = False
+            shortfall = rounded
+            continue
+        relax.changeColsBounds(len(cols), cols, np.zeros(len(cols)), upper[cols].astype(float))
+        j = int(np.argmax(np.where(between, x / np.maximum(minimum, _DIVE_TOL), -1.0)))
+        free[j] = False
+        relax.changeColBounds(j, float(minimum[j]), float(upper[j]))
+        lifted = _relaxed_shortfall(relax, optimal)
+        relax.changeColBounds(j, 0.0, 0.0)
+        shortfall = _relaxed_shortfall(relax, optimal)
+        if lifted < shortfall - _DIVE_TOL or (
+            lifted <= shortfall + _DIVE_TOL and x[j] >= minimum[j] / 2
+        ):
+            relax.changeColBounds(j, float(minimum[j]), float(upper[j]))
+            shortfall = _relaxed_shortfall(relax, optimal)
+    return None
+
+
+def _relaxed_shortfall(relax: Any, optimal: Any) -> float:
+    """The relaxation's least shortfall under its current bounds (inf: infeasible)."""
+    if relax.run() == highspy.HighsStatus.kError or relax.getModelStatus() != optimal:
+        return float("inf")
+    return float(relax.getInfo().objective_function_value)
 
 
 def _valid(

@@ -256,7 +256,7 @@ def settle_plan(
     limit = options.time_limit_s if time_limit_s is None else time_limit_s
     limit = min(limit, options.min_rate_mip_s)
     charge, mip_info = settle_residual(
-        prepared, lp_charge_kw, charge, discharge, time_limit_s=limit
+        prepared, lp_charge_kw, charge, discharge, time_limit_s=limit, dive=options.min_rate_dive
     )
     info = {**info, **mip_info}
     if mip_info.get("repair_mip_kept"):

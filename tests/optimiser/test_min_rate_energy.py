@@ -21,6 +21,7 @@ from scipy.optimize import linprog
 
 from controller.optimiser import FastSolver, OptimiserOptions
 from controller.optimiser.prepare import prepare
+from controller.optimiser.residual import dive_residual
 from controller.optimiser.stages import min_rate_plan
 from controller.planning.problem import FloatArray, PlanningProblem, Schedule, schedule_from_power
 from tests.optimiser.checks import assert_valid, problem
@@ -182,6 +183,29 @@ def test_the_live_days_saturated_plans_lose_no_energy(name: str) -> None:
     lp_now, solved = _solve(p)
     assert_valid(p, solved)
     assert _lost(p, lp_now, solved) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("name", "most_kwh"), [("live_morning_0600", 0.1), ("live_night_0250", 1e-6)]
+)
+def test_the_dive_alone_keeps_the_energy_the_cheap_moves_lose(name: str, most_kwh: float) -> None:
+    """When the MIP has no time (a stressed machine: 30-60 % of the live night's re-plans end
+    the MIP unproven), what is kept is the dive's plan: on the two recorded live re-plans the
+    cheap moves lose 1.0-1.8 kWh; the dive on the MIP's first set of cells, with no MIP, loses
+    at most 0.1 kWh of it (nothing on the night one), and is a valid min-rate plan."""
+    p, lp_charge = _recorded(name)
+    lp = schedule_from_power(p, lp_charge, strategy="managed")
+    prepared = prepare(p)
+    no_mip = OptimiserOptions(time_limit_s=60.0, min_rate_mip_s=0.0)
+    charge, discharge, _ = min_rate_plan(prepared, lp_charge, np.zeros_like(lp_charge), no_mip)
+    cheap = _lost(p, lp, schedule_from_power(p, charge, discharge, strategy="managed"))
+    assert cheap > 0.9
+    dived = dive_residual(prepared, lp_charge, charge, discharge)
+    assert dived is not None
+    plan = schedule_from_power(p, dived, discharge, strategy="managed")
+    assert_valid(p, plan)
+    assert _lost(p, lp, plan) <= most_kwh
+    assert _lost(p, lp, plan) < cheap / 10
 
 
 @st.composite
