@@ -71,12 +71,26 @@ from controller.errors import StoreUnavailable
 from controller.events import SocReported
 from controller.planning.share import share_by_need
 from controller.state import FleetState, apply_event
-from simulators.chaos import CALM_LAG_S, SoakConfig, SoakReport, StackSoak
+from simulators.chaos import CALM_LAG_S, MEMORY_FIELDS, SoakConfig, SoakReport, StackSoak
 from tests.factories import small_site
 from tests.reliability.redis_process import RedisProcess
 
 SITE = "soak"
 T0 = datetime(2024, 3, 4, 16, 0, tzinfo=UTC)
+
+
+def memory_parts(report: SoakReport, from_s: float) -> str:
+    """What the controller's RSS was made of at `from_s` and at the end
+    (`simulators.chaos.MEMORY_FIELDS`); "" without samples."""
+    after = [m for m in report.memory_mib if m[0] >= from_s]
+    if len(after) < 2:
+        return ""
+    first, last = after[0][1:], after[-1][1:]
+    return ", ".join(
+        f"{name} {a:.1f} -> {b:.1f}"
+        for name, a, b in zip(MEMORY_FIELDS, first, last, strict=True)
+        if name != "rss"
+    )
 
 
 def rss_mib() -> float:
@@ -358,6 +372,9 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
                 + (f"; open transactions {opened[0]} -> {opened[1]}" if opened else ""),
             )
         )
+        parts = memory_parts(report, 0.2 * report.wall_s)
+        if parts:
+            rows.append(("  ... made of (20 % -> end, MiB)", parts))
     wall = max(report.wall_s, 1e-9)
     rows += [
         (
@@ -503,6 +520,7 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         restart_max_sim_s=args.restart_max_sim_s,
         coalesce_wall_s=args.coalesce_wall_s,
         trace_memory=args.trace_memory,
+        census_memory=args.census,
         visits=args.visits,
         charger_processes=args.charger_processes,
         slow_callback_ms=args.slow_callback_ms,
@@ -565,6 +583,11 @@ def main() -> None:
     stack.add_argument("--coalesce-wall-s", type=float, default=0.3)
     stack.add_argument(
         "--trace-memory", action="store_true", help="tracemalloc: top growth sites (slow)"
+    )
+    stack.add_argument(
+        "--census",
+        action="store_true",
+        help="objects by type at 20 %% of the run and at its end (two ~1 s pauses)",
     )
     stack.add_argument(
         "--visits", choices=("day", "steady"), default="day", help="pattern of the cars' visits"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ctypes
 import dataclasses
 import gc
 import itertools
@@ -852,6 +853,9 @@ class SoakConfig:
     # day runs many times faster than the wall.
     coalesce_wall_s: float = 0.3
     trace_memory: bool = False  # tracemalloc: where the memory grew from 20 % of the run on
+    # Objects by type at 20 % of the run and at its end (a collection and a walk of every
+    # tracked object: two pauses of about a second; far lighter than `trace_memory`).
+    census_memory: bool = False
     visits: str = "day"
     charger_processes: int = 1
     slow_callback_ms: float = 0.0  # > 0: list this process's callbacks slower than this
@@ -1187,6 +1191,8 @@ class SoakReport:
     event_to_profile_s: dict[str, float] = field(default_factory=dict)
     transactions_without_profile: int = 0
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    # What the RSS is made of, every 5 s (`MemoryBreakdown`): wall s, then its fields.
+    memory_mib: list[tuple[float, ...]] = field(default_factory=list)
     open_transactions: list[tuple[float, int]] = field(default_factory=list)
     cpu_s: float = 0.0  # the controller process's CPU in the soak window (restart: whole run)
     # The optimiser's worker process (None: the solve ran in the controller process): its CPU
@@ -1243,6 +1249,87 @@ def rss_mib() -> float:
     with open("/proc/self/statm") as statm:
         pages = int(statm.read().split()[1])
     return pages * resource.getpagesize() / 2**20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            [
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            ]
+        )
+    ]
+
+
+def _mallinfo2() -> _MallInfo2 | None:
+    try:
+        call = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        return None
+    call.restype = _MallInfo2
+    return cast(_MallInfo2, call())
+
+
+MEMORY_FIELDS = (
+    "rss",  # resident set
+    "rss_heap",  # ... in the [heap] mapping (glibc's main arena, grown by brk)
+    "rss_anon",  # ... in other anonymous mappings (pymalloc's arenas, threads' malloc
+    # arenas, large malloc chunks, numpy buffers, thread stacks)
+    "rss_file",  # ... in file mappings (the interpreter, shared libraries)
+    "malloc_used",  # glibc malloc: bytes handed out and not freed (all arenas, mmapped chunks)
+    "malloc_free",  # ... bytes free inside its arenas (kept, not returned: fragmentation)
+    "python_blocks_m",  # sys.getallocatedblocks(), in millions (pymalloc and large objects)
+)
+
+
+def memory_breakdown() -> tuple[float, ...]:
+    """This process's memory now, in MiB (a count for `python_blocks_m`), in the order of
+    `MEMORY_FIELDS`: what a growing RSS is made of. A Python leak grows `python_blocks_m`;
+    fragmentation grows the RSS (and `malloc_free`) with the blocks flat. Linux and glibc; 0
+    where a figure cannot be read."""
+    heap = anon = file = 0.0
+    try:
+        with open("/proc/self/smaps") as smaps:
+            kind = "anon"
+            for line in smaps:
+                head = line.split(maxsplit=6)
+                if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's header
+                    name = head[5].strip() if len(head) >= 6 else ""
+                    kind = (
+                        "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+                    )
+                elif head and head[0] == "Rss:":
+                    kib = float(head[1])
+                    if kind == "heap":
+                        heap += kib
+                    elif kind == "file":
+                        file += kib
+                    else:
+                        anon += kib
+    except OSError:
+        pass
+    info = _mallinfo2()
+    used = (info.uordblks + info.hblkhd) / 2**20 if info is not None else 0.0
+    free = info.fordblks / 2**20 if info is not None else 0.0
+    return (
+        rss_mib(),
+        heap / 1024,
+        anon / 1024,
+        file / 1024,
+        used,
+        free,
+        sys.getallocatedblocks() / 1e6,
+    )
 
 
 def cpu_s() -> float:
@@ -1915,23 +2002,40 @@ class StackSoak:
         """RSS and open transactions every 5 s (until cancelled); with `trace_memory`, the
         growth sites from 20 % of the run on."""
         first: tracemalloc.Snapshot | None = None
+        census: Counter[str] | None = None
+        traced0 = 0.0
+        taken = False
         mark = 0.2 * self.config.wall_s
         try:
             while True:
                 self.report.rss_mib.append((self._wall(), rss_mib()))
+                self.report.memory_mib.append((self._wall(), *memory_breakdown()))
                 state = self.runtime.service.state
                 open_now = sum(1 for tx in state.transactions.values() if tx.meter_stop_wh is None)
                 self.report.open_transactions.append((self._wall(), open_now))
-                if self.config.trace_memory and first is None and self._wall() >= mark:
-                    first = tracemalloc.take_snapshot()
+                if not taken and self._wall() >= mark:
+                    taken = True
+                    if self.config.trace_memory:
+                        first = tracemalloc.take_snapshot()
+                        traced0 = tracemalloc.get_traced_memory()[0]
+                    if self.config.census_memory or self.config.trace_memory:
+                        census = type_census()
                 pause = 5.0 if self._wall() >= mark else max(0.01, min(5.0, mark - self._wall()))
                 await asyncio.sleep(pause)
         finally:
+            growth: list[str] = []
             if first is not None:
                 last = tracemalloc.take_snapshot()
-                top = last.compare_to(first, "lineno")[:15]
-                self.report.memory_growth = [str(stat) for stat in top]
+                traced = tracemalloc.get_traced_memory()[0]
+                growth.append(f"traced by Python {traced0 / 2**20:.1f} -> {traced / 2**20:.1f} MiB")
+                growth += [str(stat) for stat in last.compare_to(first, "lineno")[:15]]
+                growth += [f"file {stat}" for stat in last.compare_to(first, "filename")[:10]]
                 tracemalloc.stop()
+            if census is not None:
+                grown = type_census()
+                grown.subtract(census)
+                growth += [f"objects {name}: {n:+d}" for name, n in grown.most_common(15)]
+            self.report.memory_growth = growth
 
     async def _drain(self) -> None:
         """Wait until the controller has applied everything the chargers were answered for."""
@@ -2276,6 +2380,13 @@ class StackSoak:
         )
         assert self.publisher is not None
         report.mqtt_publish_failures = self.publisher.failures
+
+
+def type_census() -> Counter[str]:
+    """How many objects the collector tracks, by type (`module.qualname`): two censuses
+    apart show which kinds of object grew (with `trace_memory`)."""
+    gc.collect()
+    return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 
 
 def plan_holders(owners: dict[str, object], plans: set[int]) -> dict[str, int]:

@@ -16,6 +16,7 @@ import pytest
 
 from controller.clock import SimClock
 from simulators.chaos import (
+    MEMORY_FIELDS,
     Ledger,
     LoopLag,
     MeterRecord,
@@ -25,6 +26,7 @@ from simulators.chaos import (
     StopRecord,
     Visit,
     fleet_visits,
+    memory_breakdown,
     range_max,
 )
 
@@ -280,3 +282,19 @@ async def test_the_soaks_chargers_sample_from_their_transactions_and_spread_thei
         for times in beats.values()
         for a, b in itertools.pairwise(times)
     )
+
+
+def test_the_memory_breakdown_sees_python_objects_and_malloc_chunks_grow() -> None:
+    """Half a million small Python objects grow the allocated blocks; a 64 MiB buffer from
+    malloc grows the bytes malloc handed out and the anonymous resident memory; the parts of
+    the RSS add up to it."""
+    fields = dict(zip(MEMORY_FIELDS, memory_breakdown(), strict=True))
+    objects = [[i] for i in range(500_000)]
+    buffer = bytearray(64 * 2**20)  # zero-filled: every page written, so resident
+    after = dict(zip(MEMORY_FIELDS, memory_breakdown(), strict=True))
+    assert after["python_blocks_m"] - fields["python_blocks_m"] >= 0.5
+    assert after["malloc_used"] - fields["malloc_used"] >= 60.0
+    assert after["rss_anon"] - fields["rss_anon"] >= 60.0
+    parts = after["rss_heap"] + after["rss_anon"] + after["rss_file"]
+    assert abs(parts - after["rss"]) < 0.05 * after["rss"]
+    del objects, buffer
