@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -35,7 +36,7 @@ from adapters.codec import decode_event, decode_record, encode_event, encode_rec
 from controller.errors import InvalidEvent, StoreUnavailable
 from controller.events import Event
 from controller.planning.plan import Plan
-from controller.ports import LogEntry
+from controller.ports import BatchSettled, LogEntry, Settlement
 from controller.state import Change, FleetState, Record, RecordKind
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,65 @@ redis.call('ZREMRANGEBYSCORE', applied, '-inf', '(' .. ARGV[5])
 redis.call('XACK', stream, group, entry)
 return 1
 """
+
+# A batch of settlements in one script: `COMMIT_LUA` for each commit and the rejection of
+# `reject` for each reject, in order. KEYS: applied zset, events stream, rejected stream, then
+# the distinct keys written. ARGV: group, retention (ms), rejected maxlen, then per settlement
+# either 'c', entry id, event id, score, n writes, n x (key index, op, field, value) or 'r',
+# entry id, reason, raw event. Returns one integer per settlement run (commits: as COMMIT_LUA;
+# rejects: 1, or 2 when the entry was settled already); when a settlement fails, the error
+# text follows the answers of those before it and nothing after it runs, so the store always
+# holds a prefix of the batch (what the consumer's recovery relies on).
+SETTLE_LUA = """
+local applied, stream, rejected = KEYS[1], KEYS[2], KEYS[3]
+local group, retention, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {}
+local function commit(a)
+  local entry, event_id, score = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local n = tonumber(ARGV[a + 4])
+  local after = a + 5 + 4 * n
+  if redis.call('ZSCORE', applied, event_id) then
+    if redis.call('XACK', stream, group, entry) == 0 then return 2, after end
+    return 0, after
+  end
+  local w = a + 5
+  for i = 1, n do
+    local key, op, field, value = KEYS[tonumber(ARGV[w])], ARGV[w + 1], ARGV[w + 2], ARGV[w + 3]
+    w = w + 4
+    if op == 'hset' then redis.call('HSET', key, field, value)
+    elseif op == 'hdel' then redis.call('HDEL', key, field)
+    elseif op == 'set' then redis.call('SET', key, value)
+    elseif op == 'del' then redis.call('DEL', key)
+    end
+  end
+  redis.call('ZADD', applied, score, event_id)
+  redis.call('ZREMRANGEBYSCORE', applied, '-inf', '(' .. (score - retention))
+  redis.call('XACK', stream, group, entry)
+  return 1, after
+end
+local function reject(a)
+  local entry = ARGV[a + 1]
+  if redis.call('XACK', stream, group, entry) == 0 then return 2, a + 4 end
+  redis.call('XADD', rejected, 'MAXLEN', '~', maxlen, '*',
+    'entry', entry, 'reason', ARGV[a + 2], 'event', ARGV[a + 3])
+  return 1, a + 4
+end
+local a = 4
+while a <= #ARGV do
+  local step = ARGV[a] == 'c' and commit or reject
+  local ok, result, after = pcall(step, a)
+  if not ok then
+    out[#out + 1] = 'ERR ' .. tostring(type(result) == 'table' and result.err or result)
+    return out
+  end
+  out[#out + 1] = result
+  a = after
+end
+return out
+"""
+
+# At most this many events go to the server in one pipeline of appends.
+APPEND_BATCH = 512
 
 APPLIED_RETENTION_MS = 7 * 24 * 3600 * 1000  # event ids are remembered for a week
 REJECTED_MAXLEN = 10_000
@@ -113,6 +173,11 @@ class RedisFleetStore:
         self._claim_due = True  # look for other consumers' stale entries
         self._group_ready = False
         self._commits_since_trim = 0
+        self._settle = redis.register_script(SETTLE_LUA)
+        # Group commit of appends: callers queue (encoded events, their future); one flusher
+        # task sends whatever is queued in one pipeline and answers each caller.
+        self._appends: deque[tuple[list[str], asyncio.Future[list[str]]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def redis(self) -> Redis:
@@ -166,15 +231,80 @@ class RedisFleetStore:
         return decode_record(kind, payload)
 
     async def append(self, event: Event) -> str:
-        """Append to the log; the entry is durable as far as the server's AOF policy makes it."""
+        """Append to the log; the entry is durable as far as the server's AOF policy makes it.
+
+        Goes to the server with the other appends queued in the same pass of the event loop
+        (see `append_many`); answered only once the server acknowledged the XADD."""
+        return (await self.append_many([event]))[0]
+
+    async def append_many(self, events: Sequence[Event]) -> list[str]:
+        """Append events in their order; returns their entry ids, once the server has them.
+
+        Group commit: the first caller wakes a flusher task, which sends everything queued
+        meanwhile (up to `APPEND_BATCH` events, several callers' batches in the order they
+        were queued) in one pipeline, then answers each caller with its own entry ids, or
+        `StoreUnavailable` when one of its XADDs failed. A cancelled caller does not cancel
+        the flush (its events may still be appended, as a cancelled XADD could be)."""
+        if not events:
+            return []
+        encoded = [encode_event(event) for event in events]
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[list[str]] = loop.create_future()
+        answer.add_done_callback(_retrieve)
+        self._appends.append((encoded, answer))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_appends())
+        return await asyncio.shield(answer)
+
+    async def _flush_appends(self) -> None:
+        """Send the queued appends, a pipeline at a time, until the queue is empty."""
+        batch: list[tuple[list[str], asyncio.Future[list[str]]]] = []
+        try:
+            while self._appends:
+                batch = [self._appends.popleft()]
+                size = len(batch[0][0])
+                while self._appends and size + len(self._appends[0][0]) <= APPEND_BATCH:
+                    size += len(self._appends[0][0])
+                    batch.append(self._appends.popleft())
+                await self._send_appends(batch)
+                batch = []
+        finally:
+            # Cancelled (the loop is closing) or failed unexpectedly: nobody may wait for ever.
+            for _, answer in [*batch, *self._appends]:
+                if not answer.done():
+                    answer.set_exception(StoreUnavailable("event log appender stopped"))
+            self._appends.clear()
+
+    async def _send_appends(self, batch: list[tuple[list[str], asyncio.Future[list[str]]]]) -> None:
+        """One pipeline of XADDs for `batch`; each caller answered from its own replies."""
+        stream = keys.events(self._site)
         try:
             await self._ensure_group()
-            entry_id = await self._redis.xadd(
-                keys.events(self._site), {"event": encode_event(event)}
-            )
+            pipe = self._redis.pipeline(transaction=False)
+            for encoded, _ in batch:
+                for text in encoded:
+                    pipe.xadd(stream, {"event": text})
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
-            raise StoreUnavailable(f"redis unreachable appending {event.event_id}") from exc
-        return _text(entry_id)
+            for _, answer in batch:
+                if not answer.done():
+                    error = StoreUnavailable(f"redis unreachable appending {len(batch)} events")
+                    error.__cause__ = exc
+                    answer.set_exception(error)
+            return
+        at = 0
+        for encoded, answer in batch:
+            mine = replies[at : at + len(encoded)]
+            at += len(encoded)
+            if answer.done():
+                continue
+            failed = next((r for r in mine if isinstance(r, Exception)), None)
+            if failed is not None:
+                error = StoreUnavailable(f"redis refused appending an event: {failed}")
+                error.__cause__ = failed
+                answer.set_exception(error)
+            else:
+                answer.set_result([_text(r) for r in mine])
 
     async def take(self, count: int) -> Sequence[LogEntry]:
         """Entries to apply: our own unsettled ones first (after a crash), then other consumers'
@@ -362,6 +492,65 @@ class RedisFleetStore:
             return key, "hdel", change.key, ""
         return key, "hset", change.key, encode_record(change.kind, change.record)
 
+    async def applied_among(self, event_ids: Sequence[str]) -> set[str]:
+        """Those of `event_ids` already applied (the applied set remembers them a week)."""
+        if not event_ids:
+            return set()
+        try:
+            scores: list[Any] = await self._redis.zmscore(keys.applied(self._site), list(event_ids))
+        except RedisError as exc:
+            raise StoreUnavailable("redis unreachable reading the applied event ids") from exc
+        return {e for e, score in zip(event_ids, scores, strict=True) if score is not None}
+
+    async def settle(self, settlements: Sequence[Settlement]) -> BatchSettled:
+        """Commit and reject a batch of entries in order, in one atomic script (`SETTLE_LUA`).
+
+        Each commit behaves as `commit`, each reject as `reject`. If one fails (out of memory,
+        say), those before it stay written, nothing after it runs, and the answer says where
+        it stopped; a lost answer raises `StoreUnavailable` (the script ran wholly or not at
+        all, and a re-sent script finds its commits written: they answer True)."""
+        if not settlements:
+            return BatchSettled(())
+        written: dict[str, int] = {}
+        args: list[str] = [keys.EVENTS_GROUP, str(APPLIED_RETENTION_MS), str(REJECTED_MAXLEN)]
+        commits = 0
+        for item in settlements:
+            entry = item.entry
+            if item.event_id is None:
+                args += ["r", entry.entry_id, item.reason, entry.raw]
+                continue
+            commits += 1
+            score = int(entry.entry_id.split("-")[0])
+            args += ["c", entry.entry_id, item.event_id, str(score), str(len(item.changes))]
+            for change in item.changes:
+                key, op, field, value = self._write_for(change)
+                index = written.setdefault(key, 4 + len(written))
+                args += [str(index), op, field, value]
+        site = self._site
+        try:
+            reply: list[Any] = await self._settle(
+                keys=[keys.applied(site), keys.events(site), keys.rejected(site), *written],
+                args=args,
+            )
+        except RedisError as exc:
+            self._recovering = True
+            raise StoreUnavailable(
+                f"redis unreachable settling {len(settlements)} entries"
+            ) from exc
+        done: list[bool] = []
+        error: str | None = None
+        for answer, item in zip(reply, settlements, strict=False):
+            if isinstance(answer, bytes | str):
+                error = _text(answer)
+                self._recovering = True
+                break
+            done.append(item.event_id is None or int(answer) in (1, 2))
+        self._commits_since_trim += commits
+        if self._policy.trim_every and self._commits_since_trim >= self._policy.trim_every:
+            self._commits_since_trim = 0
+            await self.trim()
+        return BatchSettled(tuple(done), error)
+
     async def reject(self, entry: LogEntry, reason: str) -> None:
         """Acknowledge an entry that will not be applied and keep it with its reason."""
         try:
@@ -463,6 +652,12 @@ def plan_summary_json(plan: Plan) -> str:
     text = json.dumps(plan_summary(plan))
     _last_summary[:] = [(plan, text)]
     return text
+
+
+def _retrieve(answer: asyncio.Future[list[str]]) -> None:
+    """Mark a failed append's error as seen (its caller may have been cancelled)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _text(value: Any) -> str:

@@ -37,6 +37,34 @@ class LogEntry:
     deliveries: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How one taken log entry is settled inside a batch: committed with its changes under
+    `event_id`, or (`event_id` None) rejected with `reason`."""
+
+    entry: LogEntry
+    event_id: str | None
+    changes: Sequence[Change] = ()
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.event_id is None and not self.reason:
+            raise ValueError(f"rejecting entry {self.entry.entry_id} needs a reason")
+        if self.event_id is None and self.changes:
+            raise ValueError(f"rejected entry {self.entry.entry_id} cannot write changes")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettled:
+    """What a batch of settlements did: `done[i]` answers settlement i as `FleetStore.commit`
+    would (True for a reject), for the leading settlements that ran; when the store failed
+    part-way, `done` is shorter than the batch and `error` says why (nothing after the first
+    failure was written)."""
+
+    done: tuple[bool, ...]
+    error: str | None = None
+
+
 class FleetStore(Protocol):
     """Durable fleet state and its append-only event log."""
 
@@ -46,6 +74,10 @@ class FleetStore(Protocol):
 
     async def append(self, event: Event) -> str:
         """Add an event to the log durably; returns its log entry id."""
+        ...
+
+    async def append_many(self, events: Sequence[Event]) -> list[str]:
+        """Add events to the log durably, in their order; returns their entry ids."""
         ...
 
     async def take(self, count: int) -> Sequence[LogEntry]:
@@ -60,6 +92,16 @@ class FleetStore(Protocol):
         before from another entry; True when the changes are in the store from this entry,
         including a commit of the same entry sent again (its first answer lost) that finds
         them already written."""
+        ...
+
+    async def applied_among(self, event_ids: Sequence[str]) -> set[str]:
+        """Those of `event_ids` already applied (from any entry): one read."""
+        ...
+
+    async def settle(self, settlements: Sequence[Settlement]) -> BatchSettled:
+        """Commit or reject each entry as `commit` and `reject` would, in order, in one round
+        trip. A prefix of the batch is written if the store fails part-way (see
+        `BatchSettled`); raises `StoreUnavailable` when nothing is known to have run."""
         ...
 
     async def reject(self, entry: LogEntry, reason: str) -> None:

@@ -493,6 +493,28 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         else:
             self.central.metrics["events_submitted"] += 1
 
+    async def _emit_many(self, events: Sequence[Event]) -> None:
+        """Hand an ordered batch to the sink in one append when it takes batches
+        (`EventSink.submit_many`), else one event after the other; refusals are counted
+        event by event, as `_emit` counts them."""
+        submit_many = getattr(self.central.sink, "submit_many", None)
+        if submit_many is None:
+            for event in events:
+                await self._emit(event)
+            return
+        try:
+            outcomes: list[Refused | None] = await submit_many(events)
+        except InvalidEvent as exc:
+            raise PropertyConstraintViolationError(description=str(exc)[:200]) from exc
+        for event, refusal in zip(events, outcomes, strict=True):
+            if refusal is None:
+                self.central.metrics["events_submitted"] += 1
+            else:
+                self.central.metrics["events_refused"] += 1
+                log.info(
+                    "%s: %s %s refused: %s", self.id, event.kind, event.event_id, refusal.reason
+                )
+
     def _now_iso(self) -> str:
         return iso(self.central.clock.now())
 
@@ -736,8 +758,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 write = book.settle(transaction_id, summary, reason, record=record, rows=rows)
 
             async def sample_events() -> None:
-                for sample in samples:  # one after the other: the log keeps their order
-                    await self._emit(sample)
+                await self._emit_many(samples)  # one append, in order: the log keeps it
 
             # Both must hold before the CALLRESULT and neither depends on the other; both are
             # idempotent, so a failure of either (InternalError, the charger re-sends) is safe.

@@ -8,11 +8,12 @@ lease dispatcher is one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, TypeAlias
 
 from controller.domain import ChargePoint, ChargerId, VehicleId
+from controller.errors import Refused
 from controller.events import Event
 
 
@@ -21,6 +22,17 @@ class EventSink(Protocol):
 
     async def submit(self, event: Event) -> None:
         """Admit one event (idempotent by `event.event_id`)."""
+        ...
+
+
+class BatchEventSink(EventSink, Protocol):
+    """An `EventSink` that also admits an ordered batch in one append (the service does).
+
+    The central system uses `submit_many` when its sink has it, else `submit` one event after
+    the other: every `EventSink` keeps working."""
+
+    async def submit_many(self, events: Sequence[Event]) -> list[Refused | None]:
+        """Admit the events in order; per event None (admitted) or its refusal."""
         ...
 
 
