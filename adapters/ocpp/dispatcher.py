@@ -70,6 +70,7 @@ import asyncio
 import bisect
 import contextlib
 import heapq
+import itertools
 import logging
 import time
 from collections import Counter
@@ -242,6 +243,10 @@ class _Link:
     # whose answer never came (timed out, or the connection closed with them in flight): the
     # charger may apply them, so the budget books them (until the slot is accepted again).
     in_flight: OutgoingProfile | None = None
+    # When the profile in flight was sent: a sample taken from then on may show it at work
+    # (the charger installs it before it answers, and its answer can reach us after samples it
+    # took later, P-05).
+    in_flight_at: datetime | None = None
     held_since: float | None = None  # time.monotonic() when its increase was first held
     unsure: dict[str, OutgoingProfile] = field(default_factory=dict)
     # Per slot, when its current profile was accepted and what it replaced: a meter sample
@@ -499,12 +504,19 @@ class LeaseDispatcher:
             other.wake.set()
 
     def _limit_in_force_kw(self, link: _Link, connector_id: int, at: datetime) -> float | None:
-        """The composite limit the charger applies to the connector at `at`, in kW, as far as
-        its accepted profiles tell (None: none known).
+        """The composite limit the charger may apply to the connector at `at`, in kW, as far as
+        we know what it holds (None: not known, or it may hold no profile at all).
 
-        A sample taken before a profile of its composite was accepted (it reached the central
-        system after the acceptance: the charger's own CALLs queue one at a time) may show
-        either the old or the new limit at work: it is judged by the larger of the two."""
+        Each slot of the composite (the connector's TxProfile, the TxDefaultProfile, the
+        ChargePointMaxProfile) holds its accepted profile, but a sample can show another one
+        at work, and is judged by the largest limit any of them gives:
+        - the profile an acceptance replaced, for a sample taken before that acceptance was
+          seen (it reaches us after it: a charger's own CALLs queue one at a time);
+        - the profile in flight, for a sample taken since it was sent (a charger installs a
+          profile before it answers, and its answer can reach us after samples it took
+          later: a lease's refresh accepted late was judged by the old lease's fallback, the
+          soak's "4.27 kW against a 0.00 kW limit");
+        - a profile whose answer was lost (it may have taken it)."""
         charger = self.state.chargers.get(link.charger_id)
         if charger is None:
             return None
@@ -512,18 +524,34 @@ class LeaseDispatcher:
         now = applied_limit_kw(
             charger, lambda slot: _installed(link, slot), connector_id, running, at
         )
-        slots = (f"tx:{connector_id}", "default", "max")
-        if now is None or not any(link.accepted_at.get(s, at) > at for s in slots):
+        flight, sent_at = link.in_flight, link.in_flight_at
+        if flight is not None and (sent_at is None or at < sent_at):
+            flight = None
+        others: dict[str, tuple[OutgoingProfile | None, ...]] = {}
+        for slot in (f"tx:{connector_id}", "default", "max"):
+            options = [
+                *([link.replaced.get(slot)] if link.accepted_at.get(slot, at) > at else []),
+                *([link.unsure[slot]] if slot in link.unsure else []),
+                *([flight] if flight is not None and flight.slot == slot else []),
+            ]
+            if options:
+                others[slot] = (_installed(link, slot), *options)
+        if now is None or not others:
             return now
+        limits = [now]
+        for combination in itertools.product(*others.values()):
+            held = dict(zip(others, combination, strict=True))
 
-        def before(slot: str) -> OutgoingProfile | None:
-            """What the slot held until its current profile was accepted, if after `at`."""
-            if link.accepted_at.get(slot, at) > at:
-                return link.replaced.get(slot)
-            return _installed(link, slot)
+            def holds(
+                slot: str, held: dict[str, OutgoingProfile | None] = held
+            ) -> OutgoingProfile | None:
+                return held[slot] if slot in held else _installed(link, slot)
 
-        then = applied_limit_kw(charger, before, connector_id, running, at)
-        return None if then is None else max(now, then)
+            limit = applied_limit_kw(charger, holds, connector_id, running, at)
+            if limit is None:
+                return None  # it may hold none of them: no limit to judge by
+            limits.append(limit)
+        return max(limits)
 
     # -- the budget gate (P-04) --
 
@@ -1304,6 +1332,7 @@ class LeaseDispatcher:
         self.counters["profiles_sent"] += 1
         problem: str
         link.in_flight = profile
+        link.in_flight_at = self.clock.now()
         self._rebook(charger_id, self.clock.now())  # an increase is booked from now on
         try:
             status = await self.central.set_charging_profile(
@@ -1372,6 +1401,7 @@ class LeaseDispatcher:
         """The call in flight is answered: book the charger by what it holds now, and wake the
         held increases the room it freed lets go."""
         link.in_flight = None
+        link.in_flight_at = None
         if self._links.get(link.charger_id) is not link:
             return  # a replaced worker's late answer: the new link books the charger
         now = self.clock.now()

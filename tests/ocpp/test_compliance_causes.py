@@ -17,6 +17,10 @@ the new connection only. Two honest chargers were then flagged:
   connection has had only the TxDefaultProfile accepted (the TxProfile, an increase over it,
   held behind another charger's decrease): the plan's draw against the safe share.
 
+Two more were timing: a sample taken before an acceptance but reaching the central system
+after it, and a sample taken after the charger installed a lease's refresh but judged before
+its answer was seen (the lease it replaced had fallen back to 0 kW at its end).
+
 Real central system and simulated chargers over real WebSockets on a `SimClock`; the rogue
 control (a charger that ignores its profiles) must still be flagged on its second sample.
 """
@@ -24,7 +28,7 @@ control (a charger that ignores its profiles) must still be flagged on its secon
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -32,8 +36,9 @@ from redis.asyncio import Redis
 
 from adapters.ocpp.config import OcppConfig
 from controller.clock import SimClock
-from simulators.chargepoints.chargepoint import Faults
-from tests.ocpp.conftest import charger, simulated
+from simulators.chargepoints.chargepoint import ChargerSpec, Faults, SimChargePoint
+from simulators.chargepoints.profiles import parse_profile
+from tests.ocpp.conftest import charger, connected, simulated
 from tests.ocpp.test_dispatcher import a_car, brought_up, purposes, rig
 
 MINUTE = timedelta(seconds=60)
@@ -241,3 +246,73 @@ async def test_a_sample_taken_before_a_profile_was_accepted_is_judged_by_the_lim
         assert r.dispatcher.compliance.non_compliant() == {}
         r.harness.central.meter_sampled("CP-1", 1, clock.now(), 11.0)
         assert r.dispatcher.compliance.non_compliant() == {("CP-1", 1): pytest.approx(11.0)}
+
+
+class AppliesAtOnce(SimChargePoint):
+    """An honest charger that installs a SetChargingProfile as soon as it arrives and answers
+    `faults.reply_delay_s` later (its answer queued behind other traffic, as in the soak);
+    `arrived` holds the times profiles arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrived: list[datetime] = []
+
+    def profile_arrived(self, connector_id: int, raw: dict[str, Any]) -> None:
+        """Install it now (installed again, the same, when the answer goes)."""
+        now = self.clock.now()
+        self.arrived.append(now)
+        if not self.faults.ignore_profiles:
+            self.advance(now)
+            self.store.install(parse_profile(connector_id, raw), self.running())
+
+
+@pytest.mark.parametrize("fault", ["honest", "ignores"])
+async def test_a_sample_taken_while_a_lease_refresh_is_in_flight_is_judged_by_it_too(
+    redis: Redis, clock: SimClock, fault: str
+) -> None:
+    """CP-1 charges at its plan's 5 kW on a 15-minute lease that falls back to 0 kW at its end
+    (the safe share, 3 kW, is below the minimum rate). The refresh goes out 2 minutes before
+    the end; the charger installs it at once but its answer comes 5 minutes later. Samples
+    taken after the old lease's end show 5 kW, the refresh at work: they must not flag it
+    ("5.00 kW against a 0.00 kW limit" on the old code, the soak's "4.27 kW against a 0.00 kW
+    limit"). A charger ignoring its profiles (11 kW) is still flagged on its second sample."""
+    faults = Faults(ignore_profiles=fault == "ignores")
+    async with rig(
+        redis, clock, charger("CP-1", max_power_kw=11.0), safe_limit_kw=3.0, config=PATIENT
+    ) as r:
+        spec = ChargerSpec(charger_id="CP-1", max_power_kw=11.0, meter_interval_s=3600.0)
+        sim = AppliesAtOnce(spec, clock, faults=faults)
+        async with connected(r.harness, sim):
+            await charging_on_plan(r, (sim,), {("CP-1", 1): [5.0]})
+            lease = r.dispatcher.sent("CP-1")["tx:1"]
+            assert lease.lease_end is not None
+            assert lease.limit_at(clock.now()) == pytest.approx(5000.0)
+            assert lease.limit_at(lease.lease_end) == 0.0  # its fallback
+            drawn_kw = 11.0 if fault == "ignores" else 5.0
+            assert sim.powers_kw(clock.now())[1] == pytest.approx(drawn_kw)
+
+            sim.faults.reply_delay_s = 300.0
+            arrived = len(sim.arrived)
+            await clock.advance(lease.lease_end - timedelta(seconds=110) - clock.now())
+            await sim.wait_for(lambda: len(sim.arrived) > arrived)  # the refresh, installed
+            await clock.advance(lease.lease_end + timedelta(seconds=10) - clock.now())
+            assert r.dispatcher.sent("CP-1")["tx:1"] == lease  # its answer has not come
+            assert lease.limit_at(clock.now()) == 0.0
+            assert sim.powers_kw(clock.now())[1] == pytest.approx(drawn_kw)
+
+            await sim.send_meter_values()
+            await clock.advance(MINUTE)
+            await sim.send_meter_values()
+            assert r.dispatcher.sent("CP-1")["tx:1"] == lease  # still in flight
+            if fault == "honest":
+                assert r.dispatcher.compliance.non_compliant() == {}
+                assert r.dispatcher.counters["non_compliant_flags"] == 0
+            else:
+                flagged = r.dispatcher.compliance.non_compliant()
+                assert flagged == {("CP-1", 1): pytest.approx(11.0)}
+                assert r.dispatcher.counters["non_compliant_flags"] == 1
+
+            await clock.advance(timedelta(seconds=240))  # the answer comes
+            await r.dispatcher.wait_for(lambda: r.dispatcher.sent("CP-1")["tx:1"] != lease)
+            refreshed = r.dispatcher.sent("CP-1")["tx:1"]
+            assert refreshed.limit_at(clock.now()) == pytest.approx(5000.0)
