@@ -647,8 +647,9 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             self.central.metrics["transactions_replayed"] += 1
         if previous is not None:
             await self._close_superseded(previous, transaction_id, at)
+        events: list[Event] = []
         if vehicle_id is not None:
-            await self._emit(
+            events.append(
                 VehiclePluggedIn(
                     event_id=event_id(self.id, "plug", transaction_id),
                     at=at,
@@ -657,7 +658,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                     connector_id=connector_id,
                 )
             )
-        await self._emit(
+        events.append(
             TransactionStarted(
                 event_id=event_id(self.id, "tx", transaction_id, "start"),
                 at=at,
@@ -669,6 +670,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
                 vehicle_id=vehicle_id,
             )
         )
+        await self._emit_many(events)  # the plug-in, then the start: one append, in order
         self.central.open_transaction(self.id, connector_id, transaction_id)
         return call_result.StartTransaction(
             transaction_id=transaction_id,
@@ -851,7 +853,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
             for sample in samples:
                 if sample.power_kw is not None:
                     self.central.meter_sampled(self.id, connector_id, sample.at, sample.power_kw)
-                await self._emit(sample)
+            await self._emit_many(samples)  # one append, in the order they were taken
 
         # Both must hold before the CALLRESULT; they do not depend on each other, so they run
         # side by side (one Redis round trip of latency, not two). Both are idempotent, so a
