@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from adapters import redis_keys as keys
 from adapters.redis_store import APPEND_BATCH, RedisFleetStore
@@ -263,7 +265,12 @@ async def test_appends_to_an_unreachable_server_all_fail_and_none_hangs(
     redis: Redis, tmp_path: object
 ) -> None:
     """Every queued caller gets StoreUnavailable when the pipeline cannot be sent."""
-    client = Redis(unix_socket_path=f"{tmp_path}/nobody.sock", socket_connect_timeout=0.2)
+    # No retries: redis-py's default backs off up to 10 s between its 3 connection attempts.
+    client = Redis(
+        unix_socket_path=f"{tmp_path}/nobody.sock",
+        socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
     store = RedisFleetStore(client, "depot")
     try:
         results = await asyncio.wait_for(
