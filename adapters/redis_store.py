@@ -563,8 +563,13 @@ class RedisFleetStore:
             done.append(item.event_id is None or int(answer) in (1, 2))
         self._commits_since_trim += commits
         if self._policy.trim_every and self._commits_since_trim >= self._policy.trim_every:
-            self._commits_since_trim = 0
-            await self.trim()
+            try:
+                await self.trim()
+                self._commits_since_trim = 0
+            except StoreUnavailable as exc:
+                # The batch is settled: its answers must reach the consumer. Trimming is tried
+                # again after the next batch; the consumer meets the outage on its next call.
+                log.warning("trimming the event log after a batch failed: %s", exc)
         return BatchSettled(tuple(done), error)
 
     async def reject(self, entry: LogEntry, reason: str) -> None:
