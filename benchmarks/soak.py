@@ -521,6 +521,7 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         coalesce_wall_s=args.coalesce_wall_s,
         trace_memory=args.trace_memory,
         census_memory=args.census,
+        malloc_trim_s=args.malloc_trim_s,
         visits=args.visits,
         charger_processes=args.charger_processes,
         slow_callback_ms=args.slow_callback_ms,
@@ -588,6 +589,12 @@ def main() -> None:
         "--census",
         action="store_true",
         help="objects by type at 20 %% of the run and at its end (two ~1 s pauses)",
+    )
+    stack.add_argument(
+        "--malloc-trim-s",
+        type=float,
+        default=0.0,
+        help="> 0: malloc_trim(0) in the controller process every this many seconds",
     )
     stack.add_argument(
         "--visits", choices=("day", "steady"), default="day", help="pattern of the cars' visits"

@@ -62,6 +62,7 @@ from adapters import bootstrap
 from adapters import redis_keys as keys
 from adapters.codec import encode_event
 from adapters.embedded import broker_config, free_port, stop_broker
+from adapters.memory import trim_every
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.credentials import CredentialStore
 from adapters.ocpp.translate import meter_events
@@ -856,6 +857,9 @@ class SoakConfig:
     # Objects by type at 20 % of the run and at its end (a collection and a walk of every
     # tracked object: two pauses of about a second; far lighter than `trace_memory`).
     census_memory: bool = False
+    # > 0: give the allocator's free memory back every this many wall seconds
+    # (`adapters.memory.trim_every`) in the controller process.
+    malloc_trim_s: float = 0.0
     visits: str = "day"
     charger_processes: int = 1
     slow_callback_ms: float = 0.0  # > 0: list this process's callbacks slower than this
@@ -2091,6 +2095,8 @@ class StackSoak:
                     asyncio.create_task(self._feeds()),
                     asyncio.create_task(self._lag.watch()),
                 ]
+                if config.malloc_trim_s > 0:
+                    background.append(asyncio.create_task(trim_every(config.malloc_trim_s)))
                 await self._chaos()
                 await asyncio.sleep(max(0.0, config.wall_s - self._wall()))
                 report.wall_s = self._wall()
