@@ -194,9 +194,11 @@ def build_problem(
         limit_kw = _connector_limit_kw(vehicle, charger)
         if charger is not None:
             min_kw[i] = min(charger.min_power_kw, limit_kw)
-        if last_share[i] < 1.0 and (
-            last_share[i] < MIN_LAST_SHARE or limit_kw * last_share[i] < min_kw[i]
-        ):
+        # Where the car leaves in its 15-minute slot: the same at every re-plan, so a slot one
+        # plan counts on is not dropped by the next (in the current slot the share of what is
+        # left of it shrinks as time passes).
+        position = (departure - slot_floor(departure)) / SLOT
+        if last_share[i] < 1.0 and (position < MIN_LAST_SHARE or limit_kw * position < min_kw[i]):
             # Too short to be worth its head-room reserve (see `MIN_LAST_SHARE`), or to be
             # used at all (the minimum rate bounds the slot's average power): the car is
             # planned on its whole slots.
@@ -209,6 +211,9 @@ def build_problem(
             # The slot the car leaves in: the average power over the slot is bounded by full
             # power for the part it is still there (`make_plan` runs it faster until it leaves).
             upper[i, departure_slot[i] - 1] *= last_share[i]
+            if departure_slot[i] == 1:
+                # Its only slot: the minimum rate of its setpoint, m, is m s on average.
+                min_kw[i] *= last_share[i]
         v2g[i] = (
             vehicle.v2g_allowed
             and vehicle.max_discharge_kw > 0

@@ -199,7 +199,8 @@ def _independent_optima(
     # Below half a slot the car is not planned there (its reserve would cost the others more
     # than it gets); above, its raise to 11 kW until it leaves needs 11 (1 - share) kW of the
     # slot's head-room, and where the slot cannot hold that, no partial slot is planned there.
-    usable = partial & (share >= 0.5)
+    position = (np.array(departures_min) % 15) / 15  # where it leaves in its 15-minute slot
+    usable = partial & (position[:, None] >= 0.5)
     reserve = (LIMIT_KW * (1.0 - share) * usable).sum(axis=0)
     fits = reserve <= headroom_kw
     usable &= fits[None, :]
@@ -338,3 +339,28 @@ def test_a_share_too_short_for_the_minimum_rate_is_not_planned() -> None:
     assert problem.departure_slot[0] == 3
     assert problem.upper_kw[0, :3].tolist() == pytest.approx([LIMIT_KW] * 3)
     assert problem.upper_kw[0, 3] == 0.0
+
+
+@pytest.mark.parametrize("now_min", [31, 38])
+def test_the_slot_a_plan_counted_on_stays_planned_when_it_begins(now_min: int) -> None:
+    """ev-1 leaves at 16:40, two thirds into its slot: planned there from 16:00, and still at
+    16:31 and 16:38, when the slot is the current one and only 9 (2) of its 14 (7) minutes are
+    left: the bound is 11 kW times that share, and so is its only slot's minimum rate (4.14 kW
+    while it runs, on average over what is left)."""
+    state = _fold(
+        [
+            *small_site(T0, cars=1),
+            flat_headroom(T0, T0, 30.0),
+            _leaving("ev-1", T0 + timedelta(minutes=40), 40.0),
+        ]
+    )
+    early, _ = build_problem(state, T0, SHORT)
+    assert early.departure_slot[0] == 3
+    assert early.upper_kw[0, 2] == pytest.approx(LIMIT_KW * 2 / 3)
+    problem, _ = build_problem(state, T0 + timedelta(minutes=now_min), SHORT)
+    share = (40 - now_min) / (45 - now_min)
+    assert problem.departure_slot[0] == 1
+    assert problem.upper_kw[0, 0] == pytest.approx(LIMIT_KW * share)
+    assert problem.min_kw[0] == pytest.approx(4.14 * share)
+    schedule = FastSolver().solve(problem, PATIENT)
+    assert schedule.charge_kw[0, 0] == pytest.approx(LIMIT_KW * share)  # it wants more
