@@ -551,7 +551,12 @@ class LeaseDispatcher:
             if limit is None:
                 return None  # it may hold none of them: no limit to judge by
             limits.append(limit)
-        return max(limits)
+        most = max(limits)
+        if most > now:
+            # The accepted profiles alone would have judged it harder (P-05: a profile replaced
+            # after it was taken, in flight, or whose answer was lost gave a larger limit).
+            self.counters["samples_judged_by_other_profiles"] += 1
+        return most
 
     # -- the budget gate (P-04) --
 

@@ -307,6 +307,7 @@ async def test_a_sample_taken_while_a_lease_refresh_is_in_flight_is_judged_by_it
             if fault == "honest":
                 assert r.dispatcher.compliance.non_compliant() == {}
                 assert r.dispatcher.counters["non_compliant_flags"] == 0
+                assert r.dispatcher.counters["samples_judged_by_other_profiles"] == 2
             else:
                 flagged = r.dispatcher.compliance.non_compliant()
                 assert flagged == {("CP-1", 1): pytest.approx(11.0)}
