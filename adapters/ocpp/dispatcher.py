@@ -60,8 +60,11 @@ what the charger accepted:
   transaction* (a charger deletes a transaction's TxProfiles when it ends; the next
   transaction on the connector gets the TxDefaultProfile until its own TxProfile is accepted),
   and after a reconnect without a reboot, what it accepted on the previous connection for each
-  slot the new one has not had accepted yet (it keeps its profiles). Whether a TxProfile
-  raises or lowers a connector's limit is judged against the same.
+  slot the new one has not had accepted yet (it keeps its profiles). A sample may show a
+  profile other than the accepted one at work, and is judged by the largest limit they give:
+  the one an acceptance seen after the sample replaced, the one in flight since it was sent
+  (a charger installs before it answers), one whose answer was lost. Whether a TxProfile
+  raises or lowers a connector's limit is judged against the accepted ones.
 """
 
 from __future__ import annotations
