@@ -375,6 +375,14 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
         parts = memory_parts(report, 0.2 * report.wall_s)
         if parts:
             rows.append(("  ... made of (20 % -> end, MiB)", parts))
+        pool = [n for t, n in report.redis_connections if t >= 0.2 * report.wall_s]
+        if pool:
+            rows.append(
+                (
+                    "  ... Redis connections (20 % -> end, max)",
+                    f"{pool[0]} -> {pool[-1]}, {max(n for _, n in report.redis_connections)}",
+                )
+            )
     wall = max(report.wall_s, 1e-9)
     rows += [
         (

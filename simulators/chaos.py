@@ -1198,6 +1198,8 @@ class SoakReport:
     # What the RSS is made of, every 5 s (`MemoryBreakdown`): wall s, then its fields.
     memory_mib: list[tuple[float, ...]] = field(default_factory=list)
     open_transactions: list[tuple[float, int]] = field(default_factory=list)
+    # Connections in the controller's Redis pool (redis-py's default pool never closes one)
+    redis_connections: list[tuple[float, int]] = field(default_factory=list)
     cpu_s: float = 0.0  # the controller process's CPU in the soak window (restart: whole run)
     # The optimiser's worker process (None: the solve ran in the controller process): its CPU
     # in the soak window and its counters (solves, timeouts, worker_deaths, ...).
@@ -2014,6 +2016,7 @@ class StackSoak:
             while True:
                 self.report.rss_mib.append((self._wall(), rss_mib()))
                 self.report.memory_mib.append((self._wall(), *memory_breakdown()))
+                self.report.redis_connections.append((self._wall(), self._redis_connections()))
                 state = self.runtime.service.state
                 open_now = sum(1 for tx in state.transactions.values() if tx.meter_stop_wh is None)
                 self.report.open_transactions.append((self._wall(), open_now))
@@ -2040,6 +2043,15 @@ class StackSoak:
                 grown.subtract(census)
                 growth += [f"objects {name}: {n:+d}" for name, n in grown.most_common(15)]
             self.report.memory_growth = growth
+
+    def _redis_connections(self) -> int:
+        """Connections the controller's Redis client holds, idle or in use (-1: unknown)."""
+        pool = getattr(getattr(self.runtime.store, "_redis", None), "connection_pool", None)
+        idle = getattr(pool, "_available_connections", None)
+        busy = getattr(pool, "_in_use_connections", None)
+        if idle is None or busy is None:
+            return -1
+        return len(idle) + len(busy)
 
     async def _drain(self) -> None:
         """Wait until the controller has applied everything the chargers were answered for."""

@@ -99,6 +99,13 @@ def test_the_chargers_ran_in_their_own_process_and_were_measured_there(soaked: S
     assert sum(f["n"] for f in by_action.values()) == report.rtt_outside_faults_ms["n"]
     assert {"Heartbeat", "MeterValues", "StartTransaction"} <= set(by_action)
     assert report.queued_ms["n"] == len(soaked.ledger.rtt_s)
+    # The controller's memory and Redis pool were sampled alongside its RSS.
+    assert len(report.memory_mib) == len(report.redis_connections) == len(report.rss_mib) > 0
+    assert all(
+        m[1] == pytest.approx(r, rel=0.05)
+        for m, (_, r) in zip(report.memory_mib, report.rss_mib, strict=True)
+    )
+    assert max(n for _, n in report.redis_connections) >= 1
     # Both sides' clocks followed the same pace to the end of the simulated span.
     end = soaked.config.start + timedelta(hours=soaked.config.sim_hours)
     assert report.sim_reached == end.isoformat() == soaked.clock.now().isoformat()
