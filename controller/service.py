@@ -397,6 +397,9 @@ class ControllerService:
         settled = await self._store.settle([item[0] for item in items])
         reload = False
         for (settlement, what, event, after), ok in zip(items, settled.done, strict=False):
+            # The state first: a command's result, published below, must find it applied
+            # (an operator reading the state on "accepted" sees the override), as `_apply`.
+            self._state = after
             if what == "undecodable":
                 self._count("events_undecodable")
             elif what == "refused":
@@ -413,7 +416,6 @@ class ControllerService:
                 if is_command(event) and self._results is not None:
                     await self._results.command_result(event.event_id, True, "accepted")
                 self._mark_dirty()
-            self._state = after
         if reload:
             self._state = await self._store.load()
             self._count("events_batch_reloads")
