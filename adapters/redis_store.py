@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -153,6 +154,11 @@ class LogPolicy:
             raise ValueError(f"keep_settled_ms must be >= 0, got {self.keep_settled_ms}")
 
 
+# How often (s) the consumer's `take` checks that the server is the one the state was loaded
+# from (`RedisFleetStore._check_server`): one INFO per second at most.
+RESTART_CHECK_S = 1.0
+
+
 class RedisFleetStore:
     """`controller.ports.FleetStore` on a Redis server."""
 
@@ -164,8 +170,16 @@ class RedisFleetStore:
         consumer: str = CONSUMER,
         policy: LogPolicy | None = None,
         group_appends: bool = True,
+        restart_check_s: float | None = RESTART_CHECK_S,
     ) -> None:
         self._redis = redis
+        # The server the state was loaded from (its INFO run_id), compared at most every
+        # `restart_check_s` seconds by `take` (None: never; see `_check_server`).
+        if restart_check_s is not None and restart_check_s < 0:
+            raise ValueError(f"restart_check_s must be >= 0, not {restart_check_s}")
+        self._restart_check_s = restart_check_s
+        self._run_id: str | None = None
+        self._run_id_checked = float("-inf")
         # False: each append is its own XADD round trip (the behaviour before the group
         # commit; the benchmarks' baseline).
         self._group_appends = group_appends
@@ -209,9 +223,12 @@ class RedisFleetStore:
         return {str(k): str(v) for k, v in config.items()}
 
     async def load(self) -> FleetState:
-        """Read every record of the site."""
+        """Read every record of the site (and note which server they came from)."""
         try:
             await self._ensure_group()
+            # Before the records: a restart between the two reads is then seen as one at the
+            # next take (one reload too many), never missed.
+            run_id = await self._server_run_id() if self._restart_check_s is not None else None
             pipe = self._redis.pipeline(transaction=True)
             for kind in keys.RECORD_TABLES:
                 pipe.hgetall(keys.table(self._site, kind))
@@ -229,7 +246,41 @@ class RedisFleetStore:
         ):
             if payload is not None:
                 changes.append(Change(kind, kind, self._decode(kind, payload)))  # type: ignore[arg-type]
+        self._run_id, self._run_id_checked = run_id, time.monotonic()
         return FleetState().with_changes(tuple(changes))
+
+    async def _server_run_id(self) -> str:
+        info = await self._redis.info("server")
+        return str(info["run_id"])
+
+    async def _check_server(self) -> None:
+        """Raise `StoreUnavailable` if the server is no longer the one the state was loaded
+        from (its run_id changed: a restart, a fail-over).
+
+        A server restarted between two calls fails none of them (the client reconnects), so
+        without this the consumer would go on with its state in memory. Under the embedded
+        server's `appendfsync no` a kill -9 loses nothing acknowledged, but an external server
+        at `everysec` can lose the last second (docs/reliability.md, Guarantee 1): the records
+        then differ from the consumer's state, and the commits that follow would write records
+        derived from writes the server no longer has. The service answers the error as any
+        outage: decreases only, then the committed state reloaded (`load` notes the new id)."""
+        if self._restart_check_s is None or self._run_id is None:
+            return
+        now = time.monotonic()
+        if now - self._run_id_checked < self._restart_check_s:
+            return
+        run_id = await self._server_run_id()
+        self._run_id_checked = now
+        if run_id == self._run_id:
+            return
+        previous, self._run_id = self._run_id, None
+        self._recovering = True  # our own pending entries first, as after any outage
+        self._claim_due = True
+        await self.count("store_server_restarts")
+        raise StoreUnavailable(
+            f"redis server changed (run_id {previous[:8]}... -> {run_id[:8]}...): reloading the "
+            "committed state, which may lack writes acknowledged before the restart"
+        )
 
     def _decode(self, kind: RecordKind, payload: str | bytes) -> Record:
         return decode_record(kind, payload)
@@ -329,6 +380,7 @@ class RedisFleetStore:
         stream = keys.events(self._site)
         try:
             await self._ensure_group()
+            await self._check_server()
             while True:
                 if self._recovering:
                     reply = await self._redis.xreadgroup(

@@ -1,0 +1,102 @@
+"""A Redis server restarted between two of the consumer's calls (Guarantee 1, R-02).
+
+The client reconnects on its own, so no call fails and nothing tells the service. Under the
+embedded server's `appendfsync no` a kill -9 loses nothing acknowledged; an external server at
+`everysec` can lose its last second, and the consumer's state in memory would then hold writes
+the server no longer has. The store notices the new server (its INFO run_id) at the next take
+and the service reloads the committed state, as after any outage. The lost write is made here
+by deleting the record after the restart: the same state a lost AOF tail leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from adapters import redis_keys as keys
+from adapters.embedded import RedisEndpoint
+from adapters.ocpp.aio import redis_call
+from adapters.redis_store import LogPolicy, RedisFleetStore
+from controller.clock import SimClock
+from controller.errors import StoreUnavailable
+from controller.planning.planner import StatePlanner
+from controller.service import ControllerService
+from controller.settings import Settings
+from tests.factories import PlanRecorder, small_site, soc_reported
+from tests.reliability.redis_process import RedisProcess
+
+SITE = "depot"
+WINDOW = timedelta(seconds=0.2)
+TIMEOUT_S = 20.0
+
+
+async def test_the_store_tells_a_restarted_server_from_the_one_it_loaded_from(
+    tmp_path: Path,
+) -> None:
+    """A take after kill -9 and restart raises StoreUnavailable naming the restart (counted);
+    the reload notes the new server and the next take goes through. Without the check (None)
+    the same take goes through at once, as before."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    client = RedisEndpoint(unix_socket=server.socket).client()
+    try:
+        store = RedisFleetStore(client, SITE, restart_check_s=0.0)
+        unchecked = RedisFleetStore(client, SITE, consumer="other", restart_check_s=None)
+        await store.load()
+        await unchecked.load()
+        assert await store.take(10) == []
+        server.kill9()
+        server.start()
+        assert await unchecked.take(10) == []  # reconnects; nothing seen
+        with pytest.raises(StoreUnavailable, match="redis server changed"):
+            await store.take(10)
+        assert (await store.counters()).get("store_server_restarts") == 1
+        await store.load()
+        assert await store.take(10) == []
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_the_service_reloads_its_state_when_the_server_restarted_unseen(
+    tmp_path: Path, clock: SimClock
+) -> None:
+    """Three cars applied; the server restarts without a failed call and comes back without
+    ev-1's record. The next event makes the service reload: its state no longer has ev-1 (it
+    had it in memory), the event is applied on the reloaded state, a recovery is counted."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    client = RedisEndpoint(unix_socket=server.socket).client()
+    service = ControllerService(
+        store=RedisFleetStore(client, SITE, policy=LogPolicy(trim_every=0), restart_check_s=0.0),
+        clock=clock,
+        planner=StatePlanner(),
+        sink=PlanRecorder(),
+        settings=Settings(site=SITE, coalesce_window_s=WINDOW.total_seconds()),
+        store_retry_s=0.05,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            for event in small_site(clock.now(), cars=3):
+                await service.submit(event)  # type: ignore[arg-type]
+            await service.applied()
+            assert {"ev-1", "ev-2", "ev-3"} <= set(service.state.vehicles)
+            recoveries = service.counters.get("store_recoveries", 0)
+            server.kill9()
+            server.start()
+            # What an everysec server's lost AOF tail looks like: a record it acknowledged.
+            assert await redis_call(client.hdel(keys.table(SITE, "vehicle"), "ev-1")) == 1
+            await service.submit(soc_reported("ev-2", 0.5, clock.now()))
+            await service.applied()
+        assert "ev-1" not in service.state.vehicles
+        assert service.state.vehicles["ev-2"].soc == pytest.approx(0.5)
+        assert service.counters.get("store_recoveries", 0) == recoveries + 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+        server.stop()
