@@ -196,6 +196,7 @@ class RedisFleetStore:
         # task sends whatever is queued in one pipeline and answers each caller.
         self._appends: deque[tuple[list[str], asyncio.Future[list[str]]]] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        self._appending = False  # a pipeline of appends is in flight (or about to be)
 
     @property
     def redis(self) -> Redis:
@@ -295,11 +296,14 @@ class RedisFleetStore:
     async def append_many(self, events: Sequence[Event]) -> list[str]:
         """Append events in their order; returns their entry ids, once the server has them.
 
-        Group commit: the first caller wakes a flusher task, which sends everything queued
-        meanwhile (up to `APPEND_BATCH` events, several callers' batches in the order they
-        were queued) in one pipeline, then answers each caller with its own entry ids, or
-        `StoreUnavailable` when one of its XADDs failed. A cancelled caller does not cancel
-        the flush (its events may still be appended, as a cancelled XADD could be)."""
+        Group commit: a caller that finds no append in flight sends its own events at once,
+        from its own task (no added latency). Callers that come while a pipeline is in flight
+        queue up; when it is answered, a flusher task sends everything queued meanwhile (up to
+        `APPEND_BATCH` events, several callers' batches in the order they were queued) in one
+        pipeline, then answers each caller with its own entry ids, or `StoreUnavailable` when
+        one of its XADDs failed. One pipeline at a time, so the log keeps the callers' order.
+        A cancelled caller does not cancel the others' flush nor leave them waiting (its own
+        events may still be appended, as a cancelled XADD could be)."""
         if not events:
             return []
         encoded = [encode_event(event) for event in events]
@@ -309,10 +313,22 @@ class RedisFleetStore:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[list[str]] = loop.create_future()
         answer.add_done_callback(_retrieve)
-        self._appends.append((encoded, answer))
-        if self._flusher is None or self._flusher.done():
+        if self._appending:  # a pipeline is in flight: ride on the next one
+            self._appends.append((encoded, answer))
+            return await asyncio.shield(answer)
+        self._appending = True
+        try:
+            await self._send_appends([(encoded, answer)])
+        finally:
+            self._hand_over(loop)
+        return answer.result()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The pipeline in flight is done: start the flusher for whatever queued meanwhile."""
+        if self._appends:
             self._flusher = loop.create_task(self._flush_appends())
-        return await asyncio.shield(answer)
+        else:
+            self._appending = False
 
     async def _append_one(self, event: Event, text: str) -> str:
         """One XADD, awaited (no group commit)."""
@@ -335,12 +351,14 @@ class RedisFleetStore:
                     batch.append(self._appends.popleft())
                 await self._send_appends(batch)
                 batch = []
+            self._appending = False
         finally:
             # Cancelled (the loop is closing) or failed unexpectedly: nobody may wait for ever.
             for _, answer in [*batch, *self._appends]:
                 if not answer.done():
                     answer.set_exception(StoreUnavailable("event log appender stopped"))
             self._appends.clear()
+            self._appending = False
 
     async def _send_appends(self, batch: list[tuple[list[str], asyncio.Future[list[str]]]]) -> None:
         """One pipeline of XADDs for `batch`; each caller answered from its own replies."""

@@ -274,7 +274,9 @@ class ControllerService:
                     entries = await self._store.take(TAKE_BATCH)
                     if not entries:
                         break
-                    if self._batch_commit:
+                    # One entry: its commit alone is one round trip; the batch path would
+                    # read the applied set first and take two.
+                    if self._batch_commit and len(entries) > 1:
                         await self._apply_batch(entries)
                     else:
                         for entry in entries:

@@ -261,6 +261,22 @@ async def test_a_cancelled_append_neither_loses_nor_holds_the_others(redis: Redi
     assert [e.event.event_id for e in taken if e.event] == [e.event_id for e in events]
 
 
+async def test_a_cancelled_first_append_hands_the_queued_ones_over(redis: Redis) -> None:
+    """The caller whose pipeline is in flight is cancelled: those queued behind it are still
+    sent, in order, and answered."""
+    store = RedisFleetStore(redis, "depot")
+    events = [soc_reported("ev-1", 0.5, T0) for _ in range(10)]
+    tasks = [asyncio.create_task(store.append(e)) for e in events]
+    await asyncio.sleep(0)  # the first sends its own, the others queue behind it
+    tasks[0].cancel()
+    done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert all(isinstance(d, str) for d in done[1:])
+    taken = [e.event.event_id for e in await store.take(50) if e.event]
+    assert taken[-9:] == [e.event_id for e in events[1:]]
+    assert await store.append(soc_reported("ev-1", 0.6, T0))  # nothing left stuck
+
+
 async def test_appends_to_an_unreachable_server_all_fail_and_none_hangs(
     redis: Redis, tmp_path: object
 ) -> None:
