@@ -585,6 +585,9 @@ class RedisFleetStore:
         try:
             scores: list[Any] = await self._redis.zmscore(keys.applied(self._site), list(event_ids))
         except RedisError as exc:
+            # The batch these ids came from was taken, not settled: read our own pending
+            # entries first at the next take, or they would wait for a claim (minutes).
+            self._recovering = True
             raise StoreUnavailable("redis unreachable reading the applied event ids") from exc
         return {e for e, score in zip(event_ids, scores, strict=True) if score is not None}
 

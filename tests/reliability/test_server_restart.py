@@ -15,6 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from adapters import redis_keys as keys
 from adapters.embedded import RedisEndpoint
@@ -25,6 +28,7 @@ from controller.errors import StoreUnavailable
 from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
 from controller.settings import Settings
+from tests.conftest import T0
 from tests.factories import PlanRecorder, small_site, soc_reported
 from tests.reliability.redis_process import RedisProcess
 
@@ -98,5 +102,33 @@ async def test_the_service_reloads_its_state_when_the_server_restarted_unseen(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+        server.stop()
+
+
+async def test_a_batch_taken_before_the_server_died_is_taken_again_first(
+    tmp_path: Path,
+) -> None:
+    """The batch consumer takes entries (they are pending for it), then the server dies before
+    it reads which of them were applied. After the restart the next take hands the same
+    entries over at once: read as our own pending ones, not left for a claim minutes later
+    (the soak lost 89 records that way: applied after the run, or stale by then)."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    client = Redis(unix_socket_path=server.socket, retry=Retry(NoBackoff(), 0))
+    try:
+        store = RedisFleetStore(client, SITE, restart_check_s=None)
+        await store.load()
+        for n in range(3):
+            await store.append(soc_reported("ev-1", 0.1 * (n + 1), T0))
+        taken = await store.take(10)
+        assert len(taken) == 3
+        server.kill9()
+        with pytest.raises(StoreUnavailable):
+            await store.applied_among([e.event.event_id for e in taken if e.event is not None])
+        server.start()
+        again = await store.take(10)
+        assert [e.entry_id for e in again] == [e.entry_id for e in taken]
+    finally:
         await client.aclose()
         server.stop()
