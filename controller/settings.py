@@ -23,6 +23,10 @@ class PlanningSettings(BaseModel):
     target_margin_kwh: float = Field(default=1.0, ge=0.0, le=10.0)
     # Cars without a departure are planned as leaving at this hour of the next morning (UTC).
     default_departure_hour_utc: int = Field(default=7, ge=0, le=23)
+    # Plan the part of the slot a car leaves in (from half a slot; see docs/optimiser.md "The
+    # slot a car leaves in"). Off: whole slots only, as before 2026-11-26 (on, the live day
+    # left ev-20 short in 2 of 18 runs; not understood yet).
+    partial_last_slot: bool = Field(default=False)
     # A head-room series older than this is not trusted: plan on the safe site limit instead.
     headroom_stale_s: float = Field(default=3600.0, gt=0.0)
     # A charger that dropped off runs its last lease this long (the dispatcher's lease window).

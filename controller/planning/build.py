@@ -186,7 +186,10 @@ def build_problem(
         departure = vehicle.departure
         if departure is None or departure <= now:
             departure = _default_departure(now, settings)
-        departure_slot[i], last_share[i] = departure_share(starts, departure)
+        if settings.partial_last_slot:
+            departure_slot[i], last_share[i] = departure_share(starts, departure)
+        else:
+            departure_slot[i] = _slots_until(starts, departure)
         wanted = vehicle.target_kwh
         if wanted is None:
             wanted = DEFAULT_TARGET_SOC * vehicle.capacity_kwh

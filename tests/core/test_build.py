@@ -58,9 +58,8 @@ def test_a_charger_never_seen_online_is_planned_normally() -> None:
     assert problem.upper_kw[0, 0] == pytest.approx(11.0)
 
 
-def test_targets_carry_the_margin_and_a_departure_inside_a_slot_keeps_its_part() -> None:
-    """A 40 kWh target plans for 41 kWh; a departure at 18:10 leaves the car 8 whole slots and
-    10 of the 15 minutes of the ninth, at 2/3 of its power there."""
+def test_targets_carry_the_margin_and_departures_become_whole_slots() -> None:
+    """A 40 kWh target plans for 41 kWh; a departure at 18:10 leaves the car 8 whole slots."""
     state = _fold(
         [
             *small_site(T0, cars=1),
@@ -75,10 +74,9 @@ def test_targets_carry_the_margin_and_a_departure_inside_a_slot_keeps_its_part()
     )
     problem, _ = build_problem(state, T0, PlanningSettings(target_margin_kwh=1.0))
     assert problem.target_kwh[0] == pytest.approx(41.0)
-    assert problem.departure_slot[0] == 9
-    assert np.all(problem.upper_kw[0, 9:] == 0.0)
-    assert problem.upper_kw[0, 8] == pytest.approx(11.0 * 10 / 15)
-    assert problem.upper_kw[0, 7] == pytest.approx(11.0)
+    assert problem.departure_slot[0] == 8
+    assert np.all(problem.upper_kw[0, 8:] == 0.0)
+    assert problem.upper_kw[0, 7] > 0.0
 
 
 def test_a_silent_site_meter_plans_the_lease_window_on_the_safe_limit() -> None:

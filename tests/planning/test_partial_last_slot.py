@@ -31,7 +31,7 @@ from tests.optimiser.checks import assert_valid, close
 LIMIT_KW = 11.0  # the factories' chargers and cars
 ETA = 0.92  # the cars' charge efficiency (domain default)
 PATIENT = OptimiserOptions(time_limit_s=60.0, warm_start=False)
-SHORT = PlanningSettings(horizon_slots=16, target_margin_kwh=0.0)
+SHORT = PlanningSettings(horizon_slots=16, target_margin_kwh=0.0, partial_last_slot=True)
 
 
 def _fold(events: list[object]) -> FleetState:
@@ -364,3 +364,21 @@ def test_the_slot_a_plan_counted_on_stays_planned_when_it_begins(now_min: int) -
     assert problem.min_kw[0] == pytest.approx(4.14 * share)
     schedule = FastSolver().solve(problem, PATIENT)
     assert schedule.charge_kw[0, 0] == pytest.approx(LIMIT_KW * share)  # it wants more
+
+
+def test_by_default_a_car_is_planned_on_whole_slots() -> None:
+    """`PlanningSettings.partial_last_slot` is off by default: leaving at 16:44 gives the car
+    the slots to 16:30 only, and the plan's head-room is the problem's."""
+    state = _fold(
+        [
+            *small_site(T0, cars=1),
+            flat_headroom(T0, T0, 30.0),
+            _leaving("ev-1", T0 + timedelta(minutes=44), 40.0),
+        ]
+    )
+    problem, starts = build_problem(state, T0, PlanningSettings(horizon_slots=16))
+    assert problem.departure_slot[0] == 2
+    assert problem.upper_kw[0, 2] == 0.0
+    assert problem.headroom_kw.tolist() == pytest.approx([30.0] * 16)
+    plan = make_plan(state, problem, starts, FastSolver().solve(problem, PATIENT))
+    assert plan.headroom_kw == pytest.approx([30.0] * 16)
