@@ -42,42 +42,19 @@ from controller.state import Change, FleetState, Record, RecordKind
 
 log = logging.getLogger(__name__)
 
-# KEYS: applied zset, events stream, then one key per write.
-# ARGV: group, entry id, event id, score (ms), oldest score kept, n writes, then op/field/value.
-# Returns 1: applied now; 0: the event id was applied from another entry (a duplicate);
-# 2: this very entry was applied and settled already (the same commit sent again because its
-# answer was lost, e.g. the client's retry after a dropped connection).
-COMMIT_LUA = """
-local applied, stream = KEYS[1], KEYS[2]
-local group, entry, event_id, score = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('ZSCORE', applied, event_id) then
-  if redis.call('XACK', stream, group, entry) == 0 then return 2 end
-  return 0
-end
-local a = 7
-for i = 1, tonumber(ARGV[6]) do
-  local key, op, field, value = KEYS[2 + i], ARGV[a], ARGV[a + 1], ARGV[a + 2]
-  a = a + 3
-  if op == 'hset' then redis.call('HSET', key, field, value)
-  elseif op == 'hdel' then redis.call('HDEL', key, field)
-  elseif op == 'set' then redis.call('SET', key, value)
-  elseif op == 'del' then redis.call('DEL', key)
-  end
-end
-redis.call('ZADD', applied, score, event_id)
-redis.call('ZREMRANGEBYSCORE', applied, '-inf', '(' .. ARGV[5])
-redis.call('XACK', stream, group, entry)
-return 1
-"""
-
-# A batch of settlements in one script: `COMMIT_LUA` for each commit and the rejection of
-# `reject` for each reject, in order. KEYS: applied zset, events stream, rejected stream, then
-# the distinct keys written. ARGV: group, retention (ms), rejected maxlen, then per settlement
-# either 'c', entry id, event id, score, n writes, n x (key index, op, field, value) or 'r',
-# entry id, reason, raw event. Returns one integer per settlement run (commits: as COMMIT_LUA;
-# rejects: 1, or 2 when the entry was settled already); when a settlement fails, the error
-# text follows the answers of those before it and nothing after it runs, so the store always
-# holds a prefix of the batch (what the consumer's recovery relies on).
+# A batch of settlements in one script, in order: each commit writes its changes, remembers
+# its event id and acknowledges its entry; each reject acknowledges its entry and keeps it with
+# its reason. A commit answers 1: applied now; 0: the event id was applied from another entry
+# (a duplicate, nothing written); 2: this very entry was applied and settled already (the
+# same commit sent again because its answer was lost, e.g. the client's retry after a dropped
+# connection). A reject answers 1, or 2 when the entry was settled already. A single commit
+# (`RedisFleetStore.commit`) is a batch of one.
+# KEYS: applied zset, events stream, rejected stream, then the distinct keys written.
+# ARGV: group, retention (ms), rejected maxlen, then per settlement either 'c', entry id,
+# event id, score, n writes, n x (key index, op, field, value), or 'r', entry id, reason, raw
+# event. Returns one answer per settlement run; when a settlement fails, the error text
+# follows the answers of those before it and nothing after it runs, so the store always holds
+# a prefix of the batch (what the consumer's recovery relies on).
 SETTLE_LUA = """
 local applied, stream, rejected = KEYS[1], KEYS[2], KEYS[3]
 local group, retention, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -186,7 +163,6 @@ class RedisFleetStore:
         self._site = site
         self._consumer = consumer
         self._policy = policy or LogPolicy()
-        self._commit = redis.register_script(COMMIT_LUA)
         self._recovering = True  # read our own pending entries before new ones
         self._claim_due = True  # look for other consumers' stale entries
         self._group_ready = False
@@ -532,40 +508,16 @@ class RedisFleetStore:
         return int(removed)
 
     async def commit(self, entry: LogEntry, event_id: str, changes: Sequence[Change]) -> bool:
-        """Write, remember the event id and acknowledge, in one atomic script.
+        """Write, remember the event id and acknowledge, in one atomic script (a batch of one).
 
         True when the changes are in the store from this entry: written now, or by this same
         commit sent before whose answer was lost (the client re-sends a command after a
         dropped connection; the first one may have run). False for a duplicate: the event
         id was applied from another entry, and nothing is written."""
-        write_keys: list[str] = []
-        args: list[str] = []
-        for change in changes:
-            key, op, field, value = self._write_for(change)
-            write_keys.append(key)
-            args += [op, field, value]
-        score = int(entry.entry_id.split("-")[0])
-        try:
-            result = await self._commit(
-                keys=[keys.applied(self._site), keys.events(self._site), *write_keys],
-                args=[
-                    keys.EVENTS_GROUP,
-                    entry.entry_id,
-                    event_id,
-                    str(score),
-                    str(score - APPLIED_RETENTION_MS),
-                    str(len(changes)),
-                    *args,
-                ],
-            )
-        except RedisError as exc:
-            self._recovering = True
-            raise StoreUnavailable(f"redis unreachable committing {event_id}") from exc
-        self._commits_since_trim += 1
-        if self._policy.trim_every and self._commits_since_trim >= self._policy.trim_every:
-            self._commits_since_trim = 0
-            await self.trim()
-        return int(result) in (1, 2)
+        settled = await self.settle([Settlement(entry, event_id, changes)])
+        if settled.error is not None:
+            raise StoreUnavailable(f"redis refused committing {event_id}: {settled.error}")
+        return settled.done[0]
 
     def _write_for(self, change: Change) -> tuple[str, str, str, str]:
         if change.kind in keys.SINGLE_RECORDS:
