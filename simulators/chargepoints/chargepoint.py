@@ -856,6 +856,7 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     ) -> call_result.SetChargingProfile:
         """SetChargingProfile: install by the stacking rules (or a fault's answer)."""
         self.sim.profile_arrived(connector_id, cs_charging_profiles)
+        self.sim._touch()  # an arrival is something received: `wait_for` looks again
         await self.sim.reply_delay()
         code = self.sim.faults.profile_callerror
         if code is not None:
