@@ -704,13 +704,7 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         self.central.metrics["transactions_superseded"] += 1
         log.warning("%s: transaction %s %s", self.id, previous, note)
         await self._emit(
-            TransactionStopped(
-                event_id=event_id(self.id, "tx", previous, "stop"),
-                at=summary.stopped_at,
-                transaction_id=previous,
-                meter_stop_wh=summary.meter_stop_wh,
-                reason="Other",
-            )
+            self._stopped(previous, summary.stopped_at, summary.meter_stop_wh, "Other")
         )
 
     @_on(Action.stop_transaction)
@@ -729,68 +723,89 @@ class ChargerSession(LibraryChargePoint):  # type: ignore[misc]  # the library i
         at = _at(timestamp, self.central.clock.now())
         reason = reason or "Local"
         book = self.central.transactions
-        # Round trips: the record and its ledger read together (one script); then, side by
-        # side, the transactionData samples and the settlement written in one MULTI and the
-        # samples' events; then the stop's event. The ledger the stop settles on is the one
-        # read plus those samples (not read again).
+        # Two round trips: the record and its ledger read together (one script); then, side by
+        # side, one write (the transactionData rows, the settled record with its `unplugged`
+        # flag when the car left, the ledger's expiry: one MULTI) and one append of the
+        # events (the samples, the stop, the unplugging when due, in that order). The ledger
+        # the stop settles on is the one read plus those rows (not read again).
         record, ledger = await book.view(transaction_id)
-        stopped_at, stop_wh = at, float(meter_stop)
         if record is None:
             self.central.metrics["stops_of_unknown_transactions"] += 1
             log.warning("%s: StopTransaction for unknown transaction %s", self.id, transaction_id)
-        else:
-            data = transaction_data or []
-            samples = self._samples(record.connector_id, transaction_id, data)
-            rows = book.rows(record.connector_id, data)
-            summary: SessionSummary | None = None
-            write: Awaitable[object]
-            if record.stopped and record.stopped_at is not None:
-                # Re-sent (its answer lost) or a second stop: the first one settled it.
-                write = book.record_samples(transaction_id, record.connector_id, data, settled=True)
-                stopped_at = timestamp_of(record.stopped_at)
-                stop_wh = float(record.meter_stop_wh or record.meter_start_wh)
-            else:
-                summary = summarise(
-                    timestamp_of(record.started_at),
-                    float(record.meter_start_wh),
-                    book.ledger_after(ledger, rows),
-                    stopped_at=at,
-                    meter_stop_wh=float(meter_stop),
-                )
-                write = book.settle(transaction_id, summary, reason, record=record, rows=rows)
-
-            async def sample_events() -> None:
-                await self._emit_many(samples)  # one append, in order: the log keeps it
-
-            # Both must hold before the CALLRESULT and neither depends on the other; both are
-            # idempotent, so a failure of either (InternalError, the charger re-sends) is safe.
-            for outcome in await asyncio.gather(write, sample_events(), return_exceptions=True):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            if summary is None:
-                self.central.metrics["stops_repeated"] += 1
-            else:
-                stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
-                self._report_settlement(transaction_id, summary)
-            self.central.close_transaction(self.id, record.connector_id, transaction_id)
-        await self._emit(
-            TransactionStopped(
-                event_id=event_id(self.id, "tx", transaction_id, "stop"),
-                at=stopped_at,
-                transaction_id=transaction_id,
-                meter_stop_wh=stop_wh,
-                reason=reason,
-            )
-        )
-        if record is not None and (
+            await self._emit_many([self._stopped(transaction_id, at, float(meter_stop), reason)])
+            return call_result.StopTransaction(id_tag_info=self._tag_info(id_tag))
+        data = transaction_data or []
+        events: list[Event] = list(self._samples(record.connector_id, transaction_id, data))
+        rows = book.rows(record.connector_id, data)
+        # The car left: the stop says so, or (a replayed stop of a charger that reported its
+        # present status before replaying its offline queue) its connector reported Available.
+        leaving = record.vehicle_id is not None and (
             reason == "EVDisconnected"
             or self.central.vacated_after(self.id, record.connector_id, record.started_at)
-        ):
-            # A replayed stop whose connector already reported Available (a charger that
-            # reported its present status before replaying its offline queue): the car left.
-            await self._unplugged(transaction_id, record, stopped_at)
-        info = datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
-        return call_result.StopTransaction(id_tag_info=info)
+        )
+        summary: SessionSummary | None = None
+        write: Awaitable[object]
+        if record.stopped and record.stopped_at is not None:
+            # Re-sent (its answer lost) or a second stop: the first one settled it.
+            stopped_at = timestamp_of(record.stopped_at)
+            stop_wh = float(record.meter_stop_wh or record.meter_start_wh)
+            if leaving and not record.unplugged:
+                write = book.write_settled(transaction_id, replace(record, unplugged=True), rows)
+            else:
+                write = book.record_samples(transaction_id, record.connector_id, data, settled=True)
+        else:
+            summary = summarise(
+                timestamp_of(record.started_at),
+                float(record.meter_start_wh),
+                book.ledger_after(ledger, rows),
+                stopped_at=at,
+                meter_stop_wh=float(meter_stop),
+            )
+            stopped_at, stop_wh = summary.stopped_at, summary.meter_stop_wh
+            write = book.settle(
+                transaction_id, summary, reason, record=record, rows=rows, unplugged=leaving
+            )
+        events.append(self._stopped(transaction_id, stopped_at, stop_wh, reason))
+        # The unplugging, unless a StatusNotification reported it already (it writes the flag
+        # only after its event is in the log). A repeated stop offers it again whatever the
+        # flag says: its first attempt may have written the flag and failed to append the
+        # event; the log drops a second copy by its event id.
+        if leaving and record.vehicle_id is not None and (record.stopped or not record.unplugged):
+            events.append(
+                VehicleUnplugged(
+                    event_id=event_id(self.id, "unplug", transaction_id),
+                    at=stopped_at,
+                    vehicle_id=record.vehicle_id,
+                )
+            )
+        # Both must hold before the CALLRESULT and neither depends on the other; both are
+        # idempotent (HSETNX rows, the same settled record, event ids the log de-duplicates),
+        # so a failure of either (InternalError, the charger re-sends) is safe.
+        for outcome in await asyncio.gather(write, self._emit_many(events), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if summary is None:
+            self.central.metrics["stops_repeated"] += 1
+        else:
+            self._report_settlement(transaction_id, summary)
+        self.central.close_transaction(self.id, record.connector_id, transaction_id)
+        return call_result.StopTransaction(id_tag_info=self._tag_info(id_tag))
+
+    def _stopped(
+        self, transaction_id: TransactionId, at: datetime, meter_stop_wh: float, reason: str
+    ) -> TransactionStopped:
+        """The event of a transaction's stop (its id is the same for every copy of the stop)."""
+        return TransactionStopped(
+            event_id=event_id(self.id, "tx", transaction_id, "stop"),
+            at=at,
+            transaction_id=transaction_id,
+            meter_stop_wh=meter_stop_wh,
+            reason=reason,
+        )
+
+    def _tag_info(self, id_tag: str | None) -> datatypes.IdTagInfo | None:
+        """The idTagInfo a StopTransaction answers: the tag's status, when it names one."""
+        return datatypes.IdTagInfo(status=self.central.authorize(id_tag)) if id_tag else None
 
     def _samples(
         self,

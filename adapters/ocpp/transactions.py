@@ -444,14 +444,17 @@ class TransactionBook:
         *,
         record: BookedTransaction | None = None,
         rows: Sequence[tuple[str, str]] = (),
+        unplugged: bool = False,
     ) -> BookedTransaction | None:
         """Mark a transaction stopped with what its stop settled; None if unknown.
 
         `record`: the transaction's record as just read (by `view`), so it is not read again.
         `rows`: ledger rows the stop carries (its transactionData), each written unless its
-        identity is stored already (HSETNX). The rows, the settled record and the ledger's
-        shorter expiry are written in one MULTI: all or nothing (a refused write, e.g. out of
-        memory, aborts the whole transaction), one round trip."""
+        identity is stored already (HSETNX). `unplugged`: the car left with the stop, so the
+        record is marked unplugged in the same write (no later write of the flag). The rows,
+        the settled record and the ledger's shorter expiry are written in one MULTI: all or
+        nothing (a refused write, e.g. out of memory, aborts the whole transaction), one round
+        trip."""
         if record is None:
             record = await self.get(transaction_id)
         if record is None:
@@ -459,6 +462,7 @@ class TransactionBook:
         settled = replace(
             record,
             stopped=True,
+            unplugged=record.unplugged or unplugged,
             stopped_at=iso(summary.stopped_at),
             meter_stop_wh=summary.meter_stop_wh,
             energy_wh=summary.energy_wh,
@@ -466,14 +470,28 @@ class TransactionBook:
             gaps=[g.to_json() for g in summary.gaps],
             anomalies=list(summary.anomalies),
         )
+        await self.write_settled(transaction_id, settled, rows)
+        return settled
+
+    async def write_settled(
+        self,
+        transaction_id: TransactionId,
+        record: BookedTransaction,
+        rows: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Write a settled transaction's record as given, with `rows` added to its ledger
+        (HSETNX: a stored identity keeps its first value) and the ledger's shorter expiry of a
+        settled transaction, in one MULTI: all or nothing, one round trip. `settle` writes
+        through it; a repeated stop that learns the car left writes the flag through it."""
+        if not record.stopped:
+            raise ValueError(f"transaction {transaction_id}: write_settled takes a stopped record")
         samples_key = keys.transaction_samples(self._site, transaction_id)
         pipe = self._redis.pipeline(transaction=True)
         for key, value in rows:
             pipe.hsetnx(samples_key, key, value)
-        pipe.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(settled)))
+        pipe.hset(self._book, f"tx:{transaction_id}", json.dumps(asdict(record)))
         pipe.expire(samples_key, self._settled_ttl_s)
         await pipe.execute()
-        return settled
 
     async def get(self, transaction_id: TransactionId) -> BookedTransaction | None:
         """The record of a transaction, or None if this book never handed out that id."""
