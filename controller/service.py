@@ -368,41 +368,71 @@ class ControllerService:
         - the store writes a prefix of the batch when it fails part-way (`FleetStore.settle`):
           the answered prefix is taken into the state, and the outage recovery (reload, then
           the unsettled entries taken again) does the rest.
+
+        Memory: only the batch's start state and its end state are held while the store
+        settles, never one state per entry (each is a copy of the tables its event changed:
+        up to 256 of them, tens of MiB at 1,000 chargers, made the allocator's high-water
+        mark; docs/reliability.md, "RSS"). A state between the two is rebuilt from the start
+        state and the settlements' changes only when it is needed: a command's result is
+        published once the state holds the command (as `_apply` does), and a batch settled
+        only in part leaves the state after its answered prefix. Between its first and last
+        answer the service shows the end state (or the re-applied one), not each entry's.
         """
         ids = [e.event.event_id for e in entries if e.event is not None]
         known = await self._store.applied_among(ids)
         seen: set[str] = set()
-        state = self._state
-        # (settlement, what it is, the event, the state once it is settled as expected)
-        items: list[tuple[Settlement, str, Event | None, FleetState]] = []
+        start = state = self._state
+        # (settlement, what it is, the event): no state per entry (see the docstring).
+        items: list[tuple[Settlement, str, Event | None]] = []
         for entry in entries:
             event = entry.event
             if event is None:
-                reject = Settlement(entry, None, reason="undecodable log entry")
-                items.append((reject, "undecodable", None, state))
+                items.append((Settlement(entry, None, reason="undecodable log entry"), "", None))
                 continue
             failpoints.hit("after_take")
             try:
                 outcome = apply_event(state, event)
             except Refused as refusal:
-                items.append(
-                    (Settlement(entry, None, reason=refusal.reason), "refused", event, state)
-                )
+                items.append((Settlement(entry, None, reason=refusal.reason), "refused", event))
                 continue
             commit = Settlement(entry, event.event_id, outcome.changes)
             if event.event_id in known or event.event_id in seen:
-                items.append((commit, "duplicate", event, state))
+                items.append((commit, "duplicate", event))
                 continue
             seen.add(event.event_id)
-            state = outcome.state
-            items.append((commit, "applied", event, state))
+            state = outcome.state  # the one before it is garbage now
+            items.append((commit, "applied", event))
         settled = await self._store.settle([item[0] for item in items])
+        answered = len(settled.done)
+        complete = answered == len(items)
+        # Walk a state forward (from `start`, by the settlements' changes) up to the last
+        # answered command with a result to publish, or through the answered prefix of a
+        # batch the store settled only in part; past it the state is the batch's end state.
+        walk_to = answered - 1
+        if complete:
+            walk_to = -1
+            if self._results is not None:
+                walk_to = max(
+                    (
+                        n
+                        for n, (_, what, event) in enumerate(items)
+                        if what == "applied" and event is not None and is_command(event)
+                    ),
+                    default=-1,
+                )
+            if walk_to < 0:
+                self._state = state
+        walked = start
         reload = False
-        for (settlement, what, event, after), ok in zip(items, settled.done, strict=False):
-            # The state first: a command's result, published below, must find it applied
-            # (an operator reading the state on "accepted" sees the override), as `_apply`.
-            self._state = after
-            if what == "undecodable":
+        for index, ((settlement, what, event), ok) in enumerate(
+            zip(items, settled.done, strict=False)
+        ):
+            if what == "applied" and index <= walk_to:
+                # The state first: a command's result, published below, must find it applied
+                # (an operator reading the state on "accepted" sees the override), as `_apply`.
+                walked = walked.with_changes(tuple(settlement.changes))
+                self._state = walked
+            if what == "":
                 self._count("events_undecodable")
             elif what == "refused":
                 assert event is not None
@@ -418,6 +448,8 @@ class ControllerService:
                 if is_command(event) and self._results is not None:
                     await self._results.command_result(event.event_id, True, "accepted")
                 self._mark_dirty()
+            if index == walk_to and complete:
+                self._state = state
         if reload:
             self._state = await self._store.load()
             self._count("events_batch_reloads")

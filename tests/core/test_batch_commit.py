@@ -2,7 +2,8 @@
 
 The batched consumer must leave exactly what the one-entry-at-a-time consumer leaves (state,
 counters, rejections) for any log: duplicates from earlier entries and within a batch, events
-with a reused id and another payload, refusals and undecodable entries included.
+with a reused id and another payload, refusals and undecodable entries included, and a store
+that settles only a prefix of a batch (the state in memory is then the committed prefix's).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from controller.clock import SimClock
 from controller.errors import RefusalCode, Refused, StoreUnavailable
 from controller.events import Event, SocReported
 from controller.planning.planner import StatePlanner
-from controller.ports import Settlement
+from controller.ports import BatchSettled, Settlement
 from controller.service import ControllerService
 from controller.settings import Settings
 from controller.state import FleetState, apply_event
@@ -36,6 +37,37 @@ from tests.factories import PlanRecorder, ResultRecorder, small_site, soc_report
 
 _sites = itertools.count(1)
 GARBAGE = "not an event"
+
+
+class PrefixFailingStore(RedisFleetStore):
+    """A real store whose first batch longer than `fail_at` is settled only up to `fail_at`
+    entries (written in Redis for real), answered as a store failing part-way answers. When
+    the service, back from the outage, first writes again, its state in memory is compared
+    with what the store committed: they must agree (the answered prefix, nothing more)."""
+
+    def __init__(self, redis: Redis, site: str, fail_at: int) -> None:
+        super().__init__(redis, site)
+        self.fail_at = fail_at
+        self.failed = False
+        self.service: ControllerService | None = None
+        self.state_at_failure: tuple[FleetState, FleetState] | None = None
+
+    async def settle(self, settlements: Sequence[Settlement]) -> BatchSettled:
+        """The first long enough batch: its prefix only, and an error."""
+        if self.failed or len(settlements) <= self.fail_at:
+            return await super().settle(settlements)
+        self.failed = True
+        done = await super().settle(settlements[: self.fail_at])
+        assert done.error is None
+        self._recovering = True  # as the store does when its script stops part-way
+        return BatchSettled(done.done, error="injected failure after the prefix")
+
+    async def count(self, name: str, by: int = 1) -> None:
+        """On the recovery's first write, note the service's state and the committed one."""
+        if name == "store_recoveries" and self.state_at_failure is None:
+            assert self.service is not None
+            self.state_at_failure = (self.service.state, await self.load())
+        await super().count(name, by)
 
 
 def _service(store: RedisFleetStore, site: str, *, batch: bool) -> ControllerService:
@@ -78,17 +110,33 @@ class Outcome:
     rejected: list[str]
 
 
-async def _run(redis: Redis, phases: Sequence[Sequence[object]], *, batch: bool) -> Outcome:
-    """Each phase appended, then consumed by a new process (service and store)."""
+async def _run(
+    redis: Redis,
+    phases: Sequence[Sequence[object]],
+    *,
+    batch: bool,
+    fail_at: int | None = None,
+) -> Outcome:
+    """Each phase appended, then consumed by a new process (service and store). With
+    `fail_at`, each phase's store settles its first batch longer than that only in part."""
     site = f"s{next(_sites)}"
     counters: Counter[str] = Counter()
     for phase in phases:
-        store = RedisFleetStore(redis, site)
+        store = (
+            RedisFleetStore(redis, site)
+            if fail_at is None
+            else PrefixFailingStore(redis, site, fail_at)
+        )
         await store.load()  # makes the consumer group before garbage is appended
         await _append(redis, store, site, phase)
         service = _service(store, site, batch=batch)
+        if isinstance(store, PrefixFailingStore):
+            store.service = service
         await _consume(service)
         assert service.state == await store.load()  # memory agrees with what is committed
+        if isinstance(store, PrefixFailingStore) and store.state_at_failure is not None:
+            in_memory, committed = store.state_at_failure
+            assert in_memory == committed  # the answered prefix, before the reload
         counters.update(service.counters)
     rejected = [r["reason"] for r in reversed(await RedisFleetStore(redis, site).rejected(1000))]
     keep: tuple[str, ...] = (
@@ -133,13 +181,14 @@ def logs(draw: st.DrawFn) -> list[list[object]]:
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(phases=logs())
+@given(phases=logs(), fail_at=st.none() | st.integers(0, 24))
 async def test_the_batched_consumer_leaves_what_the_sequential_one_leaves(
-    redis: Redis, phases: list[list[object]]
+    redis: Redis, phases: list[list[object]], fail_at: int | None
 ) -> None:
-    """Same committed state, counters and rejections, for any log, with or without batching."""
+    """Same committed state, counters and rejections, for any log, with or without batching,
+    and when the store settles only a prefix of a batch (`fail_at` entries) and recovers."""
     sequential = await _run(redis, phases, batch=False)
-    batched = await _run(redis, phases, batch=True)
+    batched = await _run(redis, phases, batch=True, fail_at=fail_at)
     assert batched.state == sequential.state
     assert batched.counters.pop("events_batch_reloads", 0) == 0
     assert batched.counters == sequential.counters
