@@ -24,6 +24,7 @@ from adapters.embedded import (
     redis_endpoint,
 )
 from adapters.forecast_feed import ForecastFeed
+from adapters.memory import tune_malloc
 from adapters.mqtt import MqttLink, MqttPlanPublisher
 from adapters.ocpp.central import CentralSystem
 from adapters.ocpp.config import LeaseConfig, OcppConfig
@@ -126,6 +127,7 @@ async def run(
 ) -> None:
     """Start everything, run until cancelled, then stop in reverse order."""
     failpoints.arm(settings.failpoint)
+    malloc_tuned(settings)
     async with AsyncExitStack() as stack:
         redis_ep = await stack.enter_async_context(
             redis_endpoint(settings.redis_url, Path(settings.data_dir))
@@ -221,6 +223,20 @@ async def run(
             if on_ready is not None:
                 await link.connected.wait()
                 await on_ready(runtime)
+
+
+def malloc_tuned(settings: Settings) -> dict[str, bool] | None:
+    """glibc malloc's parameters from the settings, before the servers' threads start (an
+    arena already made stays); what glibc refused is logged. Process-wide and not undone."""
+    threshold = settings.malloc_mmap_threshold_kib
+    done = tune_malloc(
+        arena_max=settings.malloc_arena_max,
+        mmap_threshold_bytes=None if threshold is None else threshold * 1024,
+    )
+    refused = [name for name, ok in (done or {}).items() if not ok]
+    if refused:
+        log.warning("glibc refused the malloc parameters %s", refused)
+    return done
 
 
 @contextlib.contextmanager

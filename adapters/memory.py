@@ -8,7 +8,11 @@ churn of per-event copies leaves free chunks below live ones (docs/reliability.m
 `malloc_trim(0)` releases every free page inside the arenas too (`madvise(MADV_DONTNEED)`), so
 what the process holds resident is what it uses.
 
-Linux with glibc only; elsewhere `malloc_trim` does nothing and says so.
+`tune_malloc` sets glibc's allocator parameters at start-up (`mallopt`): how many arenas
+threads may spread over, and from which size a chunk gets a mapping of its own (given back to
+the system when freed, instead of staying inside an arena as free memory).
+
+Linux with glibc only; elsewhere `malloc_trim` and `tune_malloc` do nothing and say so.
 """
 
 from __future__ import annotations
@@ -35,6 +39,68 @@ def _libc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 
 _TRIM = _libc_trim()
+
+# glibc's <malloc.h> parameter numbers for mallopt.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+
+def _libc_mallopt() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
+_MALLOPT = _libc_mallopt()
+
+
+def tune_malloc(
+    *,
+    arena_max: int | None = None,
+    mmap_threshold_bytes: int | None = None,
+    trim_threshold_bytes: int | None = None,
+) -> dict[str, bool] | None:
+    """Set glibc malloc's parameters for this process (None: leave one as it is); returns,
+    per parameter set, whether glibc took it, or None when the C library has no `mallopt`.
+
+    - `arena_max`: the most arenas threads spread over (glibc's default: 8 per core; each
+      thread arena reserves 64 MiB and keeps what it freed).
+    - `mmap_threshold_bytes`: chunks from this size on are mapped on their own and unmapped
+      when freed. Setting it also stops glibc from raising it on its own (by default it rises
+      to the size of every mapped chunk freed, up to 32 MiB, after which such chunks come from
+      the arenas and their free space stays there).
+    - `trim_threshold_bytes`: free memory at an arena's top above this is given back.
+
+    Call it at start-up, before the threads that allocate are started: an arena made
+    earlier is not undone by a lower `arena_max`.
+    """
+    wanted = {
+        "arena_max": (M_ARENA_MAX, arena_max),
+        "mmap_threshold_bytes": (M_MMAP_THRESHOLD, mmap_threshold_bytes),
+        "trim_threshold_bytes": (M_TRIM_THRESHOLD, trim_threshold_bytes),
+    }
+    for name, (_, value) in wanted.items():
+        if value is not None and not 0 < value < 2**31:
+            raise ValueError(f"{name} must be a positive int below 2**31, not {value}")
+    if _MALLOPT is None:
+        if any(value is not None for _, value in wanted.values()):
+            log.info("no mallopt in this C library: malloc parameters left as they are")
+        return None
+    done: dict[str, bool] = {}
+    for name, (param, value) in wanted.items():
+        if value is not None:
+            done[name] = bool(_MALLOPT(param, value))
+    if done:
+        log.info("malloc tuned: %s", {k: wanted[k][1] for k in done})
+    return done
 
 
 def malloc_trim() -> bool | None:

@@ -530,6 +530,8 @@ async def run_stack(args: argparse.Namespace, *, restart: bool) -> SoakReport:
         trace_memory=args.trace_memory,
         census_memory=args.census,
         malloc_trim_s=args.malloc_trim_s,
+        malloc_arena_max=args.malloc_arena_max,
+        malloc_mmap_threshold_kib=args.malloc_mmap_threshold_kib,
         visits=args.visits,
         charger_processes=args.charger_processes,
         slow_callback_ms=args.slow_callback_ms,
@@ -603,6 +605,18 @@ def main() -> None:
         type=float,
         default=0.0,
         help="> 0: malloc_trim(0) in the controller process every this many seconds",
+    )
+    stack.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=None,
+        help="glibc malloc: the most arenas in the controller process (Settings.malloc_arena_max)",
+    )
+    stack.add_argument(
+        "--malloc-mmap-threshold-kib",
+        type=int,
+        default=None,
+        help="glibc malloc: chunks from this size on mapped alone (KiB)",
     )
     stack.add_argument(
         "--visits", choices=("day", "steady"), default="day", help="pattern of the cars' visits"

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     # these thresholds (Python's own are 700, 10, 10). Null keeps Python's thresholds.
     gc_freeze: bool = Field(default=True)
     gc_thresholds: tuple[int, int, int] | None = Field(default=(50_000, 20, 100))
+    # glibc malloc, set at start-up (`adapters.memory.tune_malloc`; docs/reliability.md,
+    # "RSS"): the most arenas threads spread over, and the size (KiB) from which a chunk is
+    # mapped on its own and given back when freed (fixed: glibc no longer raises it). Null
+    # leaves glibc's own.
+    malloc_arena_max: int | None = Field(default=None, ge=1, le=1024)
+    malloc_mmap_threshold_kib: int | None = Field(default=None, ge=1, le=32 * 1024)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
 
     @field_validator("gc_thresholds")

@@ -860,6 +860,10 @@ class SoakConfig:
     # > 0: give the allocator's free memory back every this many wall seconds
     # (`adapters.memory.trim_every`) in the controller process.
     malloc_trim_s: float = 0.0
+    # glibc malloc's parameters in the controller process (`Settings.malloc_arena_max`,
+    # `Settings.malloc_mmap_threshold_kib`; None: glibc's own).
+    malloc_arena_max: int | None = None
+    malloc_mmap_threshold_kib: int | None = None
     visits: str = "day"
     charger_processes: int = 1
     slow_callback_ms: float = 0.0  # > 0: list this process's callbacks slower than this
@@ -1773,6 +1777,8 @@ class StackSoak:
             deadband_kw=0.5,
             site_capacity_kw=4.0 * self.config.chargers,
             planning=PlanningSettings(solver_process=self.config.solver_process),
+            malloc_arena_max=self.config.malloc_arena_max,
+            malloc_mmap_threshold_kib=self.config.malloc_mmap_threshold_kib,
         )
 
     def _configuration(self) -> list[Event]:
