@@ -610,13 +610,15 @@ def main() -> None:
         "--malloc-arena-max",
         type=int,
         default=None,
-        help="glibc malloc: the most arenas in the controller process (Settings.malloc_arena_max)",
+        help="glibc malloc: the most arenas in the controller process (0: glibc's own; "
+        "default: Settings.malloc_arena_max)",
     )
     stack.add_argument(
         "--malloc-mmap-threshold-kib",
         type=int,
         default=None,
-        help="glibc malloc: chunks from this size on mapped alone (KiB)",
+        help="glibc malloc: chunks from this size (KiB) on mapped alone (0: glibc's own; "
+        "default: Settings.malloc_mmap_threshold_kib)",
     )
     stack.add_argument(
         "--visits", choices=("day", "steady"), default="day", help="pattern of the cars' visits"

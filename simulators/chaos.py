@@ -861,7 +861,7 @@ class SoakConfig:
     # (`adapters.memory.trim_every`) in the controller process.
     malloc_trim_s: float = 0.0
     # glibc malloc's parameters in the controller process (`Settings.malloc_arena_max`,
-    # `Settings.malloc_mmap_threshold_kib`; None: glibc's own).
+    # `Settings.malloc_mmap_threshold_kib`): None keeps the settings' default, 0 glibc's own.
     malloc_arena_max: int | None = None
     malloc_mmap_threshold_kib: int | None = None
     visits: str = "day"
@@ -1765,7 +1765,7 @@ class StackSoak:
         return self.controller.runtime
 
     def _settings(self, data_dir: str) -> Settings:
-        return Settings(
+        settings = Settings(
             site=self.SITE,
             data_dir=data_dir,
             redis_url=f"unix://{self.redis_server.socket}",
@@ -1777,9 +1777,16 @@ class StackSoak:
             deadband_kw=0.5,
             site_capacity_kw=4.0 * self.config.chargers,
             planning=PlanningSettings(solver_process=self.config.solver_process),
-            malloc_arena_max=self.config.malloc_arena_max,
-            malloc_mmap_threshold_kib=self.config.malloc_mmap_threshold_kib,
         )
+        return settings.model_copy(update=self._malloc_settings())
+
+    def _malloc_settings(self) -> dict[str, int | None]:
+        """The malloc settings the soak was asked for (0: glibc's own, i.e. None)."""
+        asked = {
+            "malloc_arena_max": self.config.malloc_arena_max,
+            "malloc_mmap_threshold_kib": self.config.malloc_mmap_threshold_kib,
+        }
+        return {name: value or None for name, value in asked.items() if value is not None}
 
     def _configuration(self) -> list[Event]:
         at = self.clock.now()
