@@ -230,8 +230,8 @@ def malloc_tuned(settings: Settings) -> dict[str, bool] | None:
     arena already made stays); what glibc refused is logged. Process-wide and not undone."""
     threshold = settings.malloc_mmap_threshold_kib
     done = tune_malloc(
-        arena_max=settings.malloc_arena_max,
-        mmap_threshold_bytes=None if threshold is None else threshold * 1024,
+        arena_max=settings.malloc_arena_max or None,  # 0: glibc's own
+        mmap_threshold_bytes=threshold * 1024 or None,
     )
     refused = [name for name, ok in (done or {}).items() if not ok]
     if refused:

@@ -98,11 +98,12 @@ class Settings(BaseSettings):
     gc_freeze: bool = Field(default=True)
     gc_thresholds: tuple[int, int, int] | None = Field(default=(50_000, 20, 100))
     # glibc malloc, set at start-up (`adapters.memory.tune_malloc`; docs/reliability.md,
-    # "RSS"): the most arenas threads spread over, and the size (KiB) from which a chunk is
-    # mapped on its own and given back when freed (fixed: glibc no longer raises it). Null
-    # leaves glibc's own.
-    malloc_arena_max: int | None = Field(default=None, ge=1, le=1024)
-    malloc_mmap_threshold_kib: int | None = Field(default=None, ge=1, le=32 * 1024)
+    # "The RSS growth, 2026-11-27"): the most arenas threads spread over, and the size (KiB)
+    # from which a chunk is mapped on its own and given back when freed (fixed: glibc no
+    # longer raises it, so copies of the fleet's larger tables do not stay in an arena).
+    # 0 leaves glibc's own (8 arenas per core; 128 KiB, raised as mapped chunks are freed).
+    malloc_arena_max: int = Field(default=2, ge=0, le=1024)
+    malloc_mmap_threshold_kib: int = Field(default=64, ge=0, le=32 * 1024)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
 
     @field_validator("gc_thresholds")

@@ -1780,13 +1780,13 @@ class StackSoak:
         )
         return settings.model_copy(update=self._malloc_settings())
 
-    def _malloc_settings(self) -> dict[str, int | None]:
-        """The malloc settings the soak was asked for (0: glibc's own, i.e. None)."""
+    def _malloc_settings(self) -> dict[str, int]:
+        """The malloc settings the soak was asked for (0: glibc's own)."""
         asked = {
             "malloc_arena_max": self.config.malloc_arena_max,
             "malloc_mmap_threshold_kib": self.config.malloc_mmap_threshold_kib,
         }
-        return {name: value or None for name, value in asked.items() if value is not None}
+        return {name: value for name, value in asked.items() if value is not None}
 
     def _configuration(self) -> list[Event]:
         at = self.clock.now()

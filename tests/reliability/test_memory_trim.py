@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
+from adapters.bootstrap import malloc_tuned
 from adapters.memory import malloc_trim, trim_every, tune_malloc
+from controller.settings import Settings
 from simulators.chaos import MEMORY_FIELDS, memory_breakdown
 
 
@@ -115,3 +117,10 @@ def test_tune_malloc_refuses_values_mallopt_cannot_take() -> None:
         with pytest.raises(ValueError, match="arena_max"):
             tune_malloc(arena_max=bad)
     assert tune_malloc() in ({}, None)  # nothing asked, nothing set
+
+
+def test_the_settings_default_to_two_arenas_and_a_64_kib_threshold_and_0_keeps_glibcs() -> None:
+    """`voltpool serve` tunes malloc unless told not to: 0 leaves a parameter to glibc."""
+    settings = Settings()
+    assert (settings.malloc_arena_max, settings.malloc_mmap_threshold_kib) == (2, 64)
+    assert malloc_tuned(Settings(malloc_arena_max=0, malloc_mmap_threshold_kib=0)) in ({}, None)
