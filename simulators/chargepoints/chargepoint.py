@@ -299,6 +299,7 @@ class SimChargePoint:
             for connector in [0, *(c.connector_id for c in self.connectors)]:
                 await self.send_status(connector)
             self.online.set()
+            self._touch()  # `wait_for` on being online looks again
             self.stats.online += 1
             loops = [
                 asyncio.ensure_future(self._heartbeats()),
@@ -311,6 +312,7 @@ class SimChargePoint:
             self.online.clear()
             self._wire = None
             self._ws = None
+            self._touch()  # offline now: `wait_for` looks again
             for task in (*loops, reader):
                 await stop_task(task)
 
@@ -828,13 +830,20 @@ class _Wire(LibraryChargePoint):  # type: ignore[misc]  # the library is untyped
     async def _send(self, message: str) -> None:
         """Send a frame; an answer (CALLRESULT or CALLERROR) ends a central system's CALL. A
         CALL of ours stamps `sim.call_sent_at` (its round trip on the wire starts there, after
-        any wait for the one call in flight before it)."""
+        any wait for the one call in flight before it). An answer wakes `sim.wait_for`: its
+        handler has changed what the charger holds (a configuration key, a cleared profile),
+        which no CALL of the charger's own would announce."""
         head = message.lstrip()
-        if head.startswith(("[3", "[4")):
+        answer = head.startswith(("[3", "[4"))
+        if answer:
             self.sim.cs_calls_in_flight = max(0, self.sim.cs_calls_in_flight - 1)
         elif head.startswith("[2"):
             self.sim.call_sent_at = time.perf_counter()
-        await super()._send(message)
+        try:
+            await super()._send(message)
+        finally:
+            if answer:
+                self.sim._touch()
 
     async def _run_after(self) -> None:
         """Run the jobs an answer left (triggered messages, remote starts and stops). The

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -246,3 +248,40 @@ async def test_garbage_from_a_simulated_charger_is_counted_and_it_carries_on(
         await sim.send_raw(b"\x00binary")
         await sim.send_status(1)
     assert harness.central.metrics["frames_drop"] == 2
+
+
+async def test_a_waiter_is_woken_by_a_call_that_changes_the_charger_without_its_own_calls(
+    harness: Harness,
+) -> None:
+    """`SimChargePoint.wait_for` looks again whenever the charger answers the central system:
+    a ChangeConfiguration or a ClearChargingProfile changes what it holds without any CALL of
+    its own (on the old simulator only its own CALLs and profiles installed or refused woke a
+    waiter, and these waits timed out)."""
+    async with simulated(harness, "CP-1", max_power_kw=22.0) as sim:
+        central = harness.central
+
+        async def woken_by(predicate: Callable[[], bool], change: Awaitable[object]) -> None:
+            """Start waiting for `predicate` (false now), then make the change."""
+            assert not predicate()
+            waiter = asyncio.ensure_future(sim.wait_for(predicate))
+            await asyncio.sleep(0)  # the waiter has looked and waits
+            assert not waiter.done()
+            await change
+            await waiter
+
+        await woken_by(
+            lambda: sim.configuration["MeterValueSampleInterval"] == "10",
+            central.change_configuration("CP-1", "MeterValueSampleInterval", "10"),
+        )
+        await woken_by(
+            lambda: sim.authorization_key == "rotated-key-0123456789",
+            central.change_configuration("CP-1", "AuthorizationKey", "rotated-key-0123456789"),
+        )
+        profile = absolute_profile(5, "TxDefaultProfile", [(0, 5000)])
+        assert await central.set_charging_profile("CP-1", 0, profile) == "Accepted"
+        now = harness.clock.now()
+        assert sim.limit_kw(sim.connector(1), now) == pytest.approx(5.0)
+        await woken_by(
+            lambda: sim.limit_kw(sim.connector(1), now) == pytest.approx(22.0),
+            central.clear_charging_profile("CP-1", profile_id=5),
+        )
