@@ -457,7 +457,15 @@ class LeaseDispatcher:
         self._start_link(charger_id, trigger_status=not rebooted, rebooted=rebooted)
 
     async def charger_gone(self, charger_id: ChargerId) -> None:
-        """Disconnected: stop its worker; what it accepted last stays in Redis."""
+        """Disconnected: stop its worker; what it accepted last stays in Redis. `wait_for`
+        looks again afterwards (nothing else announces a worker gone)."""
+        try:
+            await self._forget(charger_id)
+        finally:
+            self._activity.set()
+
+    async def _forget(self, charger_id: ChargerId) -> None:
+        """Stop a gone charger's worker and book what it may still apply (P-08)."""
         link = self._links.pop(charger_id, None)
         self._wanted.pop(charger_id, None)
         self._held_need.pop(charger_id, None)
@@ -1230,6 +1238,7 @@ class LeaseDispatcher:
                 await self._sleep(link)
         except ChargerUnreachable:
             link.idle.set()
+            self._activity.set()
 
     async def _reconcile(self, link: _Link) -> bool:
         """Send what is due now; True if something was sent (look again at once)."""

@@ -414,3 +414,32 @@ async def test_a_replaced_worker_that_swallows_its_cancellation_is_stopped_anywa
         assert old.done()
         assert old.cancelled()
         assert r.dispatcher._links["CP-1"].task is not old
+
+
+async def test_a_waiter_is_woken_when_a_charger_goes(redis: Redis, clock: SimClock) -> None:
+    """`LeaseDispatcher.wait_for` looks again when a charger disconnects: its worker stops and
+    what it sent is forgotten with it, with no send or idle point to announce it (on the old
+    dispatcher this wait timed out)."""
+    async with (
+        rig(redis, clock, charger("CP-1", max_power_kw=22.0)) as r,
+        simulated(r.harness, "CP-1", max_power_kw=22.0) as sim,
+    ):
+        await brought_up(r, sim)
+        assert r.dispatcher.sent("CP-1")
+
+        def gone() -> bool:
+            return not r.dispatcher.sent("CP-1")
+
+        statuses = len(r.harness.recorder.of("connector_status_changed"))
+        waiter = asyncio.ensure_future(r.dispatcher.wait_for(gone))
+        await asyncio.sleep(0)  # the waiter has looked and waits
+        assert not waiter.done()
+        await sim.drop()
+        await waiter
+        assert not r.harness.central.is_online("CP-1")
+        await sim.wait_for(lambda: sim.backing_off)
+        await clock.advance(timedelta(seconds=1))  # the back-off: it comes back
+        await r.dispatcher.wait_for(lambda: not gone())
+        await r.harness.recorder.wait_for(  # its statuses at the reconnect, then triggered
+            lambda: len(r.harness.recorder.of("connector_status_changed")) >= statuses + 4
+        )
