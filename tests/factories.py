@@ -17,6 +17,7 @@ from controller.events import (
     VehicleRegistered,
 )
 from controller.planning.plan import Plan
+from controller.service import ControllerService
 from controller.state import FleetState
 
 _ids = itertools.count(1)
@@ -144,3 +145,13 @@ class ResultRecorder:
 def later(at: datetime, minutes: float) -> datetime:
     """`at` plus some minutes."""
     return at + timedelta(minutes=minutes)
+
+
+async def consume_until_applied(service: ControllerService, timeout_s: float = 30.0) -> None:
+    """Run a started service's log consumer (not its planner) until the log is drained."""
+    task = asyncio.create_task(service._consume_forever())
+    try:
+        await asyncio.wait_for(service.applied(), timeout_s)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -33,7 +33,13 @@ from controller.service import ControllerService
 from controller.settings import Settings
 from controller.state import FleetState, apply_event
 from tests.conftest import T0
-from tests.factories import PlanRecorder, ResultRecorder, small_site, soc_reported
+from tests.factories import (
+    PlanRecorder,
+    ResultRecorder,
+    consume_until_applied,
+    small_site,
+    soc_reported,
+)
 
 _sites = itertools.count(1)
 GARBAGE = "not an event"
@@ -86,12 +92,7 @@ def _service(store: RedisFleetStore, site: str, *, batch: bool) -> ControllerSer
 async def _consume(service: ControllerService) -> None:
     """Run the consumer (not the planner) until the log is drained."""
     await service.start()
-    task = asyncio.create_task(service._consume_forever())
-    try:
-        await asyncio.wait_for(service.applied(), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await consume_until_applied(service)
 
 
 async def _append(redis: Redis, store: RedisFleetStore, site: str, log: Sequence[object]) -> None:

@@ -28,7 +28,7 @@ from controller.service import TAKE_BATCH, ControllerService
 from controller.settings import Settings
 from controller.state import FleetState, apply_event
 from tests.conftest import T0
-from tests.factories import PlanRecorder, small_site, soc_reported
+from tests.factories import PlanRecorder, consume_until_applied, small_site, soc_reported
 
 _sites = itertools.count(1)
 
@@ -107,12 +107,7 @@ async def _consume(
     )
     await service.start()
     before = states_alive()
-    task = asyncio.create_task(service._consume_forever())
-    try:
-        await asyncio.wait_for(service.applied(), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await consume_until_applied(service)
     expected = FleetState()
     for event in events:
         expected = apply_event(expected, event).state  # type: ignore[arg-type]

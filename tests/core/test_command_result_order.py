@@ -22,7 +22,7 @@ from controller.planning.planner import StatePlanner
 from controller.service import ControllerService
 from controller.settings import Settings
 from tests.conftest import T0
-from tests.factories import PlanRecorder, small_site
+from tests.factories import PlanRecorder, consume_until_applied, small_site
 
 _sites = itertools.count(1)
 
@@ -74,10 +74,5 @@ async def test_a_commands_result_finds_it_in_the_state(redis: Redis, batch: bool
     for event in events:
         await store.append(event)  # type: ignore[arg-type]
     await service.start()
-    task = asyncio.create_task(service._consume_forever())
-    try:
-        await asyncio.wait_for(service.applied(), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await consume_until_applied(service)
     assert results.seen == {"p-1": True, "p-2": True}
