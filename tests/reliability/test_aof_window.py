@@ -18,11 +18,9 @@ except the control, which runs `everysec` to show the window is real.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -37,12 +35,8 @@ from adapters.ocpp.transactions import BookedTransaction, TransactionBook, summa
 from adapters.redis_store import LogPolicy, RedisFleetStore
 from controller.clock import SimClock
 from controller.events import TransactionStopped
-from controller.planning.planner import StatePlanner
-from controller.service import ControllerService
-from controller.settings import Settings
 from tests.conftest import T0
-from tests.factories import PlanRecorder, small_site
-from tests.reliability.redis_process import RedisProcess
+from tests.reliability.redis_process import RedisProcess, service_on_server
 from tests.reliability.test_store_outage import started_central
 
 BLOB_MIB = 96  # what the background fsync has to write: ~50 ms on the test machine's disk
@@ -186,41 +180,6 @@ async def test_with_everysec_the_same_kill_loses_an_acknowledged_stop(tmp_path: 
 # -- the same through the central system and the service, as a charger sees it ---------------
 
 
-@dataclass
-class Stack:
-    server: RedisProcess
-    client: Redis
-    service: ControllerService
-    clock: SimClock
-
-
-@contextlib.asynccontextmanager
-async def _stack(workdir: Path, clock: SimClock) -> AsyncIterator[Stack]:
-    server = RedisProcess(workdir)
-    server.start()
-    client = RedisEndpoint(unix_socket=server.socket).client()  # production retry policy
-    service = ControllerService(
-        store=RedisFleetStore(client, SITE, policy=LogPolicy(trim_every=0)),
-        clock=clock,
-        planner=StatePlanner(),
-        sink=PlanRecorder(),
-        settings=Settings(site=SITE, coalesce_window_s=WINDOW.total_seconds()),
-        store_retry_s=0.05,
-    )
-    task = asyncio.create_task(service.run())
-    try:
-        for event in small_site(clock.now(), cars=1):
-            await service.submit(event)  # type: ignore[arg-type]
-        async with asyncio.timeout(TIMEOUT_S):
-            await service.applied()
-        yield Stack(server, client, service, clock)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await client.aclose()
-        server.stop()
-
-
 async def _ask(ws: ClientConnection, message: list[object]) -> list[Any]:
     await ws.send(json.dumps(message))
     async with asyncio.timeout(TIMEOUT_S):
@@ -237,7 +196,9 @@ async def test_a_stop_answered_with_callresult_is_in_the_state_after_a_kill_9(
     that has one), redis-server is killed with SIGKILL and restarted on its files; the
     service recovers, and the transaction book and the fleet state (reloaded from Redis)
     both have every stop, with its meterStop."""
-    async with _stack(tmp_path, clock) as run:
+    async with service_on_server(
+        tmp_path, clock, SITE, cars=1, coalesce_window_s=WINDOW.total_seconds(), timeout_s=TIMEOUT_S
+    ) as run:
         central, token = await started_central(run.client, run.service, clock, SITE)
         stops: dict[int, int] = {}  # transaction id -> meterStop acknowledged
         try:

@@ -22,15 +22,12 @@ from redis.backoff import NoBackoff
 from adapters import redis_keys as keys
 from adapters.embedded import RedisEndpoint
 from adapters.ocpp.aio import redis_call
-from adapters.redis_store import LogPolicy, RedisFleetStore
+from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.errors import StoreUnavailable
-from controller.planning.planner import StatePlanner
-from controller.service import ControllerService
-from controller.settings import Settings
 from tests.conftest import T0
-from tests.factories import PlanRecorder, small_site, soc_reported
-from tests.reliability.redis_process import RedisProcess
+from tests.factories import soc_reported
+from tests.reliability.redis_process import RedisProcess, service_on_server
 
 SITE = "depot"
 WINDOW = timedelta(seconds=0.2)
@@ -71,23 +68,17 @@ async def test_the_service_reloads_its_state_when_the_server_restarted_unseen(
     """Three cars applied; the server restarts without a failed call and comes back without
     ev-1's record. The next event makes the service reload: its state no longer has ev-1 (it
     had it in memory), the event is applied on the reloaded state, a recovery is counted."""
-    server = RedisProcess(tmp_path)
-    server.start()
-    client = RedisEndpoint(unix_socket=server.socket).client()
-    service = ControllerService(
-        store=RedisFleetStore(client, SITE, policy=LogPolicy(trim_every=0), restart_check_s=0.0),
-        clock=clock,
-        planner=StatePlanner(),
-        sink=PlanRecorder(),
-        settings=Settings(site=SITE, coalesce_window_s=WINDOW.total_seconds()),
-        store_retry_s=0.05,
-    )
-    task = asyncio.create_task(service.run())
-    try:
+    async with service_on_server(
+        tmp_path,
+        clock,
+        SITE,
+        cars=3,
+        coalesce_window_s=WINDOW.total_seconds(),
+        timeout_s=TIMEOUT_S,
+        restart_check_s=0.0,
+    ) as run:
+        service, server, client = run.service, run.server, run.client
         async with asyncio.timeout(TIMEOUT_S):
-            for event in small_site(clock.now(), cars=3):
-                await service.submit(event)  # type: ignore[arg-type]
-            await service.applied()
             assert {"ev-1", "ev-2", "ev-3"} <= set(service.state.vehicles)
             recoveries = service.counters.get("store_recoveries", 0)
             server.kill9()
@@ -99,11 +90,6 @@ async def test_the_service_reloads_its_state_when_the_server_restarted_unseen(
         assert "ev-1" not in service.state.vehicles
         assert service.state.vehicles["ev-2"].soc == pytest.approx(0.5)
         assert service.counters.get("store_recoveries", 0) == recoveries + 1
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await client.aclose()
-        server.stop()
 
 
 async def test_a_batch_taken_before_the_server_died_is_taken_again_first(
