@@ -65,7 +65,7 @@ from adapters.embedded import broker_config, free_port, stop_broker
 from adapters.memory import trim_every
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.credentials import CredentialStore
-from adapters.ocpp.translate import meter_events
+from adapters.ocpp.translate import event_id, meter_events
 from adapters.redis_store import RedisFleetStore
 from controller.clock import SimClock
 from controller.domain import SLOT, ChargePoint, Connector, Site, Transaction, Vehicle
@@ -467,6 +467,26 @@ class ControllerRecords:
     transactions: dict[int, Transaction]  # the fleet state's, built from the event log
     applied: frozenset[str]  # ids of applied events
     refused: frozenset[str]  # ids of events refused with a reason (dead letters)
+    # For a lost record's detail: each dead letter's reason, and the ids of the events still
+    # in the log (the stream, trimmed below its oldest pending entry).
+    reasons: dict[str, str] = field(default_factory=dict)
+    logged: frozenset[str] = frozenset()
+
+    def whereabouts(self, wanted: str) -> str:
+        """Where the event `wanted` went: applied, refused (why), in the log or nowhere."""
+        if wanted in self.applied:
+            return "its event applied"
+        if wanted in self.refused:
+            return f"its event refused: {self.reasons.get(wanted, '?')}"
+        if wanted in self.logged:
+            return "its event in the log, neither applied nor refused"
+        return "its event in neither the log nor the applied ids"
+
+
+def _event_id_of(text: object) -> str | None:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return str(json.loads(str(text)).get("event_id"))
+    return None
 
 
 async def controller_records(redis: Redis, site: str) -> ControllerRecords:
@@ -479,16 +499,23 @@ async def controller_records(redis: Redis, site: str) -> ControllerRecords:
             book[int(name[3:])] = json.loads(value)
     state = await RedisFleetStore(redis, site).load()
     applied = await redis.zrange(keys.applied(site), 0, -1)
-    refused: set[str] = set()
+    reasons: dict[str, str] = {}
     for _, fields in await redis.xrange(keys.rejected(site)):
-        text = fields.get("event", "")
-        with contextlib.suppress(ValueError, TypeError):
-            refused.add(str(json.loads(text).get("event_id")))
+        rejected = _event_id_of(fields.get("event", ""))
+        if rejected is not None:
+            reasons[rejected] = str(fields.get("reason", ""))
+    logged = {
+        logged_id
+        for _, fields in await redis.xrange(keys.events(site))
+        if (logged_id := _event_id_of(fields.get("event", ""))) is not None
+    }
     return ControllerRecords(
         book=book,
         transactions=dict(state.transactions),
         applied=frozenset(str(a) for a in applied),
-        refused=frozenset(refused),
+        refused=frozenset(reasons),
+        reasons=reasons,
+        logged=frozenset(logged),
     )
 
 
@@ -563,10 +590,12 @@ def compare(ledger: Ledger, records: ControllerRecords, *, details: int = 20) ->
         state = records.transactions.get(stop.transaction_id)
         booked = records.book.get(stop.transaction_id)
         if state is None or state.meter_stop_wh is None or booked is None:
+            stopped = event_id(stop.charger_id, "tx", stop.transaction_id, "stop")
             lost.append(
                 f"stop {stop.charger_id} tx {stop.transaction_id}: not recorded (book: "
                 f"{'none' if booked is None else 'stopped' if booked.get('stopped') else 'open'}, "
-                f"state: {'none' if state is None else 'open'})"
+                f"state: {'none' if state is None else 'open'}; "
+                f"{records.whereabouts(stopped)})"
             )
         elif int(state.meter_stop_wh) != stop.meter_stop_wh or not booked.get("stopped"):
             lost.append(f"stop {stop.charger_id} tx {stop.transaction_id}: meterStop differs")

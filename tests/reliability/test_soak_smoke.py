@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.ocpp.translate import event_id
 from controller.planning.share import share_by_need
 from simulators.chaos import (
     RESTART_STALLED_STEPS,
@@ -125,6 +126,24 @@ def test_the_comparison_sees_a_lost_start_stop_and_meter_value(soaked: StackSoak
     verdict = compare(ledger, without_tx)
     # Its start and its stop are both gone.
     assert (verdict.lost, verdict.duplicated) == (2, 0)
+    # A lost stop says where its event went: here it was applied (the state lost it) ...
+    (stop,) = [s for s in ledger.stops if s.transaction_id == victim]
+    stop_id = event_id(stop.charger_id, "tx", victim, "stop")
+    (detail,) = [d for d in verdict.details if d.startswith(f"stop {stop.charger_id} tx {victim}:")]
+    assert detail.endswith("its event applied)")
+    # ... or refused (with the dead letter's reason), or only in the log, or nowhere.
+    refused = dataclasses.replace(
+        without_tx,
+        applied=without_tx.applied - {stop_id},
+        refused=frozenset({stop_id}),
+        reasons={stop_id: "why not"},
+    )
+    assert any(d.endswith("its event refused: why not)") for d in compare(ledger, refused).details)
+    nowhere = dataclasses.replace(refused, refused=frozenset(), logged=frozenset())
+    assert any(
+        d.endswith("its event in neither the log nor the applied ids)")
+        for d in compare(ledger, nowhere).details
+    )
     without_meter = dataclasses.replace(records, applied=frozenset())
     assert compare(ledger, without_meter).lost == sum(len(m.event_ids) for m in ledger.meters)
     phantom = MeterRecord(
