@@ -103,6 +103,30 @@ end
 return out
 """
 
+# The consumer's read: its own pending entries (delivered to it, never settled) first, else new
+# ones. One script, so a read sent twice returns what the first delivered: redis-py re-sends a
+# command whose connection failed (`RedisEndpoint.client`: 3 retries), and when the first one
+# ran (a server killed between writing its AOF and sending the reply, a cut connection) a plain
+# XREADGROUP '>' sent again hands over the entries *after* the ones it delivered, which wait in
+# the pending list for a claim (60 s) and are then applied out of order: a StopTransaction
+# refused before its start, the transaction open for ever (docs/reliability.md, Guarantee 3;
+# tests/reliability/test_lost_stop.py). Normally the pending list is empty here (every taken
+# batch is settled before the next take), so the first read costs the server little.
+# KEYS: events stream. ARGV: group, consumer, count.
+# Returns {1, entries} from the pending list, or {0, entries} new (entries: {id, {field,
+# value, ...}}, the fields nil for an entry deleted while pending).
+READ_LUA = """
+local function read(from)
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+    'STREAMS', KEYS[1], from)
+  if reply and reply[1] then return reply[1][2] end
+  return {}
+end
+local mine = read('0')
+if #mine > 0 then return {1, mine} end
+return {0, read('>')}
+"""
+
 # At most this many events go to the server in one pipeline of appends.
 APPEND_BATCH = 512
 
@@ -168,6 +192,7 @@ class RedisFleetStore:
         self._group_ready = False
         self._commits_since_trim = 0
         self._settle = redis.register_script(SETTLE_LUA)
+        self._read = redis.register_script(READ_LUA)
         # Group commit of appends (`adapters.group_commit`): appends that arrive while a
         # pipeline of them is in flight go together in the next one, in the order they came.
         self._appends = GroupCommit(redis, max_commands=APPEND_BATCH, before=self._ensure_group)
@@ -328,10 +353,17 @@ class RedisFleetStore:
                         return claimed
                     self._claim_due = False
                     continue
-                reply = await self._redis.xreadgroup(
-                    keys.EVENTS_GROUP, self._consumer, {stream: ">"}, count=count
-                )
-                fresh = [self._entry(i, f) for i, f in _entries(reply)]
+                mine, pairs = await self._read_next(count)
+                if mine:
+                    # Delivered to this consumer before and never settled: a read whose reply
+                    # was lost (the client sent it again). Screened as any redelivery.
+                    log.warning("%d log entries delivered before were taken again", len(pairs))
+                    await self.count("events_redelivered", len(pairs))
+                    screened = await self._screen(pairs)
+                    if screened:
+                        return screened
+                    continue
+                fresh = [self._entry(i, f) for i, f in pairs if f]
                 if not fresh:
                     self._claim_due = True  # idle: look for stale entries on the next take
                 return fresh
@@ -341,6 +373,24 @@ class RedisFleetStore:
             # A server restarted without its data (no AOF) has no group any more: make it again.
             self._group_ready = False
             raise StoreUnavailable("redis unreachable reading the event log") from exc
+
+    async def _read_next(self, count: int) -> tuple[bool, list[tuple[str, dict[str, str]]]]:
+        """(True, this consumer's pending entries) if it has any, else (False, new entries),
+        in one script (`READ_LUA`): a read sent again returns what the first one delivered.
+        An entry deleted while pending comes with empty fields."""
+        reply: Any = await self._read(
+            keys=[keys.events(self._site)], args=[keys.EVENTS_GROUP, self._consumer, count]
+        )
+        pairs: list[tuple[str, dict[str, str]]] = []
+        for entry_id, flat in reply[1] or []:
+            fields = flat or []
+            pairs.append(
+                (
+                    _text(entry_id),
+                    {_text(fields[i]): _text(fields[i + 1]) for i in range(0, len(fields) - 1, 2)},
+                )
+            )
+        return bool(int(reply[0])), pairs
 
     async def _claim(self, count: int) -> list[LogEntry]:
         """Take over entries idle longer than the policy allows (empty list: none usable)."""
