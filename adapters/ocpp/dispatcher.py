@@ -41,6 +41,12 @@ what the charger accepted:
   charger marked);
 - one call in flight per charger (the worker is sequential; the library's call lock too), and
   the latest plan wins: a worker always builds from the newest plan when it sends;
+- workers take turns (`_Pacer`): at most `reconciles_per_pass` of them begin a look (build
+  their profiles, send what is due) in one pass of the event loop, bring-ups and decreases
+  first, then a running transaction still without its TxProfile, then the rest (increases,
+  moves, lease refreshes, retries), each class in the order asked. A plan, a slot boundary's
+  lease refreshes or a wave of answers wakes hundreds at once; without turns their steps
+  stood in one pass of the loop ahead of every OCPP call that arrived meanwhile;
 - a Rejected answer, a CALLERROR or a timeout is counted, the charger is marked as not
   following, and the profile is retried with exponential back-off on the clock;
 - a fallback ladder (RELIABILITY P-06): a profile answered Rejected, NotSupported or
@@ -158,6 +164,68 @@ PUBLISH_CHUNK = 20
 # arrived meanwhile (a heartbeat's answer waited for ~300 worker steps); in chunks, the calls
 # that arrive are served between two chunks.
 WAKE_CHUNK = 20
+
+
+# Worker reconciles begun in one pass of the event loop (`_Pacer`). Each builds a charger's
+# wanted profiles and sends what is due (~0.5-1 ms at 1,000 chargers). A plan wakes a few
+# hundred workers, a slot boundary's lease refreshes as many (on timers: not through `_wake`),
+# and every answer to a SetChargingProfile resumes its worker for another look: unpaced, the
+# loop's passes carried dozens of these steps, and each pass an inbound CALL needs (its frame,
+# its handler, its Redis replies, its answer) waited behind them.
+RECONCILES_PER_PASS = 16
+
+# `_Pacer` priorities: lower goes first.
+PRIORITY_FIRST = 0  # bring-up (default and max profiles, P-01) or a decrease due (P-04)
+PRIORITY_NEW_TRANSACTION = 1  # a running transaction without its TxProfile (the re-plan time)
+PRIORITY_OTHER = 2  # increases, moves, lease refreshes, retries
+
+
+class _Pacer:
+    """Turns for the dispatcher's workers: at most `per_pass` are granted in one pass of the
+    event loop, by priority (lower first), then in the order they were asked for.
+
+    Every turn is granted by a tick, a callback that runs once per pass while anyone waits:
+    it grants up to `per_pass` waiting turns, whose tasks then run in the next pass, and
+    schedules itself again. So a pass runs at most `per_pass` granted turns, whatever the
+    number of workers woken at once; a turn asked for when nobody waits costs one pass.
+    A waiter cancelled before its turn is skipped; one cancelled after it was granted loses it.
+    """
+
+    def __init__(self, per_pass: int) -> None:
+        if per_pass < 1:
+            raise ValueError(f"per_pass must be at least 1, not {per_pass}")
+        self.per_pass = per_pass
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._ticking = False
+        self.queued_max = 0  # the longest queue seen (for the benchmarks)
+
+    def waiting(self) -> int:
+        """How many turns are asked for and not granted yet (cancelled ones included)."""
+        return len(self._waiting)
+
+    async def turn(self, priority: int) -> None:
+        """Wait for a turn (granted in a later pass of the loop)."""
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), granted))
+        self.queued_max = max(self.queued_max, len(self._waiting))
+        if not self._ticking:
+            self._ticking = True
+            loop.call_soon(self._tick)
+        await granted
+
+    def _tick(self) -> None:
+        granted = 0
+        while self._waiting and granted < self.per_pass:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():  # not cancelled meanwhile
+                future.set_result(None)
+                granted += 1
+        if self._waiting:
+            asyncio.get_running_loop().call_soon(self._tick)
+        else:
+            self._ticking = False
 
 
 def _slot_at(plan: Plan, at: datetime) -> int:
@@ -333,6 +401,9 @@ class LeaseDispatcher:
         clock: for lease times, refreshes and retry back-off.
         state: where to read the fleet state between plans (e.g. the service's `state`);
             without it, the state of the last `publish` is used.
+        reconciles_per_pass: how many workers may begin a look (build and send) in one pass
+            of the event loop (`_Pacer`); the others wait their turn, bring-ups and decreases
+            first, then new transactions.
 
     It registers itself as a listener of `central` when built.
     """
@@ -345,8 +416,10 @@ class LeaseDispatcher:
         *,
         state: Callable[[], FleetState] | None = None,
         compliance: ComplianceConfig | None = None,
+        reconciles_per_pass: int = RECONCILES_PER_PASS,
     ) -> None:
         self.central = central
+        self._pacer = _Pacer(reconciles_per_pass)
         self.clock = clock
         self.config = config or LeaseConfig()
         self._state_fn = state
@@ -1221,6 +1294,11 @@ class LeaseDispatcher:
         try:
             while True:
                 try:
+                    # A turn first: a burst of workers (a plan, a slot's lease refreshes, the
+                    # answers of many profiles) is spread over passes of the loop, so the
+                    # OCPP calls arriving meanwhile are not queued behind all of it.
+                    await self._pacer.turn(self._priority(link))
+                    self.counters["pacer_queue_max"] = self._pacer.queued_max
                     busy = await self._reconcile(link)
                 except (ChargerUnreachable, asyncio.CancelledError):
                     raise
@@ -1239,6 +1317,24 @@ class LeaseDispatcher:
         except ChargerUnreachable:
             link.idle.set()
             self._activity.set()
+
+    def _priority(self, link: _Link) -> int:
+        """The worker's place in the queue for a turn (`_Pacer`): a bring-up (nothing accepted
+        on this connection yet: the default and max profiles go first, P-01) or a decrease due
+        (P-04) first, then a running transaction whose TxProfile is not accepted yet (a new
+        transaction waits for its first TxProfile: the re-plan time), then the rest."""
+        charger_id = link.charger_id
+        if not link.sent or charger_id in self._decreasing:
+            self.counters["turns_first"] += 1
+            return PRIORITY_FIRST
+        running = self.central.active_transactions(charger_id) or {}
+        for connector_id, transaction_id in running.items():
+            tx = link.sent.get(f"tx:{connector_id}")
+            if tx is None or tx.transaction_id != transaction_id:
+                self.counters["turns_new_transaction"] += 1
+                return PRIORITY_NEW_TRANSACTION
+        self.counters["turns_other"] += 1
+        return PRIORITY_OTHER
 
     async def _reconcile(self, link: _Link) -> bool:
         """Send what is due now; True if something was sent (look again at once)."""
