@@ -49,6 +49,7 @@ class RedisProcess:
             raise ValueError(f"appendfsync must be always, everysec or no, got {self.fsync!r}")
         self.socket = str(workdir / "redis.sock")
         self._process: subprocess.Popen[bytes] | None = None
+        self._frozen = False
         self.last_kill: dict[str, int] = {}  # INFO persistence read just before the last kill9
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -101,10 +102,31 @@ class RedisProcess:
         acknowledged writes the kill loses)."""
         if self._process is None:
             return
-        self.last_kill = self._persistence() if self.aof else {}
+        self.last_kill = self._persistence() if self.aof and not self._frozen else {}
         os.kill(self._process.pid, signal.SIGKILL)
         self._process.wait()
         self._process = None
+        self._frozen = False
+
+    def freeze(self) -> None:
+        """Stop the server with SIGSTOP: it writes nothing more to its files until `thaw` (or
+        `kill9`, which then skips its INFO: a frozen server cannot answer). What its files
+        hold now is exactly what a kill -9 would leave."""
+        assert self._process is not None, "not started"
+        os.kill(self._process.pid, signal.SIGSTOP)
+        self._frozen = True
+
+    def thaw(self) -> None:
+        """Let a frozen server run again (SIGCONT)."""
+        assert self._process is not None, "not started"
+        os.kill(self._process.pid, signal.SIGCONT)
+        self._frozen = False
+
+    def aof_file(self) -> tuple[int, int]:
+        """The append-only file's (inode, size): what the server has written to it so far (a
+        rewrite replaces the file, so the inode changes)."""
+        stat = (self.workdir / "appendonly.aof").stat()
+        return stat.st_ino, stat.st_size
 
     def _persistence(self) -> dict[str, int]:
         """`aof_buffer_length` and `aof_pending_bio_fsync` from INFO persistence ({} if the
@@ -134,6 +156,8 @@ class RedisProcess:
         """Stop the server (SIGTERM: it flushes its files) and reap it."""
         if self._process is None:
             return
+        if self._frozen:
+            self.thaw()
         self._process.terminate()
         self._process.wait(timeout=START_TIMEOUT_S)
         self._process = None
