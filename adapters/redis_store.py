@@ -103,30 +103,6 @@ end
 return out
 """
 
-# The consumer's read: its own pending entries (delivered to it, never settled) first, else new
-# ones. One script, so a read sent twice returns what the first delivered: redis-py re-sends a
-# command whose connection failed (`RedisEndpoint.client`: 3 retries), and when the first one
-# ran (a server killed between writing its AOF and sending the reply, a cut connection) a plain
-# XREADGROUP '>' sent again hands over the entries *after* the ones it delivered, which wait in
-# the pending list for a claim (60 s) and are then applied out of order: a StopTransaction
-# refused before its start, the transaction open for ever (docs/reliability.md, Guarantee 3;
-# tests/reliability/test_lost_stop.py). Normally the pending list is empty here (every taken
-# batch is settled before the next take), so the first read costs the server little.
-# KEYS: events stream. ARGV: group, consumer, count.
-# Returns {1, entries} from the pending list, or {0, entries} new (entries: {id, {field,
-# value, ...}}, the fields nil for an entry deleted while pending).
-READ_LUA = """
-local function read(from)
-  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-    'STREAMS', KEYS[1], from)
-  if reply and reply[1] then return reply[1][2] end
-  return {}
-end
-local mine = read('0')
-if #mine > 0 then return {1, mine} end
-return {0, read('>')}
-"""
-
 # At most this many events go to the server in one pipeline of appends.
 APPEND_BATCH = 512
 
@@ -192,7 +168,6 @@ class RedisFleetStore:
         self._group_ready = False
         self._commits_since_trim = 0
         self._settle = redis.register_script(SETTLE_LUA)
-        self._read = redis.register_script(READ_LUA)
         # Group commit of appends (`adapters.group_commit`): appends that arrive while a
         # pipeline of them is in flight go together in the next one, in the order they came.
         self._appends = GroupCommit(redis, max_commands=APPEND_BATCH, before=self._ensure_group)
@@ -353,20 +328,24 @@ class RedisFleetStore:
                         return claimed
                     self._claim_due = False
                     continue
-                mine, pairs = await self._read_next(count)
-                if mine:
-                    # Delivered to this consumer before and never settled: a read whose reply
-                    # was lost (the client sent it again). Screened as any redelivery.
-                    log.warning("%d log entries delivered before were taken again", len(pairs))
-                    await self.count("events_redelivered", len(pairs))
-                    screened = await self._screen(pairs)
-                    if screened:
-                        return screened
-                    continue
-                fresh = [self._entry(i, f) for i, f in pairs if f]
-                if not fresh:
-                    self._claim_due = True  # idle: look for stale entries on the next take
-                return fresh
+                mine, fresh = await self._read_next(count)
+                if not mine:
+                    taken = [self._entry(i, f) for i, f in fresh]
+                    if not taken:
+                        self._claim_due = True  # idle: look for stale entries on the next take
+                    return taken
+                # Delivered to this consumer before and never settled: a read whose reply was
+                # lost (the client sent it again). Screened as any redelivery, and handed over
+                # before the new entries (all above them). A full page may not be all of the
+                # pending list: the new entries then wait in it (they are pending now) and come
+                # back, in order, from the next reads.
+                log.warning("%d log entries delivered before were taken again", len(mine))
+                await self.count("events_redelivered", len(mine))
+                taken = await self._screen(mine) or []
+                if len(mine) < count:
+                    taken += [self._entry(i, f) for i, f in fresh]
+                if taken:
+                    return taken
         except RedisError as exc:
             self._recovering = True
             self._claim_due = True
@@ -374,23 +353,29 @@ class RedisFleetStore:
             self._group_ready = False
             raise StoreUnavailable("redis unreachable reading the event log") from exc
 
-    async def _read_next(self, count: int) -> tuple[bool, list[tuple[str, dict[str, str]]]]:
-        """(True, this consumer's pending entries) if it has any, else (False, new entries),
-        in one script (`READ_LUA`): a read sent again returns what the first one delivered.
-        An entry deleted while pending comes with empty fields."""
-        reply: Any = await self._read(
-            keys=[keys.events(self._site)], args=[keys.EVENTS_GROUP, self._consumer, count]
-        )
-        pairs: list[tuple[str, dict[str, str]]] = []
-        for entry_id, flat in reply[1] or []:
-            fields = flat or []
-            pairs.append(
-                (
-                    _text(entry_id),
-                    {_text(fields[i]): _text(fields[i + 1]) for i in range(0, len(fields) - 1, 2)},
-                )
-            )
-        return bool(int(reply[0])), pairs
+    async def _read_next(self, count: int) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+        """(this consumer's pending entries, new entries): up to `count` of each, in one
+        pipeline of two XREADGROUPs, its own pending list ('0') first, then new entries ('>';
+        every one of them above every pending entry).
+
+        Idempotent under the client's retry, which a plain XREADGROUP '>' is not: redis-py
+        re-sends a request whose connection failed (`RedisEndpoint.client`: 3 retries), and when
+        the first one ran (a server killed after writing its AOF but before its reply reached
+        the client, a cut connection), '>' sent again hands over the entries *after* the ones
+        it delivered. Those waited in the pending list for a claim (60 s idle) and were then
+        applied out of order: a StopTransaction refused before its own start, the transaction
+        open for ever (docs/reliability.md; tests/reliability/test_lost_stop.py). Sent again,
+        this pipeline's pending read returns what the lost one delivered. Normally the pending
+        list is empty here (each taken batch is settled before the next take): one round trip,
+        as before, and an empty read more.
+
+        An entry deleted while pending comes with empty fields (settled by `_screen`)."""
+        stream = keys.events(self._site)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xreadgroup(keys.EVENTS_GROUP, self._consumer, {stream: "0"}, count=count)
+        pipe.xreadgroup(keys.EVENTS_GROUP, self._consumer, {stream: ">"}, count=count)
+        mine, fresh = await pipe.execute()
+        return _entries(mine, keep_deleted=True), _entries(fresh)
 
     async def _claim(self, count: int) -> list[LogEntry]:
         """Take over entries idle longer than the policy allows (empty list: none usable)."""

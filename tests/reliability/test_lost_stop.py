@@ -189,3 +189,35 @@ async def test_the_service_records_a_stop_whose_start_was_read_in_a_lost_reply(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await client.aclose()
+
+
+async def test_entries_come_in_log_order_when_the_pending_list_is_longer_than_a_take(
+    proxied: tuple[RedisProcess, LostReplyProxy],
+) -> None:
+    """Ten entries delivered and never settled (a lost read's, say), five more appended: takes
+    of four hand them over in the log's order, the pending ones first, each once settled (the
+    new ones read beside a full page of pending ones wait in the pending list)."""
+    server, _ = proxied
+    client = RedisEndpoint(unix_socket=server.socket).client()
+    try:
+        store = RedisFleetStore(client, SITE, policy=LogPolicy(trim_every=0))
+        await store.load()
+        first = small_site(T0, cars=3)[:10]
+        await store.append_many(first)  # type: ignore[arg-type]
+        assert len(await store.take(10)) == 10  # delivered, not settled
+        more = small_site(T0, cars=2)[:5]
+        await store.append_many(more)  # type: ignore[arg-type]
+        taken: list[str] = []
+        while True:
+            batch: list[LogEntry] = list(await store.take(4))
+            if not batch:
+                break
+            assert len(batch) <= 8
+            settled = await store.settle(
+                [Settlement(e, e.event.event_id) for e in batch if e.event]
+            )
+            assert settled.error is None
+            taken += [e.event.event_id for e in batch if e.event]
+        assert taken == [e.event_id for e in [*first, *more]]  # type: ignore[attr-defined]
+    finally:
+        await client.aclose()
