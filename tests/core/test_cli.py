@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from adapters.bootstrap import event_loop_factory
 from adapters.cli import app
+from controller.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,3 +55,25 @@ def test_a_bad_setting_stops_the_start_naming_the_field(monkeypatch: pytest.Monk
     result = CliRunner().invoke(app, ["run"])
     assert result.exit_code != 0
     assert "coalesce_window_s" in str(result.exception)
+
+
+def test_the_event_loop_setting_names_the_loop_it_runs_on() -> None:
+    """`Settings.event_loop` picks uvloop's loop (the default) or asyncio's; anything else is
+    refused, by the settings and by the factory."""
+    for name in ("uvloop", "asyncio"):
+        loop = event_loop_factory(Settings(event_loop=name).event_loop)()
+        try:
+            assert type(loop).__module__.split(".")[0] == name
+        finally:
+            loop.close()
+    assert Settings().event_loop == "uvloop"
+    with pytest.raises(ValidationError):
+        Settings(event_loop="trio")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown event loop 'trio'"):
+        event_loop_factory("trio")
+
+
+async def test_the_tests_run_on_the_loop_voltpool_test_event_loop_names() -> None:
+    """`VOLTPOOL_TEST_EVENT_LOOP=uvloop` runs the async tests on uvloop (tests/conftest.py)."""
+    wanted = os.environ.get("VOLTPOOL_TEST_EVENT_LOOP", "asyncio")
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == wanted

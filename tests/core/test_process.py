@@ -120,9 +120,12 @@ async def test_a_crash_between_take_and_apply_loses_nothing(
         counters = await RedisFleetStore(redis, site).counters()
         return counters.get("events_applied", 0) == len(events) and counters.get("plans", 0) > 0
 
-    for site in ("crashy", "calm"):
-        async with _service(_env(tmp_path, REDIS_URL=url, VOLTPOOL_SITE=site)) as process:
-            await _ready(process)
+    # The restart on the standard library's event loop, the uncrashed run on uvloop (the
+    # default): the two must end in the same state.
+    for site, loop in (("crashy", "asyncio"), ("calm", "uvloop")):
+        env = _env(tmp_path, REDIS_URL=url, VOLTPOOL_SITE=site, VOLTPOOL_EVENT_LOOP=loop)
+        async with _service(env) as process:
+            assert (await _ready(process))["event_loop"].split(".")[0] == loop
             await _until(functools.partial(all_applied, site), f"{site} to apply every event")
             assert await _stop(process) == 0
 
@@ -149,6 +152,7 @@ async def test_sigterm_stops_the_embedded_servers_and_a_second_start_finds_the_d
     events = _events(datetime.now(UTC) - timedelta(minutes=1))
     async with _service(_env(tmp_path, VOLTPOOL_SITE="home")) as process:
         ready = await _ready(process)
+        assert ready["event_loop"] == "uvloop"  # the default
         host, port = ready["mqtt"].removeprefix("mqtt://").split(":")
         async with aiomqtt.Client(host, int(port)) as client:
             await client.subscribe("voltpool/schedule", qos=1)
