@@ -25,9 +25,9 @@ with the chargers' own event loop calm), the wait behind a charger's own call in
 processes' event-loop lag, re-plan event-to-profile (StartTransaction answered -> first
 TxProfile for it) p50/p95, the controller process's RSS from 20 % of the run to its end with
 the open transactions then, CPU and RSS of each process, the load average.
-`--slow-callback-ms` lists the controller process's event-loop callbacks slower than that
-(asyncio's loop only: `--event-loop asyncio`; the controller process runs on
-`Settings.event_loop`, uvloop by default, as `voltpool run` does).
+The controller process runs on `Settings.event_loop` (uvloop by default, as `voltpool run`
+does; `--event-loop`). `--slow-callback-ms` lists its event-loop callbacks slower than that;
+it times asyncio's own callbacks, so with it the controller runs on asyncio's loop.
 
 `--mode restart` (S-12): every charger connected with a car charging, the controller stopped
 for `--restart-down-s` simulated seconds and started again; the simulated seconds until every
@@ -640,8 +640,8 @@ def main() -> None:
     stack.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
-        default=Settings().event_loop,
-        help="the controller process's event loop (default: Settings.event_loop)",
+        help="the controller process's event loop (default: Settings.event_loop, or asyncio "
+        "with --slow-callback-ms)",
     )
     stack.add_argument("--seed", type=int, default=0)
     stack.add_argument("--json", help="also write the report as JSON to this file")
@@ -653,9 +653,11 @@ def main() -> None:
         "--no-aof", action="store_true", help="control run: RDB only, shows what AOF prevents"
     )
     args = parser.parse_args()
-    if args.slow_callback_ms and args.event_loop != "asyncio":
+    if args.slow_callback_ms and args.event_loop not in (None, "asyncio"):
         # It times asyncio's own `Handle._run`, which uvloop's callbacks never go through.
         parser.error("--slow-callback-ms needs --event-loop asyncio")
+    if args.event_loop is None:
+        args.event_loop = "asyncio" if args.slow_callback_ms else Settings().event_loop
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     # The ocpp library logs every CALLERROR it answers (InternalError while Redis is down)
     # with a traceback: thousands in a run. They are counted by the chargers instead.
