@@ -45,6 +45,8 @@ from controller.state import FleetState
 log = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 10.0
+# The group commits' own client: each keeps one pipeline in flight, and there are two.
+COMMIT_CONNECTIONS = 4
 
 
 class FanOutSink:
@@ -134,7 +136,12 @@ async def run(
         )
         redis = redis_ep.client()
         stack.push_async_callback(redis.aclose)
-        store = RedisFleetStore(redis, settings.site)
+        # The group commits that answers to chargers wait for (the event log's appends, the
+        # MeterValues ledger) on connections of their own: in the shared pool, bounded at
+        # MAX_CONNECTIONS, their pipelines queued behind every other command under load.
+        commits = redis_ep.client(max_connections=COMMIT_CONNECTIONS)
+        stack.push_async_callback(commits.aclose)
+        store = RedisFleetStore(redis, settings.site, commits=commits)
         durability = await store.durability()
         if durability.get("appendonly") != "yes":
             log.warning(
@@ -170,6 +177,7 @@ async def run(
         await service.start()
         central = CentralSystem(
             redis=redis,
+            commits=commits,
             site=settings.site,
             sink=service,
             clock=service_clock,

@@ -148,6 +148,7 @@ class RedisFleetStore:
         policy: LogPolicy | None = None,
         group_appends: bool = True,
         restart_check_s: float | None = RESTART_CHECK_S,
+        commits: Redis | None = None,
     ) -> None:
         self._redis = redis
         # The server the state was loaded from (its INFO run_id), compared at most every
@@ -170,7 +171,11 @@ class RedisFleetStore:
         self._settle = redis.register_script(SETTLE_LUA)
         # Group commit of appends (`adapters.group_commit`): appends that arrive while a
         # pipeline of them is in flight go together in the next one, in the order they came.
-        self._appends = GroupCommit(redis, max_commands=APPEND_BATCH, before=self._ensure_group)
+        # `commits`: a client of its own for them (the composition root gives one), so that an
+        # answer to a charger never waits for a connection of the shared, bounded pool.
+        self._appends = GroupCommit(
+            commits or redis, max_commands=APPEND_BATCH, before=self._ensure_group
+        )
 
     @property
     def redis(self) -> Redis:

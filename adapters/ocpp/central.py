@@ -934,6 +934,7 @@ class CentralSystem:
         vehicle_for_tag: VehicleForTag | None = None,
         credentials: CredentialStore | None = None,
         security: SecurityLog | None = None,
+        commits: Redis | None = None,
     ) -> None:
         self.config = config or OcppConfig()
         # SEC-11: refusals, closures and key changes go to the security event log.
@@ -947,7 +948,8 @@ class CentralSystem:
         self.credentials = credentials or CredentialStore(
             redis, site, rounds=self.config.bcrypt_rounds
         )
-        self.transactions = TransactionBook(redis, site)
+        # `commits`: the MeterValues ledger's group commit on a client of its own (bootstrap).
+        self.transactions = TransactionBook(redis, site, commits=commits)
         self.metrics = Metrics()
         # How long each CALL took from the router to its answer, by action (the central
         # system's share of a charger's round trip).

@@ -326,6 +326,7 @@ class TransactionBook:
         samples_ttl_s: int = SAMPLES_TTL_S,
         settled_samples_ttl_s: int = SETTLED_SAMPLES_TTL_S,
         keep_measurand: Callable[[str], bool] = ledger_measurand,
+        commits: Redis | None = None,
     ) -> None:
         if samples_ttl_s < 1 or settled_samples_ttl_s < 1:
             raise ValueError("sample retention must be at least one second")
@@ -341,8 +342,9 @@ class TransactionBook:
         self._latest = redis.register_script(LATEST_LUA)
         self._view = redis.register_script(VIEW_LUA)
         # MeterValues' ledger writes that arrive while a pipeline of them is in flight go
-        # together in the next one (each its own idempotent script, answered on its own).
-        self._ledger = GroupCommit(redis)
+        # together in the next one (each its own idempotent script, answered on its own), on
+        # `commits`, a client of their own when given (see `RedisFleetStore`).
+        self._ledger = GroupCommit(commits or redis)
 
     async def start(self, record: BookedTransaction) -> tuple[TransactionId, bool]:
         """The id for this start: a new one, or the one a replay of it got (then False)."""
