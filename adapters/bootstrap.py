@@ -367,4 +367,17 @@ async def _publish_status(runtime: Runtime) -> None:
             },
             retain=True,
         )
+        _raise_if_cancel_swallowed()
         await asyncio.sleep(STATUS_INTERVAL_S)
+
+
+def _raise_if_cancel_swallowed() -> None:
+    """Raise CancelledError if this task was cancelled and the cancellation got lost.
+
+    Python 3.11's `asyncio.wait_for` (under aiomqtt's QoS 1 publish) can swallow a cancellation
+    that arrives with the awaited answer, and a `TaskGroup` cancels its tasks only once when
+    its parent is cancelled: the status task then ran on and the service never stopped (a soak's
+    controller hung at its stop, 2026-11-27). The task's `cancelling()` count still shows it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
