@@ -234,8 +234,8 @@ async def run(
 
 
 def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The factory of the event loop `Settings.event_loop` names: uvloop's (libuv, the
-    default) or the standard library's."""
+    """The factory of the event loop `Settings.event_loop` names: the standard library's (the
+    default) or uvloop's (libuv)."""
     if name == "uvloop":
         import uvloop
 

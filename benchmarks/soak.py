@@ -25,7 +25,7 @@ with the chargers' own event loop calm), the wait behind a charger's own call in
 processes' event-loop lag, re-plan event-to-profile (StartTransaction answered -> first
 TxProfile for it) p50/p95, the controller process's RSS from 20 % of the run to its end with
 the open transactions then, CPU and RSS of each process, the load average.
-The controller process runs on `Settings.event_loop` (uvloop by default, as `voltpool run`
+The controller process runs on `Settings.event_loop` (asyncio by default, as `voltpool run`
 does; `--event-loop`). `--slow-callback-ms` lists its event-loop callbacks slower than that;
 it times asyncio's own callbacks, so with it the controller runs on asyncio's loop.
 

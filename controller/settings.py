@@ -106,9 +106,10 @@ class Settings(BaseSettings):
     # 0 leaves glibc's own (8 arenas per core; 128 KiB, raised as mapped chunks are freed).
     malloc_arena_max: int = Field(default=2, ge=0, le=1024)
     malloc_mmap_threshold_kib: int = Field(default=64, ge=0, le=32 * 1024)
-    # The event loop `voltpool run`/`serve` runs on (docs/reliability.md, "The event loop and
-    # the Redis parser"): uvloop (libuv) or the standard library's asyncio loop.
-    event_loop: Literal["uvloop", "asyncio"] = Field(default="uvloop")
+    # The event loop `voltpool run` runs on (docs/reliability.md, "The event loop and the Redis
+    # parser"): the standard library's asyncio loop, or uvloop (libuv: less CPU per message,
+    # but the 1,000-charger soak's round trips were longer on it; not the default).
+    event_loop: Literal["uvloop", "asyncio"] = Field(default="asyncio")
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
 
     @field_validator("gc_thresholds")

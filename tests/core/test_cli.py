@@ -58,7 +58,7 @@ def test_a_bad_setting_stops_the_start_naming_the_field(monkeypatch: pytest.Monk
 
 
 def test_the_event_loop_setting_names_the_loop_it_runs_on() -> None:
-    """`Settings.event_loop` picks uvloop's loop (the default) or asyncio's; anything else is
+    """`Settings.event_loop` picks asyncio's loop (the default) or uvloop's; anything else is
     refused, by the settings and by the factory."""
     for name in ("uvloop", "asyncio"):
         loop = event_loop_factory(Settings(event_loop=name).event_loop)()
@@ -66,7 +66,7 @@ def test_the_event_loop_setting_names_the_loop_it_runs_on() -> None:
             assert type(loop).__module__.split(".")[0] == name
         finally:
             loop.close()
-    assert Settings().event_loop == "uvloop"
+    assert Settings().event_loop == "asyncio"
     with pytest.raises(ValidationError):
         Settings(event_loop="trio")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown event loop 'trio'"):

@@ -152,7 +152,7 @@ async def test_sigterm_stops_the_embedded_servers_and_a_second_start_finds_the_d
     events = _events(datetime.now(UTC) - timedelta(minutes=1))
     async with _service(_env(tmp_path, VOLTPOOL_SITE="home")) as process:
         ready = await _ready(process)
-        assert ready["event_loop"] == "uvloop"  # the default
+        assert ready["event_loop"].startswith("asyncio")  # the default
         host, port = ready["mqtt"].removeprefix("mqtt://").split(":")
         async with aiomqtt.Client(host, int(port)) as client:
             await client.subscribe("voltpool/schedule", qos=1)
