@@ -39,16 +39,20 @@ pytestmark = pytest.mark.timeout(120)
 def soaked(tmp_path_factory: pytest.TempPathFactory) -> StackSoak:
     """One small soak with one fault of each kind, shared by the tests of this module."""
     workdir: Path = tmp_path_factory.mktemp("soak")
+    # 10 s of wall time: at 6 s, a starved charger process (load 9-14, 2026-11-27) ended its
+    # cars before the departures and samples due in the run went out, and the fault windows
+    # (recovery + 1 s each) covered most of its second half (7 of 11 loaded module runs).
+    # One "minute" of socket drops per run, as before.
     config = SoakConfig(
         chargers=10,
-        wall_s=6.0,
+        wall_s=10.0,
         sim_hours=10.0,
         redis_kills=1,
         redis_down_s=0.3,
         broker_restarts=1,
         broker_down_s=0.3,
         drop_fraction_per_min=0.1,
-        minute_s=6.0,
+        minute_s=10.0,
         recovery_timeout_s=20.0,
         seed=3,
     )
