@@ -30,11 +30,11 @@ plans (the proportional share, coalesced over `--coalesce-s`) published to the l
 one car per charger (its idTag), so each transaction is planned and gets TxProfiles. The server's
 CPU per CALL is then the controller's, all-inclusive.
 
-`--server-loop` and `--server-redis-parser` choose the server's event loop (uvloop, the
-production default, or asyncio) and redis-py's reply parser (hiredis, used whenever it is
+`--server-loop` and `--server-redis-parser` choose the server's event loop (asyncio, the
+production default, or uvloop) and redis-py's reply parser (hiredis, used whenever it is
 installed as it is by default, or redis-py's own in Python); `--compare-runtime` runs twice, first
-with asyncio and the Python parser (the runtime before 2026-11-27), then with the chosen pair, and
-prints the ratios.
+with asyncio and the Python parser (the runtime before 2026-11-27), then with the chosen pair
+(e.g. `--server-loop uvloop`), and prints the ratios.
 
 `--compare-with DIR`: the same run twice, first with the server of another checkout (e.g. a
 `git archive` of an earlier commit in DIR), then with this one, each figure side by side with
