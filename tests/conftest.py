@@ -20,8 +20,8 @@ T0 = datetime(2024, 3, 4, 16, 0, tzinfo=UTC)  # a Monday afternoon
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """The event loop the async tests run on: asyncio's, or with `VOLTPOOL_TEST_EVENT_LOOP=uvloop`
-    the one `voltpool run` runs on by default (`Settings.event_loop`)."""
+    """The event loop the async tests run on: asyncio's (`voltpool run`'s default), or with
+    `VOLTPOOL_TEST_EVENT_LOOP=uvloop` uvloop's, which `Settings.event_loop` can choose."""
     name = os.environ.get("VOLTPOOL_TEST_EVENT_LOOP", "asyncio")
     return {name: event_loop_factory(name)}
 

@@ -120,8 +120,8 @@ async def test_a_crash_between_take_and_apply_loses_nothing(
         counters = await RedisFleetStore(redis, site).counters()
         return counters.get("events_applied", 0) == len(events) and counters.get("plans", 0) > 0
 
-    # The restart on the standard library's event loop, the uncrashed run on uvloop (the
-    # default): the two must end in the same state.
+    # The restart on the standard library's event loop (the default), the uncrashed run on
+    # uvloop: the two must end in the same state.
     for site, loop in (("crashy", "asyncio"), ("calm", "uvloop")):
         env = _env(tmp_path, REDIS_URL=url, VOLTPOOL_SITE=site, VOLTPOOL_EVENT_LOOP=loop)
         async with _service(env) as process:
